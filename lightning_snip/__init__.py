@@ -1,0 +1,31 @@
+"""SNIP (single-shot network pruning at initialization) as a PyTorch Lightning callback."""
+
+from lightning_snip.callback import SNIPPruning
+from lightning_snip.candidates import find_candidates
+from lightning_snip.masks import select_masks, sparsity_report, zero_pruned_
+from lightning_snip.scoring import (
+    Criterion,
+    ScoringContext,
+    ScoringError,
+    available_criteria,
+    get_criterion,
+    mean_gradients,
+    register_criterion,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Criterion",
+    "SNIPPruning",
+    "ScoringContext",
+    "ScoringError",
+    "available_criteria",
+    "find_candidates",
+    "get_criterion",
+    "mean_gradients",
+    "register_criterion",
+    "select_masks",
+    "sparsity_report",
+    "zero_pruned_",
+]

@@ -1,0 +1,462 @@
+"""``SNIPPruning``: the Lightning glue around the pure scoring and masking functions.
+
+Which hook does what:
+
+- ``on_fit_start``: check the strategy; reuse masks already held (restored from a checkpoint, or from an earlier
+  ``fit``) or score the model on batches of the trainer's own train dataloader; zero the pruned weights.
+- ``on_train_start``: masks for strategies that restore checkpoints after ``on_fit_start``; install a post-step hook
+  on every optimizer that re-zeros pruned weights after each step.
+- ``on_after_backward``: zero the gradients of pruned weights, so optimizer state never builds up for them.
+- ``on_train_batch_end``: log the sparsity measured from the weights every ``log_every_n_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_snip.candidates import find_candidates
+from lightning_snip.isolation import leave_no_trace
+from lightning_snip.masks import Scope, format_report, select_masks, sparsity_report, zero_pruned_
+from lightning_snip.scoring import CriterionName, ScoringContext, ScoringError, available_criteria, get_criterion
+
+_STATE_VERSION = 1
+
+
+def _check_patterns(argument: str, value: object) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
+        raise TypeError(
+            f"`{argument}` must be a list of non-empty glob patterns over parameter names (e.g. ['*.weight']) or"
+            f" None, got {value!r}."
+        )
+    return list(value)
+
+
+def _check_strategy(strategy: Strategy) -> None:
+    unsupported = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
+    if isinstance(strategy, unsupported) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or (
+        type(strategy).__name__.startswith("XLA")
+    ):
+        raise MisconfigurationException(
+            f"`SNIPPruning` does not support `{type(strategy).__name__}` yet: with sharded or otherwise partitioned"
+            " parameters each rank would score only its own part and the masks would differ across ranks. Use a"
+            " single device or `strategy='ddp'` (also 'ddp_spawn', 'ddp_fork')."
+        )
+
+
+def _loss_from_output(output: object, batch_idx: int) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "loss" in output:
+            return output["loss"]
+        raise ScoringError(
+            f"`training_step` returned a dict without a 'loss' key (keys: {sorted(map(str, output))}) on scoring"
+            f" batch {batch_idx}. Return the loss tensor or a dict with 'loss', or use `criterion='magnitude'`."
+        )
+    raise ScoringError(
+        f"`training_step` returned {type(output).__name__} on scoring batch {batch_idx}, so SNIP has no loss to"
+        " differentiate. Return the loss tensor (or a dict with a 'loss' key), call `self.manual_backward(loss)`"
+        " with manual optimization, or use `criterion='magnitude'`."
+    )
+
+
+@contextmanager
+def _override(obj: object, **attributes: Any) -> Iterator[None]:
+    """Temporarily set instance attributes (e.g. methods), restoring the previous state on exit."""
+    missing = object()
+    saved = {name: obj.__dict__.get(name, missing) for name in attributes}
+    for name, value in attributes.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is missing:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextmanager
+def _training_step_losses(trainer: Trainer, pl_module: LightningModule, num_batches: int) -> Iterator[
+    Callable[[int], Tensor]
+]:
+    """Yield ``loss_fn(i)``: the module's own ``training_step`` loss on the ``i``-th train batch.
+
+    Batches are drawn from a fresh iterator over the trainer's train dataloader and moved to the device through the
+    trainer's batch-transfer hooks. Inside the context ``self.log`` is a no-op, ``manual_backward`` records the loss
+    instead of stepping, and optimizer and scheduler steps do nothing, so manual optimization scores too.
+    """
+    combined = trainer.fit_loop._combined_loader
+    if combined is None or not combined.flattened:
+        raise ScoringError(
+            "`SNIPPruning` scores with batches of the train dataloader, but the trainer has none (check"
+            " `limit_train_batches` and the `train_dataloader`). Provide training data or use `criterion='magnitude'`."
+        )
+    if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
+        raise MisconfigurationException(
+            "`SNIPPruning` cannot score a `training_step(self, dataloader_iter)`: it needs one batch per call. Use"
+            " `criterion='magnitude'` or `'random'`, or a batch-wise `training_step`."
+        )
+    pass_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+    iterator: Iterator[Any] | None = None
+    recorded: list[Tensor] = []
+
+    def record_backward(loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        recorded.append(loss)
+
+    def loss_fn(i: int) -> Tensor:
+        nonlocal iterator
+        if iterator is None:
+            iterator = iter(CombinedLoader(combined.iterables, mode=combined._mode))
+        try:
+            batch, batch_idx, _ = next(iterator)
+        except StopIteration:
+            raise ScoringError(
+                f"`num_batches={num_batches}` but the train dataloader yielded only {i} batch(es). Lower"
+                " `num_batches` or provide more training data."
+            ) from None
+        batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+        recorded.clear()
+        with trainer.precision_plugin.train_step_context():
+            output = pl_module.training_step(batch, batch_idx) if pass_batch_idx else pl_module.training_step(batch)
+        if recorded:
+            return torch.stack([loss.reshape(()) for loss in recorded]).sum()
+        return _loss_from_output(output, i)
+
+    with ExitStack() as stack:
+        stack.enter_context(_override(pl_module, log=_ignore, log_dict=_ignore, manual_backward=record_backward))
+        for optimizer in trainer.optimizers:
+            stack.enter_context(_override(optimizer, step=_ignore, zero_grad=_ignore))
+        for config in trainer.lr_scheduler_configs:
+            stack.enter_context(_override(config.scheduler, step=_ignore))
+        yield loss_fn
+
+
+class SNIPPruning(Callback):
+    r"""Prune a network once before training with SNIP, and keep it exactly that sparse.
+
+    At the start of ``fit``, every candidate weight is scored by its connection sensitivity ``|dL/dw * w|`` on
+    ``num_batches`` batches of the trainer's own train dataloader (the loss comes from the module's
+    ``training_step``); the top ``1 - sparsity`` fraction is kept and the rest set to zero. Pruned weights get zero
+    gradients after every backward and are re-zeroed after every optimizer step. Masks travel in checkpoints, so a
+    resumed run trains with the same mask. The model itself is never changed structurally: its ``state_dict`` loads
+    into a never-pruned copy.
+
+    Scoring leaves no trace but the zeros: RNG streams, train/eval modes, buffers (BatchNorm statistics), ``.grad``
+    and torchmetrics states are restored, and no optimizer or scheduler steps.
+
+    Args:
+        sparsity: Fraction of candidate weights set to zero, ``0 <= sparsity < 1``. Defaults to ``0.9``.
+        num_batches: Batches drawn from the train dataloader for scoring; their gradients are averaged (and, under
+            DDP, averaged across ranks too). Defaults to ``1``.
+        criterion: ``"snip"`` (``|dL/dw * w|``), or the paper's baselines ``"magnitude"`` (``|w|``) and
+            ``"random"``; the last two draw no data. Defaults to ``"snip"``.
+        scope: ``"global"`` ranks all candidates together; ``"layerwise"`` prunes each tensor to ``sparsity`` on its
+            own. Defaults to ``"global"``.
+        include: Glob patterns over ``named_parameters()`` names choosing the candidates; any trainable parameter,
+            biases too. Defaults to ``None``: every trainable parameter with ``ndim >= 2`` outside normalization
+            layers, biases excluded.
+        exclude: Glob patterns of parameters never pruned. Defaults to ``None``.
+        log_per_layer: Also log ``snip/sparsity/<name>`` per tensor after scoring. Defaults to ``True``.
+        seed: Seed for the ``"random"`` criterion. Defaults to ``None``: drawn from torch's global generator (so
+            ``seed_everything`` makes it reproducible) and shared by all ranks.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If an argument is out of range or unknown.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> pruning = SNIPPruning(sparsity=0.95, exclude=["classifier.*"])
+        >>> trainer = Trainer(callbacks=[pruning], logger=False, enable_progress_bar=False)
+        >>> pruning.state_key
+        "SNIPPruning{'sparsity': 0.95, 'num_batches': 1, 'criterion': 'snip', 'scope': 'global', 'include': None, 'exclude': ['classifier.*'], 'seed': None}"
+
+    The same from a LightningCLI YAML file::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_snip.SNIPPruning
+              init_args:
+                sparsity: 0.95
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        num_batches: int = 1,
+        criterion: CriterionName = "snip",
+        scope: Scope = "global",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        log_per_layer: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+            raise TypeError(f"`sparsity` must be a real number in [0, 1), got {sparsity!r}. Use e.g. 0.9.")
+        if not (math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
+            raise ValueError(
+                f"`sparsity` must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}. Use e.g. 0.9"
+                " for 90% zeros."
+            )
+        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"`num_batches` must be an integer >= 1, got {num_batches!r}. Use e.g. 1.")
+        if criterion not in available_criteria():
+            raise ValueError(f"`criterion` must be one of {available_criteria()}, got {criterion!r}.")
+        if scope not in ("global", "layerwise"):
+            raise ValueError(f"`scope` must be 'global' or 'layerwise', got {scope!r}.")
+        if not isinstance(log_per_layer, bool):
+            raise TypeError(f"`log_per_layer` must be True or False, got {log_per_layer!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"`seed` must be an integer or None, got {seed!r}.")
+        self.sparsity = float(sparsity)
+        self.num_batches = num_batches
+        self.criterion = criterion
+        self.scope: Scope = scope
+        self.include = _check_patterns("include", include)
+        self.exclude = _check_patterns("exclude", exclude)
+        self.log_per_layer = log_per_layer
+        self.seed = seed
+
+        self._loaded: dict[str, Tensor] | None = None  # kept masks from a checkpoint, on CPU, not yet bound
+        self._params: dict[str, nn.Parameter] = {}  # candidates the masks are bound to
+        self._pruned: dict[str, Tensor] = {}  # True = pruned, on each parameter's device (1 byte per weight)
+        self._deferred = False
+        self._step_hooks: list[RemovableHandle] = []
+        self._last_logged_step = -1
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """The masks by parameter name (``True`` = kept), as new tensors; empty before scoring."""
+        if self._loaded is not None:
+            return {name: mask.clone() for name, mask in self._loaded.items()}
+        return {name: ~pruned for name, pruned in self._pruned.items()}
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "sparsity": self.sparsity,
+            "num_batches": self.num_batches,
+            "criterion": self.criterion,
+            "scope": self.scope,
+            "include": self.include,
+            "exclude": self.exclude,
+            "seed": self.seed,
+        }
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._config())
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "config": self._config(),
+            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        masks = state_dict.get("masks")
+        if not isinstance(masks, Mapping) or not all(
+            isinstance(m, Tensor) and m.dtype == torch.bool for m in masks.values()
+        ):
+            raise ValueError(
+                "The `SNIPPruning` state must hold 'masks', a dict of bool tensors by parameter name; got"
+                f" {type(masks).__name__}. Was the checkpoint written by another callback?"
+            )
+        config = state_dict.get("config")
+        if config is not None and config != self._config():
+            rank_zero_warn(f"`SNIPPruning` loads masks made with {config}, not this instance's {self._config()}.")
+        self._loaded = {name: mask.cpu() for name, mask in masks.items()} if masks else None
+        self._params, self._pruned = {}, {}
+
+    # ------------------------------------------------------------------ hooks
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _check_strategy(trainer.strategy)
+        if self._loaded is not None or self._pruned:
+            self._bind(pl_module)
+        elif trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
+            self._deferred = True  # the checkpoint (and maybe our masks) is restored after this hook
+        else:
+            self._score(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._deferred:
+            self._deferred = False
+            if self._loaded is not None or self._pruned:
+                self._bind(pl_module)
+            else:
+                self._score(trainer, pl_module)
+        self._remove_step_hooks()
+        pruned_by_id = {id(self._params[name]): (self._params[name], m) for name, m in self._pruned.items()}
+        for optimizer in trainer.optimizers:
+            pairs = [pruned_by_id[id(p)] for group in optimizer.param_groups for p in group["params"]
+                     if id(p) in pruned_by_id]
+            if pairs:
+                params, masks = [p for p, _ in pairs], [m for _, m in pairs]
+                self._step_hooks.append(
+                    optimizer.register_step_post_hook(lambda *_, p=params, m=masks: zero_pruned_(p, m))
+                )
+        zero_pruned_(self._params.values(), self._pruned.values())
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        zero_pruned_((p.grad for p in self._params.values()), self._pruned.values())
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step, every = trainer.global_step, trainer.log_every_n_steps
+        if not trainer.loggers or not trainer.is_global_zero or every <= 0 or not self._params:
+            return
+        if step % every != 0 or step == self._last_logged_step:
+            return
+        self._last_logged_step = step
+        rows = sparsity_report(self._params)
+        total = sum(r.total for r in rows)
+        self._log({"snip/sparsity": 1.0 - sum(r.kept for r in rows) / total}, trainer)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_step_hooks()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._remove_step_hooks()
+
+    # ------------------------------------------------------------------ internals
+
+    def _remove_step_hooks(self) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+
+    def _bind(self, pl_module: LightningModule) -> None:
+        """Attach held masks to the module's parameters (by name), move them to their devices, zero the weights."""
+        kept = self._loaded if self._loaded is not None else {n: ~m for n, m in self._pruned.items()}
+        params = dict(pl_module.named_parameters())
+        missing = [n for n in kept if n not in params]
+        mismatched = [f"{n}: mask {tuple(m.shape)} vs parameter {tuple(params[n].shape)}"
+                      for n, m in kept.items() if n in params and m.shape != params[n].shape]
+        if missing or mismatched:
+            raise MisconfigurationException(
+                "`SNIPPruning` holds masks (from a checkpoint or an earlier fit) that do not fit this model:"
+                f" missing parameters {missing}, shape mismatches {mismatched}. Resume with the model the masks were"
+                " made for, or use a new `SNIPPruning` instance to score this model."
+            )
+        self._params = {n: params[n] for n in kept}
+        self._pruned = {n: (~m).to(params[n].device) for n, m in kept.items()}
+        self._loaded = None
+        zero_pruned_(self._params.values(), self._pruned.values())
+
+    def _shared_seed(self, strategy: Strategy) -> int:
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        return int(strategy.broadcast(seed, src=0))
+
+    def _score(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Score the candidates, select the masks and zero the pruned weights; on failure the model is unchanged."""
+        candidates = find_candidates(pl_module, self.include, self.exclude)
+        criterion = get_criterion(self.criterion)
+        if criterion.needs_data:
+            trainer.fit_loop.setup_data()  # what fit would do next; done outside `leave_no_trace` on purpose
+        start = time.perf_counter()
+        with leave_no_trace(pl_module):
+            generator = torch.Generator().manual_seed(self._shared_seed(trainer.strategy))
+            pl_module.train()
+            with ExitStack() as stack:
+                loss_fn = (
+                    stack.enter_context(_training_step_losses(trainer, pl_module, self.num_batches))
+                    if criterion.needs_data
+                    else None
+                )
+                context = ScoringContext(
+                    weights=candidates,
+                    loss_fn=loss_fn,
+                    num_batches=self.num_batches,
+                    all_reduce_mean=lambda t: trainer.strategy.reduce(t, reduce_op="mean"),
+                    generator=generator,
+                )
+                scores = criterion.score(context)
+        dead = [name for name, s in scores.items() if not s.any()]
+        kept = select_masks(scores, self.sparsity, self.scope)
+        del scores
+        if candidates and next(iter(candidates.values())).is_cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+
+        self._params = candidates
+        self._pruned = {name: ~mask for name, mask in kept.items()}
+        zero_pruned_(self._params.values(), self._pruned.values())
+        self._report(trainer, dead, elapsed)
+
+    def _report(self, trainer: Trainer, dead: list[str], elapsed: float) -> None:
+        rows = sparsity_report(self._params)
+        for name in dead:
+            rank_zero_warn(
+                f"`SNIPPruning`: every {self.criterion} score of `{name}` is zero (the loss does not depend on it at"
+                " initialization); its mask is decided by tie-breaking alone. Exclude it or check the model."
+            )
+        for row in rows:
+            if row.kept == 0:
+                rank_zero_warn(
+                    f"`SNIPPruning`: `{row.name}` {row.shape} is pruned entirely (layer collapse), so no signal passes"
+                    " through it. Lower `sparsity`, use `scope='layerwise'`, or `exclude` it."
+                )
+        kept, total = sum(r.kept for r in rows), sum(r.total for r in rows)
+        metrics = {
+            "snip/sparsity": 1.0 - kept / total,
+            "snip/kept_params": float(kept),
+            "snip/total_params": float(total),
+            "snip/scoring_time_s": elapsed,
+        }
+        if self.log_per_layer:
+            metrics.update({f"snip/sparsity/{r.name}": r.sparsity for r in rows})
+        self._log(metrics, trainer)
+        rank_zero_info(
+            f"SNIPPruning ({self.criterion}, {self.scope}) kept {kept:,} of {total:,} weights"
+            f" ({1 - kept / total:.2%} sparsity), scored in {elapsed:.2f}s\n{format_report(rows)}"
+        )
+
+    def _log(self, metrics: dict[str, float], trainer: Trainer) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)

@@ -1,0 +1,129 @@
+"""Which parameters of a model are candidates for pruning.
+
+Plain PyTorch, no Lightning: usable from any training loop.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+from torch import nn
+
+# Modules whose parameters are never pruned by default, whatever their shape.
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*d, SyncBatchNorm, InstanceNorm*d
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+
+_MAX_LISTED_NAMES = 30
+
+
+def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Map each parameter's canonical name to all names it is reachable under.
+
+    The canonical name is the one :meth:`torch.nn.Module.named_parameters` yields (its first occurrence); a
+    parameter shared by several modules (tied weights) has one canonical name and several aliases.
+
+    Args:
+        model: The model to inspect.
+
+    Returns:
+        ``{canonical_name: [canonical_name, alias, ...]}`` in ``named_parameters()`` order.
+
+    Example::
+
+        >>> emb = nn.Embedding(10, 4)
+        >>> head = nn.Linear(4, 10, bias=False)
+        >>> head.weight = emb.weight
+        >>> parameter_aliases(nn.ModuleDict({"emb": emb, "head": head}))
+        {'emb.weight': ['emb.weight', 'head.weight']}
+    """
+    by_id: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name)
+    return {names[0]: names for names in by_id.values()}
+
+
+def _is_default_candidate(name_aliases: list[str], param: nn.Parameter, norm_ids: set[int]) -> bool:
+    if param.ndim < 2 or id(param) in norm_ids:
+        return False
+    return not any("bias" in alias.rsplit(".", 1)[-1] for alias in name_aliases)
+
+
+def _check_patterns(argument: str, patterns: Sequence[str], names: list[str]) -> None:
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            listed = ", ".join(names[:_MAX_LISTED_NAMES]) + (" ..." if len(names) > _MAX_LISTED_NAMES else "")
+            raise ValueError(
+                f"`{argument}` pattern {pattern!r} matches no parameter of the model. Patterns are shell-style globs"
+                f" over the names of `named_parameters()`, for example 'features.*.weight'. Parameters: {listed}"
+            )
+
+
+def find_candidates(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> dict[str, nn.Parameter]:
+    """Select the parameters to prune.
+
+    By default every trainable parameter with ``ndim >= 2`` is a candidate (Linear, ConvNd, RNN/LSTM/GRU matrices,
+    Embedding, MultiheadAttention projections), except biases (any name containing ``bias``) and the parameters of
+    normalization layers. ``include`` replaces that default by shell-style glob patterns over parameter names and may
+    name any trainable parameter, biases too; ``exclude`` removes matches. A tied parameter is one candidate, kept
+    under its canonical name, and matches a pattern when any of its names does.
+
+    Args:
+        model: The model whose parameters are selected.
+        include: Glob patterns naming the candidates. Defaults to ``None`` (the default rule above).
+        exclude: Glob patterns naming parameters never to prune. Defaults to ``None``.
+
+    Returns:
+        The candidates by canonical name, in ``named_parameters()`` order.
+
+    Raises:
+        ValueError: If a pattern matches no parameter, or if no candidate remains.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+        >>> list(find_candidates(model))
+        ['0.weight', '2.weight']
+        >>> list(find_candidates(model, include=["*"], exclude=["1.*"]))
+        ['0.weight', '0.bias', '2.weight', '2.bias']
+    """
+    aliases = parameter_aliases(model)
+    params = dict(model.named_parameters())
+    all_names = [alias for names in aliases.values() for alias in names]
+    _check_patterns("include", include or [], all_names)
+    _check_patterns("exclude", exclude or [], all_names)
+
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
+
+    def matches(names: list[str], patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+    candidates: dict[str, nn.Parameter] = {}
+    for name, names in aliases.items():
+        param = params[name]
+        if not param.requires_grad:
+            continue
+        chosen = matches(names, include) if include is not None else _is_default_candidate(names, param, norm_ids)
+        if chosen and not matches(names, exclude or []):
+            candidates[name] = param
+
+    if not candidates:
+        listed = ", ".join(
+            f"{n} {tuple(params[n].shape)}{'' if params[n].requires_grad else ' (frozen)'}"
+            for n in list(aliases)[:_MAX_LISTED_NAMES]
+        )
+        raise ValueError(
+            f"No parameter is a pruning candidate with `include={include!r}` and `exclude={exclude!r}`. Candidates"
+            " must be trainable; by default they are the weights with 2 or more dimensions outside normalization"
+            f" layers. Adjust `include`/`exclude`. Parameters: {listed or 'none'}"
+        )
+    return candidates

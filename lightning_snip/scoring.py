@@ -1,0 +1,214 @@
+"""Connection-sensitivity scores and the registry of pruning criteria.
+
+Plain PyTorch, no Lightning. A criterion turns a :class:`ScoringContext` (the candidate weights, a way to compute the
+loss on scoring batches, and a random generator) into one non-negative score tensor per candidate; higher means more
+important. :func:`~lightning_snip.masks.select_masks` then keeps the top scores.
+
+Adding a criterion (SynFlow, GraSP, ...) means subclassing :class:`Criterion` under :func:`register_criterion` and
+adding its name to :data:`CriterionName`; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal, TypeVar
+
+import torch
+from torch import Tensor
+
+#: Names of the built-in criteria, for static checking and LightningCLI validation.
+CriterionName = Literal["snip", "magnitude", "random"]
+
+LossFn = Callable[[int], Tensor]
+"""Returns the scalar loss on scoring batch ``i`` (``0 <= i < num_batches``) with its autograd graph attached."""
+
+
+class ScoringError(RuntimeError):
+    """Scoring could not produce valid scores; the model is left as it was."""
+
+
+@dataclass
+class ScoringContext:
+    """Everything a criterion may use to score the candidate weights.
+
+    Args:
+        weights: The candidate parameters by name.
+        loss_fn: Computes the loss on scoring batch ``i``. Defaults to ``None`` (data-free criteria only).
+        num_batches: How many scoring batches ``loss_fn`` serves. Defaults to ``1``.
+        all_reduce_mean: Averages a tensor across processes (identity on one process). Defaults to ``None``.
+        generator: Source of randomness for stochastic criteria. Defaults to ``None`` (torch's global generator).
+    """
+
+    weights: Mapping[str, Tensor]
+    loss_fn: LossFn | None = None
+    num_batches: int = 1
+    all_reduce_mean: Callable[[Tensor], Tensor] | None = None
+    generator: torch.Generator | None = None
+
+    def mean_gradients(self) -> dict[str, Tensor]:
+        """Gradient of the loss for each weight, averaged over the scoring batches and processes."""
+        if self.loss_fn is None:
+            raise ScoringError("This criterion needs the loss, but the scoring context has no `loss_fn`.")
+        return mean_gradients(self.weights, self.loss_fn, self.num_batches, self.all_reduce_mean)
+
+
+def _check_loss(loss: object, batch: int) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        kind = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ScoringError(f"The loss on scoring batch {batch} must be a scalar tensor, got {kind}.")
+    if not loss.requires_grad:
+        raise ScoringError(
+            f"The loss on scoring batch {batch} has no autograd graph, so no weight has a gradient. Compute the loss"
+            " from the model's output without `torch.no_grad()` or `.detach()`."
+        )
+    if not torch.isfinite(loss.detach()).all():
+        raise ScoringError(
+            f"The loss on scoring batch {batch} is {loss.item()}, not finite: connection sensitivity is undefined."
+            " Check the data, the initialization and the loss function."
+        )
+    return loss
+
+
+def mean_gradients(
+    weights: Mapping[str, Tensor],
+    loss_fn: LossFn,
+    num_batches: int,
+    all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Average the loss gradient of each weight over ``num_batches`` batches (and processes).
+
+    Gradients come from :func:`torch.autograd.grad`, so no ``.grad`` attribute is touched. A weight the loss does
+    not depend on gets a zero gradient.
+
+    Args:
+        weights: The tensors to differentiate with respect to, by name.
+        loss_fn: The loss on scoring batch ``i``.
+        num_batches: Number of batches to average over.
+        all_reduce_mean: Averages each gradient across processes. Defaults to ``None`` (one process).
+
+    Returns:
+        The mean gradients by name, in float32 or wider.
+
+    Raises:
+        ScoringError: If a loss is not a finite scalar with a graph, or a gradient is not finite.
+
+    Example::
+
+        >>> w = torch.tensor([1.0, -2.0], requires_grad=True)
+        >>> xs = [torch.tensor([1.0, 1.0]), torch.tensor([3.0, 0.0])]
+        >>> mean_gradients({"w": w}, lambda i: (w * xs[i]).sum(), num_batches=2)
+        {'w': tensor([2.0000, 0.5000])}
+    """
+    names = list(weights)
+    tensors = [weights[n] for n in names]
+    sums = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+    for batch in range(num_batches):
+        loss = _check_loss(loss_fn(batch), batch)
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+        for total, grad in zip(sums, grads):
+            if grad is not None:
+                total.add_(grad)
+        del loss, grads
+    means: dict[str, Tensor] = {}
+    for name, total in zip(names, sums):
+        total.div_(num_batches)
+        if all_reduce_mean is not None:
+            total = all_reduce_mean(total)
+        if not torch.isfinite(total).all():
+            raise ScoringError(
+                f"The loss gradient of `{name}` is not finite, so its connection sensitivity is undefined. Check the"
+                " data and the initialization; with `precision='16-mixed'` try 'bf16-mixed' or '32-true'."
+            )
+        means[name] = total
+    return means
+
+
+class Criterion(ABC):
+    """A pruning criterion: scores every candidate weight, higher is more important.
+
+    Attributes:
+        name: The registry name, set by :func:`register_criterion`.
+        needs_data: Whether :meth:`score` computes the loss on training batches.
+    """
+
+    name: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = False
+
+    @abstractmethod
+    def score(self, context: ScoringContext) -> dict[str, Tensor]:
+        """Return one non-negative score tensor per weight, shaped like the weight, keyed like ``context.weights``."""
+
+
+_REGISTRY: dict[str, type[Criterion]] = {}
+_C = TypeVar("_C", bound=type[Criterion])
+
+
+def register_criterion(name: str) -> Callable[[_C], _C]:
+    """Class decorator that makes a :class:`Criterion` available under ``name``.
+
+    Args:
+        name: The name users pass as ``criterion``.
+
+    Raises:
+        ValueError: If ``name`` is already registered.
+    """
+
+    def decorator(cls: _C) -> _C:
+        if name in _REGISTRY:
+            raise ValueError(f"A criterion named {name!r} is already registered ({_REGISTRY[name].__name__}).")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_criteria() -> list[str]:
+    """Names of all registered criteria, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_criterion(name: str) -> Criterion:
+    """Instantiate the criterion registered as ``name``.
+
+    Raises:
+        ValueError: If no criterion has that name.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"`criterion` must be one of {available_criteria()}, got {name!r}.")
+    return _REGISTRY[name]()
+
+
+@register_criterion("snip")
+class SNIP(Criterion):
+    """Connection sensitivity ``|dL/dw * w|`` (Lee et al., 2019): the loss gradient for a multiplicative mask at 1.
+
+    With several batches the raw gradients are averaged first, as for one larger batch.
+    """
+
+    needs_data = True
+
+    def score(self, context: ScoringContext) -> dict[str, Tensor]:  # noqa: D102
+        grads = context.mean_gradients()
+        return {name: grad.mul_(context.weights[name].detach()).abs_() for name, grad in grads.items()}
+
+
+@register_criterion("magnitude")
+class Magnitude(Criterion):
+    """Weight magnitude ``|w|`` at initialization, the paper's data-free baseline."""
+
+    def score(self, context: ScoringContext) -> dict[str, Tensor]:  # noqa: D102
+        return {name: w.detach().abs().float() for name, w in context.weights.items()}
+
+
+@register_criterion("random")
+class Random(Criterion):
+    """Uniform random scores: a random mask with the exact requested sparsity."""
+
+    def score(self, context: ScoringContext) -> dict[str, Tensor]:  # noqa: D102
+        return {
+            name: torch.rand(w.shape, generator=context.generator).to(w.device)
+            for name, w in context.weights.items()
+        }
