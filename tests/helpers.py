@@ -1,0 +1,92 @@
+"""Shared test models, data and the one fit helper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_snip import SNIPPruning
+
+
+def make_data(n: int = 64, features: int = 16, classes: int = 4, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g))
+
+
+class BoringClassifier(pl.LightningModule):
+    """A small Sequential classifier; optimizer chosen by name."""
+
+    def __init__(
+        self, optimizer: str = "sgd", features: int = 16, classes: int = 4, dropout: float = 0.1, **opt_kwargs: Any
+    ) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(features, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, classes)
+        )
+        self.optimizer_name = optimizer
+        self.opt_kwargs = opt_kwargs or {"lr": 0.1}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+               "rmsprop": torch.optim.RMSprop}[self.optimizer_name]
+        return cls(self.parameters(), **self.opt_kwargs)
+
+
+class ZeroInvariantChecker(pl.Callback):
+    """Records, after every training batch and at fit end, how many pruned weights are non-zero."""
+
+    def __init__(self, pruning: SNIPPruning) -> None:
+        self.pruning = pruning
+        self.violations: list[int] = []
+        self.batches = 0
+
+    def _count(self, pl_module: pl.LightningModule) -> int:
+        params = dict(pl_module.named_parameters())
+        return sum(int((params[n][~m.to(params[n].device)] != 0).sum()) for n, m in self.pruning.masks.items())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.batches += 1
+        self.violations.append(self._count(pl_module))
+
+    def on_fit_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.violations.append(self._count(pl_module))
+
+
+def fit(
+    model: pl.LightningModule,
+    callbacks: list[pl.Callback],
+    data: Any = None,
+    *,
+    batch_size: int = 16,
+    ckpt_path: str | None = None,
+    **trainer_kwargs: Any,
+) -> pl.Trainer:
+    """Fit quietly on CPU: no logger, no progress bar, no checkpointing unless asked."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+    }
+    options.update(trainer_kwargs)
+    trainer = pl.Trainer(callbacks=callbacks, **options)
+    loader = data if data is not None else DataLoader(make_data(), batch_size=batch_size)
+    trainer.fit(model, loader, ckpt_path=ckpt_path)
+    return trainer

@@ -1,0 +1,286 @@
+"""SNIPPruning inside real Trainer runs: the zero invariant, no-trace scoring, logging, warnings and errors."""
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import BoringClassifier, ZeroInvariantChecker, fit, make_data
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_snip import ScoringError, SNIPPruning
+from lightning_snip.callback import _check_strategy
+from lightning_snip.masks import kept_count
+
+
+class ManualTwoOptimizers(BoringClassifier):
+    """Manual optimization, one optimizer per layer, a scheduler stepped inside training_step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        first, second = self.optimizers()
+        for opt in (first, second):
+            self.toggle_optimizer(opt)
+            loss = nn.functional.cross_entropy(self(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            self.untoggle_optimizer(opt)
+        self.lr_schedulers().step()
+        self.log("loss", loss)
+
+    def configure_optimizers(self) -> Any:
+        first = torch.optim.Adam(self.net[:2].parameters(), lr=0.05)
+        second = torch.optim.SGD(self.net[2:].parameters(), lr=0.1, momentum=0.9)
+        return [first, second], [torch.optim.lr_scheduler.StepLR(first, step_size=1, gamma=0.5)]
+
+
+INVARIANT_CASES = {
+    "sgd-momentum-nesterov-wd": ({"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True,
+                                  "weight_decay": 0.01}, {}),
+    "adam": ({"optimizer": "adam", "lr": 0.05}, {}),
+    "adamw": ({"optimizer": "adamw", "lr": 0.05, "weight_decay": 0.1}, {}),
+    "rmsprop": ({"optimizer": "rmsprop", "lr": 0.01, "centered": True}, {}),
+    "accumulate-3": ({"optimizer": "adam", "lr": 0.05}, {"accumulate_grad_batches": 3}),
+    "clip-norm": ({"optimizer": "sgd", "lr": 1.0, "momentum": 0.9}, {"gradient_clip_val": 0.1}),
+    "clip-value": ({"optimizer": "adam", "lr": 0.05}, {"gradient_clip_val": 0.01,
+                                                       "gradient_clip_algorithm": "value"}),
+    "bf16-mixed": ({"optimizer": "adamw", "lr": 0.05}, {"precision": "bf16-mixed"}),
+}
+
+
+@pytest.mark.parametrize(("model_kwargs", "trainer_kwargs"), INVARIANT_CASES.values(), ids=INVARIANT_CASES.keys())
+def test_pruned_weights_stay_exactly_zero(model_kwargs, trainer_kwargs):
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.8)
+    checker = ZeroInvariantChecker(pruning)
+    model = BoringClassifier(**model_kwargs)
+    fit(model, [pruning, checker], max_epochs=2, **trainer_kwargs)
+    assert checker.batches == 8
+    assert checker.violations == [0] * 9
+    total = sum(m.numel() for m in pruning.masks.values())
+    assert sum(int(m.sum()) for m in pruning.masks.values()) == kept_count(total, 0.8)
+    # the kept weights did train: the run is not trivially frozen
+    assert any(p.grad is not None for p in model.parameters())
+
+
+def test_manual_optimization_with_two_optimizers_and_a_scheduler():
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.7)
+    checker = ZeroInvariantChecker(pruning)
+    model = ManualTwoOptimizers()
+    trainer = fit(model, [pruning, checker], max_epochs=2)
+    assert checker.violations == [0] * 9
+    assert len(pruning.masks) == 2
+    # scoring stepped neither the optimizers nor the scheduler: 8 batches -> 8 scheduler steps
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 8
+    assert trainer.global_step == 16
+
+
+class Recorder(pl.Callback):
+    """Snapshots the model at the end of `on_fit_start` (it runs after SNIPPruning), the RNG at `on_train_start`,
+    and every training batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[float]] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.grads = [p.grad for p in pl_module.parameters()]
+        self.modes = [m.training for m in pl_module.modules()]
+        self.buffers = {k: v.clone() for k, v in pl_module.named_buffers()}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.rng = torch.get_rng_state()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(batch[0][:, 0].tolist())
+
+
+@pytest.mark.parametrize("criterion", ["snip", "random", "magnitude"], ids=["snip", "random", "magnitude"])
+def test_scoring_leaves_no_trace_and_training_sees_the_same_batches(criterion):
+    def run(callbacks: list[pl.Callback]) -> tuple[Recorder, BoringClassifier]:
+        pl.seed_everything(7)
+        model = BoringClassifier()
+        model.eval()
+        model.net[1].train()  # a mixed-mode model
+        before = ([m.training for m in model.modules()], {k: v.clone() for k, v in model.named_buffers()})
+        recorder = Recorder()
+        loader = DataLoader(make_data(), batch_size=16, shuffle=True)
+        fit(model, [*callbacks, recorder], loader, max_epochs=2)
+        recorder.before = before
+        return recorder, model
+
+    dense, _ = run([])
+    pruned, _ = run([SNIPPruning(sparsity=0.5, num_batches=2, criterion=criterion)])
+    assert pruned.batches == dense.batches
+    assert torch.equal(pruned.rng, dense.rng)
+    assert all(g is None for g in pruned.grads)
+    assert pruned.modes == pruned.before[0]
+    for name, value in pruned.before[1].items():
+        assert torch.equal(pruned.buffers[name], value), name
+
+
+class CapturingLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "capture"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("log_per_layer", [True, False], ids=["per-layer", "totals-only"])
+def test_logging_to_every_logger(log_per_layer, caplog):
+    loggers = [CapturingLogger(), CapturingLogger()]
+    pruning = SNIPPruning(sparsity=0.75, log_per_layer=log_per_layer)
+    with caplog.at_level(logging.INFO):
+        fit(BoringClassifier(), [pruning], logger=loggers, log_every_n_steps=2, max_epochs=2)
+    for logger in loggers:
+        step, first = logger.logged[0]
+        assert step == 0
+        assert first["snip/sparsity"] == pytest.approx(0.75, abs=1 / 640)
+        assert first["snip/total_params"] == 16 * 32 + 32 * 4
+        assert first["snip/kept_params"] == kept_count(640, 0.75)
+        assert first["snip/scoring_time_s"] > 0
+        per_layer = {k for k in first if k.startswith("snip/sparsity/")}
+        assert per_layer == ({"snip/sparsity/net.0.weight", "snip/sparsity/net.4.weight"} if log_per_layer else set())
+        during = [(s, m["snip/sparsity"]) for s, m in logger.logged[1:] if "snip/sparsity" in m]
+        assert [s for s, _ in during] == [2, 4, 6, 8]
+        assert all(v == pytest.approx(first["snip/sparsity"]) for _, v in during)
+    assert "net.0.weight" in caplog.text
+    assert "sparsity" in caplog.text
+
+
+def test_regrowth_would_show_in_the_logged_sparsity():
+    class Regrow(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            with torch.no_grad():
+                pl_module.net[0].weight.fill_(1.0)  # something outside the callback undoes the mask
+
+    logger = CapturingLogger()
+    fit(BoringClassifier(), [Regrow(), SNIPPruning(sparsity=0.75)], logger=logger, log_every_n_steps=1,
+        limit_train_batches=1)
+    during = [m["snip/sparsity"] for s, m in logger.logged if s == 1 and "snip/sparsity" in m]
+    assert during and during[0] < 0.75
+
+
+def test_second_fit_keeps_masks(monkeypatch):
+    pruning = SNIPPruning(sparsity=0.6)
+    model = BoringClassifier()
+    fit(model, [pruning])
+    masks = pruning.masks
+
+    def no_rescoring(*args: Any) -> None:
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(pruning, "_score", no_rescoring)
+    checker = ZeroInvariantChecker(pruning)
+    fit(model, [pruning, checker])
+    assert all(torch.equal(masks[n], m) for n, m in pruning.masks.items())
+    assert checker.violations == [0] * 5
+
+
+def test_layer_collapse_and_zero_scores_warn():
+    class Lopsided(BoringClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Linear(3, 3)
+            with torch.no_grad():
+                self.net[4].weight.mul_(1e-6)
+
+    with pytest.warns(UserWarning, match=r"`net\.4\.weight` \(4, 32\) is pruned entirely"):
+        fit(Lopsided(), [SNIPPruning(sparsity=0.5, criterion="magnitude", exclude=["unused.*"])])
+    with pytest.warns(UserWarning, match=r"every snip score of `unused\.weight` is zero"):
+        fit(Lopsided(), [SNIPPruning(sparsity=0.1)])
+
+
+BAD_ARGUMENTS = {
+    "sparsity-one": ({"sparsity": 1.0}, ValueError, r"`sparsity` must be in \[0, 1\).*got 1\.0"),
+    "sparsity-negative": ({"sparsity": -0.1}, ValueError, r"`sparsity` must be in \[0, 1\).*got -0\.1"),
+    "sparsity-nan": ({"sparsity": float("nan")}, ValueError, r"`sparsity` must be in \[0, 1\).*got nan"),
+    "sparsity-string": ({"sparsity": "0.9"}, TypeError, r"`sparsity` must be a real number.*got '0\.9'"),
+    "sparsity-bool": ({"sparsity": True}, TypeError, r"`sparsity` must be a real number.*got True"),
+    "num-batches-zero": ({"num_batches": 0}, ValueError, r"`num_batches` must be an integer >= 1, got 0"),
+    "num-batches-float": ({"num_batches": 2.0}, ValueError, r"`num_batches` must be an integer >= 1, got 2\.0"),
+    "criterion": ({"criterion": "grasp"}, ValueError, r"`criterion` must be one of \['magnitude', 'random', 'snip'\]"),
+    "scope": ({"scope": "local"}, ValueError, r"`scope` must be 'global' or 'layerwise', got 'local'"),
+    "include-string": ({"include": "*.weight"}, TypeError, r"`include` must be a list .* got '\*\.weight'"),
+    "exclude-int": ({"exclude": [1]}, TypeError, r"`exclude` must be a list .* got \[1\]"),
+    "exclude-empty-pattern": ({"exclude": [""]}, TypeError, r"`exclude` must be a list of non-empty"),
+    "log-per-layer": ({"log_per_layer": "yes"}, TypeError, r"`log_per_layer` must be True or False, got 'yes'"),
+    "seed": ({"seed": 1.5}, TypeError, r"`seed` must be an integer or None, got 1\.5"),
+}
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SNIPPruning(**kwargs)
+
+
+class ReturnsNone(BoringClassifier):
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        super().training_step(batch, batch_idx)
+
+
+class ReturnsDictWithoutLoss(BoringClassifier):
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"train_loss": super().training_step(batch, batch_idx)}
+
+
+def _loader(n: int, nan: bool = False) -> DataLoader:
+    data = make_data(n)
+    x = data.tensors[0].clone()
+    if nan:
+        x[0, 0] = float("nan")
+    return DataLoader(TensorDataset(x, data.tensors[1]), batch_size=16)
+
+
+FIT_ERRORS = {
+    "no-candidate": (BoringClassifier, {"exclude": ["*"]}, None, ValueError, r"No parameter is a pruning candidate"),
+    "include-typo": (BoringClassifier, {"include": ["net.9.*"]}, None, ValueError, r"`include` pattern 'net\.9\.\*'"),
+    "returns-none": (ReturnsNone, {}, None, ScoringError, r"`training_step` returned NoneType on scoring batch 0"),
+    "dict-without-loss": (ReturnsDictWithoutLoss, {}, None, ScoringError, r"dict without a 'loss' key.*train_loss"),
+    "non-finite-loss": (BoringClassifier, {}, _loader(32, nan=True), ScoringError, r"scoring batch 0 is nan"),
+    "too-few-batches": (BoringClassifier, {"num_batches": 5}, _loader(32), ScoringError,
+                        r"`num_batches=5` but the train dataloader yielded only 2 batch"),
+    "empty-loader": (BoringClassifier, {}, _loader(0), ScoringError, r"yielded only 0 batch"),
+}
+
+
+@pytest.mark.parametrize(("model_cls", "kwargs", "loader", "error", "match"), FIT_ERRORS.values(), ids=FIT_ERRORS.keys())
+def test_fit_start_errors_leave_the_model_untouched(model_cls, kwargs, loader, error, match):
+    model = model_cls()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruning = SNIPPruning(sparsity=0.9, **kwargs)
+    with pytest.raises(error, match=match):
+        fit(model, [pruning], loader)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert pruning.masks == {}
+
+
+def test_unsupported_strategies_are_refused():
+    with pytest.raises(MisconfigurationException, match=r"does not support `FSDPStrategy` yet.*strategy='ddp'"):
+        _check_strategy(FSDPStrategy())

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from lightning_snip.masks import count_zeros, format_report, kept_count, select_masks, sparsity_report, zero_pruned_
+
+
+@pytest.mark.parametrize(
+    ("total", "sparsity", "expected"),
+    [(100, 0.95, 5), (10, 0.0, 10), (7, 0.5, 3), (3, 0.5, 1), (1000, 0.999, 1), (10, 0.99, 0)],
+    ids=["95pct", "zero", "half-rounds-even-up", "half-rounds-even-down", "tiny-keep", "all-pruned"],
+)
+def test_kept_count(total, sparsity, expected):
+    assert kept_count(total, sparsity) == expected
+
+
+def test_global_golden():
+    # Scores worked out by hand: 6 weights, sparsity 0.5 -> keep 3: the values 9, 8, 7.
+    scores = {"a": torch.tensor([[9.0, 1.0], [2.0, 7.0]]), "b": torch.tensor([8.0, 3.0])}
+    masks = select_masks(scores, 0.5, "global")
+    assert masks["a"].tolist() == [[True, False], [False, True]]
+    assert masks["b"].tolist() == [True, False]
+
+
+def test_layerwise_golden():
+    scores = {"a": torch.tensor([[9.0, 1.0], [2.0, 7.0]]), "b": torch.tensor([8.0, 3.0])}
+    masks = select_masks(scores, 0.5, "layerwise")
+    assert masks["a"].tolist() == [[True, False], [False, True]]  # keep 2 of 4
+    assert masks["b"].tolist() == [True, False]  # keep 1 of 2
+
+
+def test_ties_go_to_the_earlier_position_across_tensors():
+    # All equal: keep 3 of 6 -> the first three in (tensor order, row-major) order.
+    scores = {"a": torch.ones(2, 2), "b": torch.ones(2)}
+    masks = select_masks(scores, 0.5, "global")
+    assert masks["a"].tolist() == [[True, True], [True, False]]
+    assert masks["b"].tolist() == [False, False]
+    # Ties only at the threshold: 5 > everything, then four 2s compete for two places.
+    scores = {"a": torch.tensor([2.0, 5.0, 2.0]), "b": torch.tensor([2.0, 2.0, 0.0])}
+    masks = select_masks(scores, 0.5, "global")
+    assert masks["a"].tolist() == [True, True, True]
+    assert masks["b"].tolist() == [False, False, False]
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"], ids=["global", "layerwise"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.9, 0.98, 0.999], ids=lambda s: f"s{s}")
+def test_exact_count_with_many_ties(scope, sparsity):
+    g = torch.Generator().manual_seed(0)
+    scores = {f"t{i}": torch.randint(0, 4, (17 + i, 5), generator=g).float() for i in range(4)}
+    masks = select_masks(scores, sparsity, scope)
+    if scope == "global":
+        total = sum(s.numel() for s in scores.values())
+        assert sum(int(m.sum()) for m in masks.values()) == kept_count(total, sparsity)
+    else:
+        for name, m in masks.items():
+            assert int(m.sum()) == kept_count(scores[name].numel(), sparsity)
+    # every kept score is >= every pruned score (within a tensor for layerwise, globally for global)
+    groups = [list(scores)] if scope == "global" else [[n] for n in scores]
+    for group in groups:
+        kept = torch.cat([scores[n][masks[n]] for n in group])
+        pruned = torch.cat([scores[n][~masks[n]] for n in group])
+        if kept.numel() and pruned.numel():
+            assert kept.min() >= pruned.max()
+
+
+def test_deterministic_and_matches_stable_sort():
+    g = torch.Generator().manual_seed(1)
+    scores = {"a": torch.randint(0, 3, (50,), generator=g).float(), "b": torch.randint(0, 3, (30,), generator=g).float()}
+    masks = select_masks(scores, 0.7, "global")
+    flat = torch.cat([scores["a"], scores["b"]])
+    order = torch.sort(flat, descending=True, stable=True).indices[: kept_count(80, 0.7)]
+    expected = torch.zeros(80, dtype=torch.bool)
+    expected[order] = True
+    assert torch.equal(torch.cat([masks["a"], masks["b"]]), expected)
+    assert all(torch.equal(masks[k], v) for k, v in select_masks(scores, 0.7, "global").items())
+
+
+def test_non_finite_scores_are_rejected():
+    with pytest.raises(ValueError, match="`bad` are not all finite"):
+        select_masks({"bad": torch.tensor([1.0, float("nan")])}, 0.5)
+
+
+def test_zero_pruned_is_exact_even_for_nan_and_inf():
+    w = torch.tensor([1.0, float("nan"), float("-inf"), -2.0])
+    zero_pruned_([w, None], [torch.tensor([False, True, True, True]), torch.tensor([True])])
+    assert w.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert count_zeros([w]) == 3
+
+
+def test_sparsity_report_and_table():
+    rows = sparsity_report({"layer.weight": torch.tensor([[0.0, 1.0], [0.0, 0.0]]), "b": torch.ones(3)})
+    assert [(r.name, r.shape, r.kept, r.total) for r in rows] == [("layer.weight", (2, 2), 1, 4), ("b", (3,), 3, 3)]
+    assert rows[0].sparsity == pytest.approx(0.75)
+    table = format_report(rows)
+    assert "layer.weight" in table
+    assert "75.00%" in table
+    assert "4/7" in table  # total line

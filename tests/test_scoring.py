@@ -1,0 +1,113 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_snip import (
+    Criterion,
+    ScoringContext,
+    ScoringError,
+    available_criteria,
+    get_criterion,
+    mean_gradients,
+    register_criterion,
+    select_masks,
+)
+from lightning_snip.scoring import _REGISTRY
+
+
+def _golden_layer() -> tuple[nn.Linear, torch.Tensor]:
+    layer = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    return layer, torch.tensor([[1.0, 2.0]])
+
+
+def test_snip_golden_scores():
+    # L = 0.5 * sum(y^2), y = W x = [-3, 4]  =>  dL/dW_ij = y_i x_j = [[-3, -6], [4, 8]]
+    # |dL/dW * W| = [[3, 12], [12, 4]]
+    layer, x = _golden_layer()
+    context = ScoringContext(weights={"w": layer.weight}, loss_fn=lambda i: 0.5 * (layer(x) ** 2).sum())
+    scores = get_criterion("snip").score(context)
+    assert scores["w"].tolist() == [[3.0, 12.0], [12.0, 4.0]]
+    assert select_masks(scores, 0.5)["w"].tolist() == [[False, True], [True, False]]
+    assert layer.weight.grad is None  # scoring uses autograd.grad, never .grad
+
+
+def test_magnitude_and_random():
+    layer, _ = _golden_layer()
+    context = ScoringContext(weights={"w": layer.weight}, generator=torch.Generator().manual_seed(3))
+    assert get_criterion("magnitude").score(context)["w"].tolist() == [[1.0, 2.0], [3.0, 0.5]]
+    first = get_criterion("random").score(context)["w"]
+    again = get_criterion("random").score(
+        ScoringContext(weights={"w": layer.weight}, generator=torch.Generator().manual_seed(3))
+    )["w"]
+    assert torch.equal(first, again)
+    assert first.shape == (2, 2)
+    assert ((first >= 0) & (first < 1)).all()
+
+
+def test_several_batches_average_raw_gradients_like_one_large_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    weights = {n: p for n, p in model.named_parameters() if p.ndim == 2}
+
+    def loss_on(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(xs), ys)
+
+    two = mean_gradients(weights, lambda i: loss_on(x[4 * i : 4 * i + 4], y[4 * i : 4 * i + 4]), 2)
+    one = mean_gradients(weights, lambda i: loss_on(x, y), 1)
+    for name in weights:
+        torch.testing.assert_close(two[name], one[name])
+
+
+def test_all_reduce_mean_is_applied():
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    grads = mean_gradients({"w": w}, lambda i: (w * 3).sum(), 1, all_reduce_mean=lambda t: t * 10)
+    assert grads["w"].tolist() == [30.0, 30.0]
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "match"),
+    [
+        (lambda w: (w * float("nan")).sum(), "not finite"),
+        (lambda w: w.detach().sum(), "no autograd graph"),
+        (lambda w: w * 2, "must be a scalar tensor"),
+        (lambda w: None, "must be a scalar tensor, got NoneType"),
+    ],
+    ids=["nan-loss", "detached", "not-scalar", "none"],
+)
+def test_bad_losses(loss_fn, match):
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(ScoringError, match=match):
+        mean_gradients({"w": w}, lambda i: loss_fn(w), 1)
+
+
+def test_non_finite_gradient_names_the_tensor():
+    w = torch.tensor([0.0, 1.0], requires_grad=True)
+    with pytest.raises(ScoringError, match="gradient of `w` is not finite"):
+        mean_gradients({"w": w}, lambda i: w.sqrt().sum(), 1)  # d sqrt(w)/dw at 0 is inf, loss is finite
+
+
+def test_unused_weight_gets_zero_gradient():
+    w, unused = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
+    grads = mean_gradients({"w": w, "unused": unused}, lambda i: w.sum(), 1)
+    assert grads["unused"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_registry_extension_and_errors():
+    assert available_criteria() == ["magnitude", "random", "snip"]
+    with pytest.raises(ValueError, match=r"`criterion` must be one of .* got 'grasp'"):
+        get_criterion("grasp")
+
+    @register_criterion("negated-magnitude-test")
+    class NegatedMagnitude(Criterion):
+        def score(self, context):
+            return {n: 1 / (1 + w.detach().abs()) for n, w in context.weights.items()}
+
+    try:
+        assert isinstance(get_criterion("negated-magnitude-test"), NegatedMagnitude)
+        with pytest.raises(ValueError, match="already registered"):
+            register_criterion("snip")(NegatedMagnitude)
+    finally:
+        del _REGISTRY["negated-magnitude-test"]
