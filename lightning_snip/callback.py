@@ -4,8 +4,8 @@ Which hook does what:
 
 - ``on_fit_start``: check the strategy; reuse masks already held (restored from a checkpoint, or from an earlier
   ``fit``) or score the model on batches of the trainer's own train dataloader; zero the pruned weights.
-- ``on_train_start``: masks for strategies that restore checkpoints after ``on_fit_start``; install a post-step hook
-  on every optimizer that re-zeros pruned weights after each step.
+- ``on_train_start``: bind or score here instead for strategies that restore checkpoints after ``on_fit_start``;
+  install a post-step hook on every optimizer that re-zeros pruned weights after each step.
 - ``on_after_backward``: zero the gradients of pruned weights, so optimizer state never builds up for them.
 - ``on_train_batch_end``: log the sparsity measured from the weights every ``log_every_n_steps``.
 """
@@ -252,7 +252,6 @@ class SNIPPruning(Callback):
         self._loaded: dict[str, Tensor] | None = None  # kept masks from a checkpoint, on CPU, not yet bound
         self._params: dict[str, nn.Parameter] = {}  # candidates the masks are bound to
         self._pruned: dict[str, Tensor] = {}  # True = pruned, on each parameter's device (1 byte per weight)
-        self._deferred = False
         self._step_hooks: list[RemovableHandle] = []
         self._last_logged_step = -1
 
@@ -312,19 +311,16 @@ class SNIPPruning(Callback):
         _check_strategy(trainer.strategy)
         if self._loaded is not None or self._pruned:
             self._bind(pl_module)
-        elif trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
-            self._deferred = True  # the checkpoint (and maybe our masks) is restored after this hook
-        else:
+        elif not trainer.strategy.restore_checkpoint_after_setup:
             self._score(trainer, pl_module)
+        # otherwise a checkpoint (maybe with masks) is restored after this hook: decide in `on_train_start`
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._deferred:
-            self._deferred = False
-            if self._loaded is not None or self._pruned:
-                self._bind(pl_module)
-            else:
-                self._score(trainer, pl_module)
+        if self._loaded is not None:  # restored after `on_fit_start`
+            self._bind(pl_module)
+        elif not self._pruned:
+            self._score(trainer, pl_module)
         self._remove_step_hooks()
         pruned_by_id = {id(self._params[name]): (self._params[name], m) for name, m in self._pruned.items()}
         for optimizer in trainer.optimizers:

@@ -37,17 +37,15 @@ def _top_k(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     flat = torch.cat([s.detach().reshape(-1).to(device=device, dtype=torch.float32) for s in scores])
     threshold = torch.kthvalue(flat, total - k + 1).values  # the k-th largest score
     del flat
-    masks = []
-    ties_left = k - sum(int((s.float() > threshold.to(s.device)).sum()) for s in scores)
-    for s in scores:
-        t = threshold.to(s.device)
-        kept = s.float() > t
-        if ties_left > 0:
-            ties = (s.float() == t).reshape(-1)
-            positions = ties.nonzero().squeeze(1)[:ties_left]
-            kept.view(-1)[positions] = True
-            ties_left -= positions.numel()
-        masks.append(kept)
+    thresholds = [threshold.to(s.device, s.dtype) for s in scores]
+    masks = [s > t for s, t in zip(scores, thresholds)]
+    ties_left = k - sum(int(m.sum()) for m in masks)
+    for s, t, kept in zip(scores, thresholds, masks):
+        if ties_left <= 0:
+            break
+        positions = (s == t).reshape(-1).nonzero().squeeze(1)[:ties_left]
+        kept.view(-1)[positions] = True
+        ties_left -= positions.numel()
     return masks
 
 

@@ -1,0 +1,118 @@
+"""Masks in checkpoints: resume with the identical mask, weights_only loading, strict loading into a dense model."""
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import BoringClassifier, ZeroInvariantChecker, fit
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_snip import SNIPPruning
+
+
+class LateRestoreStrategy(SingleDeviceStrategy):
+    """Restores checkpoints after `on_fit_start`, as FSDP and DeepSpeed do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def _first_run(tmp_path: Path, **pruning_kwargs: Any) -> tuple[SNIPPruning, Path]:
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.8, **pruning_kwargs)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(BoringClassifier(optimizer="adam", lr=0.05), [pruning, checkpoint], enable_checkpointing=True)
+    return pruning, tmp_path / "last.ckpt"
+
+
+def _no_scoring(*args: Any) -> None:
+    raise AssertionError("the resumed run scored again")
+
+
+@pytest.mark.parametrize("late_restore", [False, True], ids=["ddp-like-restore", "restore-after-setup"])
+def test_resume_trains_with_the_identical_mask(tmp_path, monkeypatch, late_restore):
+    first, ckpt = _first_run(tmp_path)
+    resumed = SNIPPruning(sparsity=0.8)
+    monkeypatch.setattr(resumed, "_score", _no_scoring)
+    checker = ZeroInvariantChecker(resumed)
+    model = BoringClassifier(optimizer="adam", lr=0.05)  # fresh, dense init
+    extra = {"strategy": LateRestoreStrategy(torch.device("cpu"))} if late_restore else {}
+    trainer = fit(model, [resumed, checker], ckpt_path=str(ckpt), max_epochs=3, **extra)
+    assert trainer.current_epoch == 3
+    assert first.masks.keys() == resumed.masks.keys()
+    assert all(torch.equal(first.masks[n], resumed.masks[n]) for n in first.masks)
+    assert checker.batches == 8
+    assert checker.violations == [0] * 9
+
+
+def test_restore_after_setup_without_masks_scores_at_train_start(tmp_path):
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(BoringClassifier(), [checkpoint], enable_checkpointing=True)  # a dense checkpoint
+    pruning = SNIPPruning(sparsity=0.8)
+    checker = ZeroInvariantChecker(pruning)
+    fit(BoringClassifier(), [pruning, checker], ckpt_path=str(tmp_path / "last.ckpt"), max_epochs=2,
+        strategy=LateRestoreStrategy(torch.device("cpu")))
+    assert len(pruning.masks) == 2
+    assert checker.violations == [0] * 5
+
+
+def test_checkpoint_loads_weights_only_and_into_a_never_pruned_model(tmp_path):
+    pruning, ckpt = _first_run(tmp_path)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    state = checkpoint["callbacks"][pruning.state_key]
+    assert state["version"] == 1
+    assert state["config"]["sparsity"] == 0.8
+    assert set(state["masks"]) == {"net.0.weight", "net.4.weight"}
+    assert all(m.dtype == torch.bool and m.device.type == "cpu" for m in state["masks"].values())
+
+    dense = BoringClassifier()
+    assert set(checkpoint["state_dict"]) == set(dense.state_dict())
+    dense.load_state_dict(checkpoint["state_dict"], strict=True)
+    weight = dense.net[0].weight
+    assert torch.equal(weight == 0, ~state["masks"]["net.0.weight"] | (weight == 0))
+    assert int((weight == 0).sum()) >= int((~state["masks"]["net.0.weight"]).sum())
+
+
+def test_state_key_separates_configurations():
+    assert SNIPPruning(sparsity=0.9).state_key != SNIPPruning(sparsity=0.95).state_key
+    assert SNIPPruning(criterion="random").state_key != SNIPPruning().state_key
+    assert SNIPPruning(log_per_layer=False).state_key == SNIPPruning().state_key
+
+
+def test_state_dict_round_trip_and_validation():
+    pruning = SNIPPruning(sparsity=0.5)
+    masks = {"net.0.weight": torch.rand(32, 16) > 0.5, "net.4.weight": torch.rand(4, 32) > 0.5}
+    pruning.load_state_dict({"version": 1, "config": pruning.state_dict()["config"], "masks": masks})
+    assert all(torch.equal(pruning.masks[n], m) for n, m in masks.items())
+    assert all(torch.equal(pruning.state_dict()["masks"][n], m) for n, m in masks.items())
+    with pytest.raises(ValueError, match="'masks', a dict of bool tensors"):
+        pruning.load_state_dict({"masks": {"w": torch.ones(2)}})
+    with pytest.warns(UserWarning, match="loads masks made with"):
+        SNIPPruning(sparsity=0.9).load_state_dict({"config": {"sparsity": 0.5}, "masks": masks})
+
+
+def test_masks_that_do_not_fit_the_model_are_refused(tmp_path):
+    pruning = SNIPPruning(sparsity=0.5)
+    pruning.load_state_dict({"masks": {"net.0.weight": torch.ones(3, 3, dtype=torch.bool),
+                                       "gone.weight": torch.ones(2, dtype=torch.bool)}})
+    model = BoringClassifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MisconfigurationException, match=r"missing parameters \['gone.weight'\].*net\.0\.weight"):
+        fit(model, [pruning])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_weights_only_load_of_the_callback_state_alone(tmp_path):
+    pruning = SNIPPruning(sparsity=0.5)
+    fit(BoringClassifier(), [pruning])
+    path = tmp_path / "state.pt"
+    torch.save(pruning.state_dict(), path)
+    restored = SNIPPruning(sparsity=0.5)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    assert all(torch.equal(restored.masks[n], m) for n, m in pruning.masks.items())
