@@ -144,6 +144,9 @@ def _training_step_losses(trainer: Trainer, pl_module: LightningModule, num_batc
                 f"`num_batches={num_batches}` but the train dataloader yielded only {i} batch(es). Lower"
                 " `num_batches` or provide more training data."
             ) from None
+        # the same transfer path as Lightning's training loop
+        batch = trainer.precision_plugin.convert_input(batch)
+        batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
         batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
         recorded.clear()
         with trainer.precision_plugin.train_step_context():

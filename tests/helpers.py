@@ -90,3 +90,25 @@ def fit(
     loader = data if data is not None else DataLoader(make_data(), batch_size=batch_size)
     trainer.fit(model, loader, ckpt_path=ckpt_path)
     return trainer
+
+
+def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion: str) -> None:
+    """One DDP rank, launched by the test itself (Lightning sees LOCAL_RANK and does not launch)."""
+    import os
+
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size), "NODE_RANK": "0",
+         "LOCAL_RANK": str(rank), "GLOBAL_RANK": str(rank)}
+    )
+    torch.manual_seed(0)  # identical init on every rank (DDP would broadcast rank 0's anyway)
+    model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
+    pruning = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion)
+    checker = ZeroInvariantChecker(pruning)
+    loader = DataLoader(make_data(32), batch_size=4)  # Lightning adds a DistributedSampler: 4 batches per rank
+    fit(model, [pruning, checker], loader, strategy="ddp", devices=world_size, precision="64-true",
+        max_epochs=2)
+    torch.save(
+        {"masks": pruning.masks, "violations": checker.violations,
+         "weights": {k: v.detach().clone() for k, v in model.named_parameters()}},
+        f"{out_dir}/rank{rank}.pt",
+    )

@@ -1,0 +1,55 @@
+"""DDP on CPU (gloo): every rank holds the mask of single-process scoring over the union of their batches."""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers import BoringClassifier, ddp_rank_main, fit, make_data
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from lightning_snip import SNIPPruning
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FixedOrder(Sampler[int]):
+    def __init__(self, order: list[int]) -> None:
+        self.order = order
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+@pytest.mark.parametrize("criterion", ["snip", "random"], ids=["snip", "random"])
+def test_ddp_ranks_agree_and_match_single_process_union(tmp_path, criterion):
+    mp.start_processes(ddp_rank_main, args=(2, _free_port(), str(tmp_path), criterion), nprocs=2, join=True,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name]), f"ranks disagree on {name}"
+    for rank in ranks:
+        assert rank["violations"] == [0] * 9  # 4 batches per rank and epoch, 2 epochs, plus fit end
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), f"ranks' weights differ in {name}"
+    if criterion != "snip":
+        return
+
+    # Lightning gives each rank a shuffled DistributedSampler (seed 0, epoch 0); its first 8 indices are the rank's
+    # two scoring batches of 4.
+    dataset = make_data(32)
+    order = [i for r in range(2) for i in list(DistributedSampler(dataset, num_replicas=2, rank=r, seed=0))[:8]]
+    torch.manual_seed(0)
+    model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
+    single = SNIPPruning(sparsity=0.8, num_batches=4)
+    loader = DataLoader(dataset, batch_size=4, sampler=FixedOrder(order))
+    fit(model, [single], loader, precision="64-true", max_steps=1)
+    for name, mask in single.masks.items():
+        assert torch.equal(mask, ranks[0]["masks"][name]), f"DDP mask of {name} differs from single-process scoring"
