@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -57,8 +57,10 @@ def _check_patterns(argument: str, value: object) -> list[str] | None:
 
 def _check_strategy(strategy: Strategy) -> None:
     unsupported = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
-    if isinstance(strategy, unsupported) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or (
-        type(strategy).__name__.startswith("XLA")
+    if (
+        isinstance(strategy, unsupported)
+        or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+        or (type(strategy).__name__.startswith("XLA"))
     ):
         raise MisconfigurationException(
             f"`SNIPPruning` does not support `{type(strategy).__name__}` yet: with sharded or otherwise partitioned"
@@ -106,9 +108,9 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
 
 
 @contextmanager
-def _training_step_losses(trainer: Trainer, pl_module: LightningModule, num_batches: int) -> Iterator[
-    Callable[[int], Tensor]
-]:
+def _training_step_losses(
+    trainer: Trainer, pl_module: LightningModule, num_batches: int
+) -> Iterator[Callable[[int], Tensor]]:
     """Yield ``loss_fn(i)``: the module's own ``training_step`` loss on the ``i``-th train batch.
 
     Batches are drawn from a fresh iterator over the trainer's train dataloader and moved to the device through the
@@ -202,8 +204,8 @@ class SNIPPruning(Callback):
         >>> from lightning.pytorch import Trainer
         >>> pruning = SNIPPruning(sparsity=0.95, exclude=["classifier.*"])
         >>> trainer = Trainer(callbacks=[pruning], logger=False, enable_progress_bar=False)
-        >>> pruning.state_key
-        "SNIPPruning{'sparsity': 0.95, 'num_batches': 1, 'criterion': 'snip', 'scope': 'global', 'include': None, 'exclude': ['classifier.*'], 'seed': None}"
+        >>> trainer.callbacks[0].sparsity, trainer.callbacks[0].criterion
+        (0.95, 'snip')
 
     The same from a LightningCLI YAML file::
 
@@ -327,8 +329,12 @@ class SNIPPruning(Callback):
         self._remove_step_hooks()
         pruned_by_id = {id(self._params[name]): (self._params[name], m) for name, m in self._pruned.items()}
         for optimizer in trainer.optimizers:
-            pairs = [pruned_by_id[id(p)] for group in optimizer.param_groups for p in group["params"]
-                     if id(p) in pruned_by_id]
+            pairs = [
+                pruned_by_id[id(p)]
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if id(p) in pruned_by_id
+            ]
             if pairs:
                 params, masks = [p for p, _ in pairs], [m for _, m in pairs]
                 self._step_hooks.append(
@@ -344,7 +350,7 @@ class SNIPPruning(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step, every = trainer.global_step, trainer.log_every_n_steps
+        step, every = trainer.global_step, int(getattr(trainer, "log_every_n_steps", 50))
         if not trainer.loggers or not trainer.is_global_zero or every <= 0 or not self._params:
             return
         if step % every != 0 or step == self._last_logged_step:
@@ -374,8 +380,11 @@ class SNIPPruning(Callback):
         kept = self._loaded if self._loaded is not None else {n: ~m for n, m in self._pruned.items()}
         params = dict(pl_module.named_parameters())
         missing = [n for n in kept if n not in params]
-        mismatched = [f"{n}: mask {tuple(m.shape)} vs parameter {tuple(params[n].shape)}"
-                      for n, m in kept.items() if n in params and m.shape != params[n].shape]
+        mismatched = [
+            f"{n}: mask {tuple(m.shape)} vs parameter {tuple(params[n].shape)}"
+            for n, m in kept.items()
+            if n in params and m.shape != params[n].shape
+        ]
         if missing or mismatched:
             raise MisconfigurationException(
                 "`SNIPPruning` holds masks (from a checkpoint or an earlier fit) that do not fit this model:"

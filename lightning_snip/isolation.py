@@ -44,10 +44,10 @@ def _metric_states(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
         from torchmetrics import Metric
     except ImportError:  # pragma: no cover - torchmetrics is a Lightning dependency
         return []
-    snapshots = []
+    snapshots: list[tuple[nn.Module, dict[str, Any]]] = []
     for metric in module.modules():
         if isinstance(metric, Metric):
-            state = {
+            state: dict[str, Any] = {
                 key: value.clone() if isinstance(value, Tensor) else list(value)
                 for key, value in ((k, getattr(metric, k)) for k in metric._defaults)
             }

@@ -38,9 +38,9 @@ def _top_k(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     threshold = torch.kthvalue(flat, total - k + 1).values  # the k-th largest score
     del flat
     thresholds = [threshold.to(s.device, s.dtype) for s in scores]
-    masks = [s > t for s, t in zip(scores, thresholds)]
+    masks = [s > t for s, t in zip(scores, thresholds, strict=True)]
     ties_left = k - sum(int(m.sum()) for m in masks)
-    for s, t, kept in zip(scores, thresholds, masks):
+    for s, t, kept in zip(scores, thresholds, masks, strict=True):
         if ties_left <= 0:
             break
         positions = (s == t).reshape(-1).nonzero().squeeze(1)[:ties_left]
@@ -86,7 +86,7 @@ def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "
         masks = [_top_k([t], kept_count(t.numel(), sparsity))[0] for t in tensors]
     else:
         raise ValueError(f"`scope` must be 'global' or 'layerwise', got {scope!r}.")
-    return dict(zip(names, masks))
+    return dict(zip(names, masks, strict=True))
 
 
 @torch.no_grad()
@@ -107,7 +107,7 @@ def zero_pruned_(tensors: Iterable[Tensor | None], pruned: Iterable[Tensor]) -> 
         >>> w
         tensor([1., 0., 0.])
     """
-    for tensor, mask in zip(tensors, pruned):
+    for tensor, mask in zip(tensors, pruned, strict=True):
         if tensor is not None:
             tensor.masked_fill_(mask, 0.0)
 
@@ -152,7 +152,7 @@ def sparsity_report(weights: Mapping[str, Tensor]) -> list[TensorSparsity]:
     counts = torch.stack([z.cpu() for z in zeros]).tolist() if zeros else []
     return [
         TensorSparsity(name, tuple(w.shape), w.numel() - int(z), w.numel())
-        for (name, w), z in zip(weights.items(), counts)
+        for (name, w), z in zip(weights.items(), counts, strict=True)
     ]
 
 
@@ -164,8 +164,12 @@ def format_report(rows: Sequence[TensorSparsity]) -> str:
     table += [(r.name, str(tuple(r.shape)), f"{r.kept:,}/{r.total:,}", f"{r.sparsity:.2%}") for r in rows]
     table.append(("total", "", f"{kept:,}/{total:,}", f"{1 - kept / total if total else 0.0:.2%}"))
     widths = [max(len(row[i]) for row in table) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in table]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in table
+    ]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
     return "\n".join(lines)

@@ -107,12 +107,12 @@ def mean_gradients(
     for batch in range(num_batches):
         loss = _check_loss(loss_fn(batch), batch)
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-        for total, grad in zip(sums, grads):
+        for total, grad in zip(sums, grads, strict=True):
             if grad is not None:
                 total.add_(grad)
         del loss, grads
     means: dict[str, Tensor] = {}
-    for name, total in zip(names, sums):
+    for name, total in zip(names, sums, strict=True):
         total.div_(num_batches)
         if all_reduce_mean is not None:
             total = all_reduce_mean(total)
@@ -209,6 +209,5 @@ class Random(Criterion):
 
     def score(self, context: ScoringContext) -> dict[str, Tensor]:  # noqa: D102
         return {
-            name: torch.rand(w.shape, generator=context.generator).to(w.device)
-            for name, w in context.weights.items()
+            name: torch.rand(w.shape, generator=context.generator).to(w.device) for name, w in context.weights.items()
         }

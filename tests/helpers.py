@@ -40,8 +40,12 @@ class BoringClassifier(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-               "rmsprop": torch.optim.RMSprop}[self.optimizer_name]
+        cls = {
+            "sgd": torch.optim.SGD,
+            "adam": torch.optim.Adam,
+            "adamw": torch.optim.AdamW,
+            "rmsprop": torch.optim.RMSprop,
+        }[self.optimizer_name]
         return cls(self.parameters(), **self.opt_kwargs)
 
 
@@ -57,11 +61,11 @@ class ZeroInvariantChecker(pl.Callback):
         params = dict(pl_module.named_parameters())
         return sum(int((params[n][~m.to(params[n].device)] != 0).sum()) for n, m in self.pruning.masks.items())
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1
         self.violations.append(self._count(pl_module))
 
-    def on_fit_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def on_fit_end(self, trainer, pl_module) -> None:
         self.violations.append(self._count(pl_module))
 
 
@@ -97,18 +101,26 @@ def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion
     import os
 
     os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size), "NODE_RANK": "0",
-         "LOCAL_RANK": str(rank), "GLOBAL_RANK": str(rank)}
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world_size),
+            "NODE_RANK": "0",
+            "LOCAL_RANK": str(rank),
+            "GLOBAL_RANK": str(rank),
+        }
     )
     torch.manual_seed(0)  # identical init on every rank (DDP would broadcast rank 0's anyway)
     model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
     pruning = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion)
     checker = ZeroInvariantChecker(pruning)
     loader = DataLoader(make_data(32), batch_size=4)  # Lightning adds a DistributedSampler: 4 batches per rank
-    fit(model, [pruning, checker], loader, strategy="ddp", devices=world_size, precision="64-true",
-        max_epochs=2)
+    fit(model, [pruning, checker], loader, strategy="ddp", devices=world_size, precision="64-true", max_epochs=2)
     torch.save(
-        {"masks": pruning.masks, "violations": checker.violations,
-         "weights": {k: v.detach().clone() for k, v in model.named_parameters()}},
+        {
+            "masks": pruning.masks,
+            "violations": checker.violations,
+            "weights": {k: v.detach().clone() for k, v in model.named_parameters()},
+        },
         f"{out_dir}/rank{rank}.pt",
     )

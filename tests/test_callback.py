@@ -45,15 +45,16 @@ class ManualTwoOptimizers(BoringClassifier):
 
 
 INVARIANT_CASES = {
-    "sgd-momentum-nesterov-wd": ({"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True,
-                                  "weight_decay": 0.01}, {}),
+    "sgd-momentum-nesterov-wd": (
+        {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+        {},
+    ),
     "adam": ({"optimizer": "adam", "lr": 0.05}, {}),
     "adamw": ({"optimizer": "adamw", "lr": 0.05, "weight_decay": 0.1}, {}),
     "rmsprop": ({"optimizer": "rmsprop", "lr": 0.01, "centered": True}, {}),
     "accumulate-3": ({"optimizer": "adam", "lr": 0.05}, {"accumulate_grad_batches": 3}),
     "clip-norm": ({"optimizer": "sgd", "lr": 1.0, "momentum": 0.9}, {"gradient_clip_val": 0.1}),
-    "clip-value": ({"optimizer": "adam", "lr": 0.05}, {"gradient_clip_val": 0.01,
-                                                       "gradient_clip_algorithm": "value"}),
+    "clip-value": ({"optimizer": "adam", "lr": 0.05}, {"gradient_clip_val": 0.01, "gradient_clip_algorithm": "value"}),
     "bf16-mixed": ({"optimizer": "adamw", "lr": 0.05}, {"precision": "bf16-mixed"}),
 }
 
@@ -178,10 +179,16 @@ def test_regrowth_would_show_in_the_logged_sparsity():
                 pl_module.net[0].weight.fill_(1.0)  # something outside the callback undoes the mask
 
     logger = CapturingLogger()
-    fit(BoringClassifier(), [Regrow(), SNIPPruning(sparsity=0.75)], logger=logger, log_every_n_steps=1,
-        limit_train_batches=1)
+    fit(
+        BoringClassifier(),
+        [Regrow(), SNIPPruning(sparsity=0.75)],
+        logger=logger,
+        log_every_n_steps=1,
+        limit_train_batches=1,
+    )
     during = [m["snip/sparsity"] for s, m in logger.logged if s == 1 and "snip/sparsity" in m]
-    assert during and during[0] < 0.75
+    assert during
+    assert during[0] < 0.75
 
 
 def test_second_fit_keeps_masks(monkeypatch):
@@ -262,13 +269,20 @@ FIT_ERRORS = {
     "returns-none": (ReturnsNone, {}, None, ScoringError, r"`training_step` returned NoneType on scoring batch 0"),
     "dict-without-loss": (ReturnsDictWithoutLoss, {}, None, ScoringError, r"dict without a 'loss' key.*train_loss"),
     "non-finite-loss": (BoringClassifier, {}, _loader(32, nan=True), ScoringError, r"scoring batch 0 is nan"),
-    "too-few-batches": (BoringClassifier, {"num_batches": 5}, _loader(32), ScoringError,
-                        r"`num_batches=5` but the train dataloader yielded only 2 batch"),
+    "too-few-batches": (
+        BoringClassifier,
+        {"num_batches": 5},
+        _loader(32),
+        ScoringError,
+        r"`num_batches=5` but the train dataloader yielded only 2 batch",
+    ),
     "empty-loader": (BoringClassifier, {}, _loader(0), ScoringError, r"yielded only 0 batch"),
 }
 
 
-@pytest.mark.parametrize(("model_cls", "kwargs", "loader", "error", "match"), FIT_ERRORS.values(), ids=FIT_ERRORS.keys())
+@pytest.mark.parametrize(
+    ("model_cls", "kwargs", "loader", "error", "match"), FIT_ERRORS.values(), ids=FIT_ERRORS.keys()
+)
 def test_fit_start_errors_leave_the_model_untouched(model_cls, kwargs, loader, error, match):
     model = model_cls()
     before = {k: v.clone() for k, v in model.state_dict().items()}

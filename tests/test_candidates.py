@@ -21,7 +21,11 @@ class Mixed(nn.Module):
 def test_default_rule():
     names = list(find_candidates(Mixed()))
     assert names == [
-        "emb.weight", "conv.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "attn.in_proj_weight",
+        "emb.weight",
+        "conv.weight",
+        "rnn.weight_ih_l0",
+        "rnn.weight_hh_l0",
+        "attn.in_proj_weight",
         "attn.out_proj.weight",
     ]
 

@@ -56,8 +56,13 @@ def test_restore_after_setup_without_masks_scores_at_train_start(tmp_path):
     fit(BoringClassifier(), [checkpoint], enable_checkpointing=True)  # a dense checkpoint
     pruning = SNIPPruning(sparsity=0.8)
     checker = ZeroInvariantChecker(pruning)
-    fit(BoringClassifier(), [pruning, checker], ckpt_path=str(tmp_path / "last.ckpt"), max_epochs=2,
-        strategy=LateRestoreStrategy(torch.device("cpu")))
+    fit(
+        BoringClassifier(),
+        [pruning, checker],
+        ckpt_path=str(tmp_path / "last.ckpt"),
+        max_epochs=2,
+        strategy=LateRestoreStrategy(torch.device("cpu")),
+    )
     assert len(pruning.masks) == 2
     assert checker.violations == [0] * 5
 
@@ -99,8 +104,9 @@ def test_state_dict_round_trip_and_validation():
 
 def test_masks_that_do_not_fit_the_model_are_refused(tmp_path):
     pruning = SNIPPruning(sparsity=0.5)
-    pruning.load_state_dict({"masks": {"net.0.weight": torch.ones(3, 3, dtype=torch.bool),
-                                       "gone.weight": torch.ones(2, dtype=torch.bool)}})
+    pruning.load_state_dict(
+        {"masks": {"net.0.weight": torch.ones(3, 3, dtype=torch.bool), "gone.weight": torch.ones(2, dtype=torch.bool)}}
+    )
     model = BoringClassifier()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(MisconfigurationException, match=r"missing parameters \['gone.weight'\].*net\.0\.weight"):

@@ -21,7 +21,7 @@ class FixedOrder(Sampler[int]):
     def __init__(self, order: list[int]) -> None:
         self.order = order
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return iter(self.order)
 
     def __len__(self) -> int:
@@ -30,8 +30,9 @@ class FixedOrder(Sampler[int]):
 
 @pytest.mark.parametrize("criterion", ["snip", "random"], ids=["snip", "random"])
 def test_ddp_ranks_agree_and_match_single_process_union(tmp_path, criterion):
-    mp.start_processes(ddp_rank_main, args=(2, _free_port(), str(tmp_path), criterion), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        ddp_rank_main, args=(2, _free_port(), str(tmp_path), criterion), nprocs=2, join=True, start_method="spawn"
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, mask in ranks[0]["masks"].items():
         assert torch.equal(mask, ranks[1]["masks"][name]), f"ranks disagree on {name}"

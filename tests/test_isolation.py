@@ -44,13 +44,19 @@ def test_everything_but_parameter_values_is_restored():
         np.random.rand()
 
     assert (torch.rand(3).tolist(), random.random(), np.random.rand()) == (
-        expected[0].tolist(), expected[1], expected[2]
+        expected[0].tolist(),
+        expected[1],
+        expected[2],
     )
-    assert not model.training and model.bn.training and not model.lin.training
+    assert not model.training
+    assert model.bn.training
+    assert not model.lin.training
     assert model.bn.running_mean.tolist() == [0.0] * 4
     assert int(model.bn.num_batches_tracked) == 0
-    assert model.counter is counter_obj and float(model.counter) == 0.0
-    assert model.lin.weight.grad is grad_obj and (grad_obj == 7.0).all()
+    assert model.counter is counter_obj
+    assert float(model.counter) == 0.0
+    assert model.lin.weight.grad is grad_obj
+    assert (grad_obj == 7.0).all()
     assert model.lin.bias.grad is None
     assert model.acc._update_count == 0
     assert model.acc.tp.sum() == 0

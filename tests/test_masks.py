@@ -64,7 +64,10 @@ def test_exact_count_with_many_ties(scope, sparsity):
 
 def test_deterministic_and_matches_stable_sort():
     g = torch.Generator().manual_seed(1)
-    scores = {"a": torch.randint(0, 3, (50,), generator=g).float(), "b": torch.randint(0, 3, (30,), generator=g).float()}
+    scores = {
+        "a": torch.randint(0, 3, (50,), generator=g).float(),
+        "b": torch.randint(0, 3, (30,), generator=g).float(),
+    }
     masks = select_masks(scores, 0.7, "global")
     flat = torch.cat([scores["a"], scores["b"]])
     order = torch.sort(flat, descending=True, stable=True).indices[: kept_count(80, 0.7)]

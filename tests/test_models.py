@@ -31,8 +31,9 @@ class Wrapped(pl.LightningModule):
 
 def _images(n: int, size: int) -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)),
-                      batch_size=4)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)), batch_size=4
+    )
 
 
 def _check(model: pl.LightningModule, pruning: SNIPPruning, loader: DataLoader, **kwargs: Any) -> ZeroInvariantChecker:
@@ -83,8 +84,10 @@ class LSTMClassifier(nn.Module):
 def test_lstm():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    loader = DataLoader(TensorDataset(torch.randint(0, 50, (16, 12), generator=g), torch.randint(0, 3, (16,), generator=g)),
-                        batch_size=8)
+    loader = DataLoader(
+        TensorDataset(torch.randint(0, 50, (16, 12), generator=g), torch.randint(0, 3, (16,), generator=g)),
+        batch_size=8,
+    )
     pruning = SNIPPruning(sparsity=0.9)
     _check(Wrapped(LSTMClassifier()), pruning, loader, max_epochs=2)
     assert sorted(pruning.masks) == sorted(
@@ -126,8 +129,12 @@ def test_transformer_lm_with_tied_weights_and_a_causal_mask_buffer():
     assert "net.head.weight" not in pruning.masks  # tied: one candidate under its canonical name
     assert "net.embed.weight" in pruning.masks
     assert model.net.head.weight is model.net.embed.weight
-    assert {"net.encoder.layers.0.self_attn.in_proj_weight", "net.encoder.layers.0.self_attn.out_proj.weight",
-            "net.encoder.layers.1.linear2.weight", "net.pos"} <= set(pruning.masks)
+    assert {
+        "net.encoder.layers.0.self_attn.in_proj_weight",
+        "net.encoder.layers.0.self_attn.out_proj.weight",
+        "net.encoder.layers.1.linear2.weight",
+        "net.pos",
+    } <= set(pruning.masks)
     assert not any("norm" in n or "bias" in n or "causal_mask" in n for n in pruning.masks)
     assert torch.equal(model.net.causal_mask, causal)
     assert list(model.state_dict()) == keys_before
@@ -155,8 +162,9 @@ class BuiltInConfigureModel(pl.LightningModule):
 
 def test_layers_built_in_configure_model():
     g = torch.Generator().manual_seed(0)
-    loader = DataLoader(TensorDataset(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)),
-                        batch_size=8)
+    loader = DataLoader(
+        TensorDataset(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)), batch_size=8
+    )
     pruning = SNIPPruning(sparsity=0.9)
     _check(BuiltInConfigureModel(), pruning, loader)
     assert sorted(pruning.masks) == ["net.0.weight", "net.2.weight"]
