@@ -28,6 +28,7 @@ from lightning.pytorch.strategies import (
     ModelParallelStrategy,
     SingleDeviceStrategy,
     Strategy,
+    XLAStrategy,
 )
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -56,12 +57,8 @@ def _check_patterns(argument: str, value: object) -> list[str] | None:
 
 
 def _check_strategy(strategy: Strategy) -> None:
-    unsupported = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
-    if (
-        isinstance(strategy, unsupported)
-        or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
-        or (type(strategy).__name__.startswith("XLA"))
-    ):
+    unsupported = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, XLAStrategy)
+    if isinstance(strategy, unsupported) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise MisconfigurationException(
             f"`SNIPPruning` does not support `{type(strategy).__name__}` yet: with sharded or otherwise partitioned"
             " parameters each rank would score only its own part and the masks would differ across ranks. Use a"
@@ -153,9 +150,12 @@ def _training_step_losses(
         recorded.clear()
         with trainer.precision_plugin.train_step_context():
             output = pl_module.training_step(batch, batch_idx) if pass_batch_idx else pl_module.training_step(batch)
-        if recorded:
-            return torch.stack([loss.reshape(()) for loss in recorded]).sum()
-        return _loss_from_output(output, i)
+        if not recorded:
+            return _loss_from_output(output, i)
+        total = recorded[0]
+        for loss in recorded[1:]:
+            total = total + loss
+        return total
 
     with ExitStack() as stack:
         stack.enter_context(_override(pl_module, log=_ignore, log_dict=_ignore, manual_backward=record_backward))

@@ -8,7 +8,13 @@ import pytest
 import torch
 from helpers import BoringClassifier, ZeroInvariantChecker, fit, make_data
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    XLAStrategy,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -295,6 +301,64 @@ def test_fit_start_errors_leave_the_model_untouched(model_cls, kwargs, loader, e
     assert pruning.masks == {}
 
 
-def test_unsupported_strategies_are_refused():
-    with pytest.raises(MisconfigurationException, match=r"does not support `FSDPStrategy` yet.*strategy='ddp'"):
-        _check_strategy(FSDPStrategy())
+@pytest.mark.parametrize(
+    "strategy", [FSDPStrategy, ModelParallelStrategy, XLAStrategy], ids=["fsdp", "model-parallel", "xla"]
+)
+def test_unsupported_strategies_are_refused(strategy):
+    name = strategy.__name__
+    with pytest.raises(MisconfigurationException, match=rf"does not support `{name}` yet.*strategy='ddp'"):
+        _check_strategy(object.__new__(strategy))  # no accelerator needed to check the type
+
+
+def test_supported_strategies_pass():
+    _check_strategy(DDPStrategy())
+    _check_strategy(SingleDeviceStrategy(torch.device("cpu")))
+
+
+def test_optimizer_state_never_builds_up_for_pruned_weights():
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.8)
+    model = BoringClassifier(optimizer="adam", lr=0.05)
+    trainer = fit(model, [pruning], max_epochs=2)
+    state = trainer.optimizers[0].state
+    params = dict(model.named_parameters())
+    for name, kept in pruning.masks.items():
+        moments = state[params[name]]
+        assert moments["exp_avg"][~kept].abs().max() == 0
+        assert moments["exp_avg_sq"][~kept].abs().max() == 0
+        assert moments["exp_avg"][kept].abs().max() > 0
+
+
+class GoldenModule(pl.LightningModule):
+    """Two bias-free layers with fixed weights; loss 0.5 * sum(out^2) on one fixed input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(2, 2, bias=False)
+        self.second = nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.first.weight.copy_(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+            self.second.weight.copy_(torch.tensor([[1.0, 0.25]]))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return 0.5 * (self.second(self.first(batch[0])) ** 2).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_golden_masks_through_the_callback():
+    # x = [1, 2]; h = W1 x = [-3, 4]; out = W2 h = -3 + 1 = -2; dL/dout = -2.
+    # dL/dW2 = -2 * h = [6, -8]            -> |g * w| = [6, 2]
+    # dL/dh = -2 * W2 = [-2, -0.5]; dL/dW1 = outer(dL/dh, x) = [[-2, -4], [-0.5, -1]]
+    #                                      -> |g * w| = [[2, 8], [1.5, 0.5]]
+    # Global, 6 weights, sparsity 0.5 -> keep 3: 8, 6 and one of the two 2s; the tie goes to the earlier tensor.
+    loader = DataLoader(TensorDataset(torch.tensor([[1.0, 2.0]])), batch_size=1)
+    pruning = SNIPPruning(sparsity=0.5)
+    fit(GoldenModule(), [pruning], loader)
+    assert pruning.masks["first.weight"].tolist() == [[True, True], [False, False]]
+    assert pruning.masks["second.weight"].tolist() == [[True, False]]
+    layerwise = SNIPPruning(sparsity=0.5, scope="layerwise")
+    fit(GoldenModule(), [layerwise], loader)
+    assert layerwise.masks["first.weight"].tolist() == [[True, True], [False, False]]
+    assert layerwise.masks["second.weight"].tolist() == [[True, False]]
