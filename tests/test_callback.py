@@ -10,6 +10,7 @@ from helpers import BoringClassifier, ZeroInvariantChecker, fit, make_data
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import (
     DDPStrategy,
+    DeepSpeedStrategy,
     FSDPStrategy,
     ModelParallelStrategy,
     SingleDeviceStrategy,
@@ -302,7 +303,9 @@ def test_fit_start_errors_leave_the_model_untouched(model_cls, kwargs, loader, e
 
 
 @pytest.mark.parametrize(
-    "strategy", [FSDPStrategy, ModelParallelStrategy, XLAStrategy], ids=["fsdp", "model-parallel", "xla"]
+    "strategy",
+    [FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, XLAStrategy],
+    ids=["fsdp", "deepspeed", "model-parallel", "xla"],
 )
 def test_unsupported_strategies_are_refused(strategy):
     name = strategy.__name__
