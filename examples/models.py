@@ -1,0 +1,81 @@
+"""The SNIP paper's networks: LeNet-300-100 and LeNet-5-Caffe (Table 1), VGG-D with BatchNorm (Table 2), and
+torchvision's ResNet-18 adapted to 32x32 inputs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torchvision
+from torch import nn
+
+Arch = Literal["lenet300", "lenet5", "vgg_d", "resnet18"]
+
+
+def lenet_300_100(num_classes: int = 10) -> nn.Module:
+    """Fully connected 784-300-100-10 with ReLU."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 300),
+        nn.ReLU(),
+        nn.Linear(300, 100),
+        nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
+
+
+def lenet_5_caffe(num_classes: int = 10) -> nn.Module:
+    """Caffe's LeNet-5: conv 20@5x5, pool, conv 50@5x5, pool, fc 500 with ReLU, fc 10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 20, 5),
+        nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(800, 500),
+        nn.ReLU(),
+        nn.Linear(500, num_classes),
+    )
+
+
+_VGG_D = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def vgg_d(num_classes: int = 10) -> nn.Module:
+    """VGG-D (VGG-16) for 32x32 inputs, BatchNorm after every conv, two 512-wide fully connected layers."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in _VGG_D:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(channels, int(item), 3, padding=1), nn.BatchNorm2d(int(item)), nn.ReLU(inplace=True)]
+            channels = int(item)
+    return nn.Sequential(
+        *layers,
+        nn.Flatten(),
+        nn.Linear(512, 512),
+        nn.BatchNorm1d(512),
+        nn.ReLU(inplace=True),
+        nn.Linear(512, 512),
+        nn.BatchNorm1d(512),
+        nn.ReLU(inplace=True),
+        nn.Linear(512, num_classes),
+    )
+
+
+def resnet18_cifar(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool, the usual form for 32x32 images."""
+    net = torchvision.models.resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+BUILDERS = {"lenet300": lenet_300_100, "lenet5": lenet_5_caffe, "vgg_d": vgg_d, "resnet18": resnet18_cifar}
+
+
+def build(arch: Arch, num_classes: int = 10) -> nn.Module:
+    """Build a network by name."""
+    if arch not in BUILDERS:
+        raise ValueError(f"`arch` must be one of {sorted(BUILDERS)}, got {arch!r}.")
+    return BUILDERS[arch](num_classes)
