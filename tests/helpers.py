@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import lightning.pytorch as pl
@@ -88,6 +89,7 @@ def fit(
         "enable_model_summary": False,
         "enable_checkpointing": False,
         "num_sanity_val_steps": 0,
+        "default_root_dir": tempfile.mkdtemp(prefix="snip-test-"),  # where the sparsity plot goes
     }
     options.update(trainer_kwargs)
     trainer = pl.Trainer(callbacks=callbacks, **options)

