@@ -442,7 +442,7 @@ class SNIPPruning(Callback):
         elapsed = time.perf_counter() - start
 
         self._params = candidates
-        self._pruned = {name: ~mask for name, mask in kept.items()}
+        self._pruned = {name: mask.logical_not_() for name, mask in kept.items()}  # in place: 1 byte per weight
         zero_pruned_(self._params.values(), self._pruned.values())
         self._report(trainer, dead, elapsed)
 

@@ -5,7 +5,7 @@ Plain PyTorch, no Lightning. Masks are bool tensors shaped like their weights; `
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +26,72 @@ def kept_count(total: int, sparsity: float) -> int:
     return total - round(sparsity * total)
 
 
+# Selection works through each tensor in chunks of this many elements, so its extra memory is a few tens of MB
+# whatever the model size: no concatenation of all scores, no sort, no topk (which fail past 2**31 elements).
+_CHUNK = 1 << 22
+_BINS = 1 << 16
+
+
+def _chunks(t: Tensor) -> Iterator[tuple[int, Tensor]]:
+    flat = t.detach().reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        yield start, flat[start : start + _CHUNK]
+
+
+def _sort_keys(chunk: Tensor) -> Tensor:
+    """int32 keys ordered like the chunk's values as float32 (all finite values, negatives too)."""
+    bits = chunk.to(torch.float32).contiguous().view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _histogram(scores: Sequence[Tensor], high_bits: int | None) -> Tensor:
+    """Counts of the keys' high 16 bits (``high_bits=None``), or of the low 16 bits among keys whose high bits are
+    ``high_bits``.
+    """
+    hist = torch.zeros(_BINS, dtype=torch.int64)
+    for s in scores:
+        for _, chunk in _chunks(s):
+            keys = _sort_keys(chunk)
+            high = (keys >> 16) + _BINS // 2
+            values = high if high_bits is None else keys[high == high_bits] & (_BINS - 1)
+            hist += torch.bincount(values, minlength=_BINS).cpu()
+    return hist
+
+
+def _kth_bin(hist: Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry (1-based) and how many entries lie in higher bins."""
+    from_top = hist.flip(0).cumsum(0)
+    position = int(torch.searchsorted(from_top, torch.tensor(k)))
+    bin_index = _BINS - 1 - position
+    return bin_index, int(from_top[position]) - int(hist[bin_index])
+
+
+def kth_largest_key(
+    scores: Sequence[Tensor], k: int, all_reduce_sum: Callable[[Tensor], Tensor] | None = None
+) -> tuple[int, int]:
+    """Find the k-th largest score exactly by a two-pass radix select over 16-bit histograms.
+
+    Args:
+        scores: Finite score tensors (compared as float32).
+        k: Rank of the wanted score, ``1 <= k <= N``.
+        all_reduce_sum: Sums a histogram across processes, when the scores are spread over ranks (each rank passes
+            its own shards). Defaults to ``None`` (one process).
+
+    Returns:
+        ``(key, above)``: the int32 sort key of the k-th largest score and how many scores are strictly larger.
+        ``k - above`` of the scores equal to it are kept.
+
+    Example::
+
+        >>> kth_largest_key([torch.tensor([3.0, 1.0]), torch.tensor([2.0, 3.0])], k=3)[1]  # 3, 3 above the 2
+        2
+    """
+    reduce = all_reduce_sum or (lambda t: t)
+    high_bin, above_high = _kth_bin(reduce(_histogram(scores, None)), k)
+    low_bin, above_low = _kth_bin(reduce(_histogram(scores, high_bin)), k - above_high)
+    return (high_bin - _BINS // 2) * _BINS + low_bin, above_high + above_low
+
+
 def _top_k(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     """Masks keeping exactly the ``k`` highest scores over all tensors; ties go to the earlier position."""
     total = sum(s.numel() for s in scores)
@@ -33,19 +99,21 @@ def _top_k(scores: Sequence[Tensor], k: int) -> list[Tensor]:
         return [torch.ones_like(s, dtype=torch.bool) for s in scores]
     if k <= 0:
         return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
-    device = scores[0].device
-    flat = torch.cat([s.detach().reshape(-1).to(device=device, dtype=torch.float32) for s in scores])
-    threshold = torch.kthvalue(flat, total - k + 1).values  # the k-th largest score
-    del flat
-    thresholds = [threshold.to(s.device, s.dtype) for s in scores]
-    masks = [s > t for s, t in zip(scores, thresholds, strict=True)]
-    ties_left = k - sum(int(m.sum()) for m in masks)
-    for s, t, kept in zip(scores, thresholds, masks, strict=True):
-        if ties_left <= 0:
-            break
-        positions = (s == t).reshape(-1).nonzero().squeeze(1)[:ties_left]
-        kept.view(-1)[positions] = True
-        ties_left -= positions.numel()
+    key, above = kth_largest_key(scores, k)
+    ties_left = k - above
+    masks = []
+    for s in scores:
+        kept = torch.empty(s.shape, dtype=torch.bool, device=s.device)
+        flat = kept.view(-1)
+        for start, chunk in _chunks(s):
+            keys = _sort_keys(chunk)
+            part = keys > key
+            if ties_left > 0:
+                ties = (keys == key).nonzero().squeeze(1)[:ties_left]
+                part[ties] = True
+                ties_left -= ties.numel()
+            flat[start : start + chunk.numel()] = part
+        masks.append(kept)
     return masks
 
 
@@ -54,7 +122,9 @@ def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "
 
     ``scope="global"`` ranks all scores together (N is the total number of weights); ``"layerwise"`` applies the same
     count rule to each tensor on its own. Equal scores at the threshold are resolved deterministically: the weight
-    that comes first (tensor order of ``scores``, then row-major position) is kept.
+    that comes first (tensor order of ``scores``, then row-major position) is kept. Scores are compared as float32.
+    The threshold is found exactly by a radix select over per-chunk histograms, so the extra memory is a small
+    constant (no concatenation of all scores) and any number of weights works, also past ``2**31``.
 
     Args:
         scores: Non-negative, finite scores by name, shaped like their weights.
@@ -77,7 +147,7 @@ def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "
     """
     names = list(scores)
     for name in names:
-        if not torch.isfinite(scores[name]).all():
+        if not all(bool(torch.isfinite(chunk).all()) for _, chunk in _chunks(scores[name])):
             raise ValueError(f"The scores of `{name}` are not all finite; masks cannot be selected from them.")
     tensors = [scores[n] for n in names]
     if scope == "global":

@@ -103,14 +103,30 @@ def mean_gradients(
     """
     names = list(weights)
     tensors = [weights[n] for n in names]
-    sums = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+    # Accumulate into the gradient buffers autograd returns (no extra copy of the model), except where a buffer is
+    # strided (e.g. an expanded gradient of a sum) or its storage is shared with another gradient.
+    partial: list[Tensor | None] = [None] * len(tensors)
     for batch in range(num_batches):
         loss = _check_loss(loss_fn(batch), batch)
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-        for total, grad in zip(sums, grads, strict=True):
-            if grad is not None:
+        seen: set[int] = set()
+        for index, grad in enumerate(grads):
+            if grad is None:
+                continue
+            total = partial[index]
+            if total is not None:
                 total.add_(grad)
+                continue
+            storage = grad.untyped_storage().data_ptr()
+            dtype = torch.promote_types(grad.dtype, torch.float32)
+            owned = grad.is_contiguous() and grad.dtype == dtype and storage not in seen
+            partial[index] = grad if owned else grad.to(dtype, memory_format=torch.contiguous_format, copy=True)
+            seen.add(storage)
         del loss, grads
+    sums = [
+        total if total is not None else torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
+        for total, t in zip(partial, tensors, strict=True)
+    ]
     means: dict[str, Tensor] = {}
     for name, total in zip(names, sums, strict=True):
         total.div_(num_batches)

@@ -97,3 +97,48 @@ def test_sparsity_report_and_table():
     assert "layer.weight" in table
     assert "75.00%" in table
     assert "4/7" in table  # total line
+
+
+def _reference(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Independent: a stable descending sort of all scores (as float32), keep the first k."""
+    flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.sort(flat, descending=True, stable=True).indices[: kept_count(flat.numel(), sparsity)]] = True
+    out, start = {}, 0
+    for name, s in scores.items():
+        out[name] = keep[start : start + s.numel()].reshape(s.shape)
+        start += s.numel()
+    return out
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 22], ids=["chunk-7", "chunk-64", "chunk-default"])
+@pytest.mark.parametrize("kind", ["continuous", "few-values", "with-negatives", "float64"], ids=lambda k: k)
+def test_radix_select_matches_a_stable_sort(monkeypatch, chunk, kind):
+    import lightning_snip.masks as masks_module
+
+    monkeypatch.setattr(masks_module, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(3)
+    shapes = [(13, 11), (40,), (3, 5, 7), (1,)]
+    if kind == "continuous":
+        scores = {f"t{i}": torch.rand(s, generator=g) for i, s in enumerate(shapes)}
+    elif kind == "few-values":
+        scores = {f"t{i}": torch.randint(0, 3, s, generator=g).float() for i, s in enumerate(shapes)}
+    elif kind == "with-negatives":
+        scores = {f"t{i}": torch.randn(s, generator=g) * 1e-3 for i, s in enumerate(shapes)}
+    else:
+        scores = {f"t{i}": torch.rand(s, generator=g, dtype=torch.float64) for i, s in enumerate(shapes)}
+    for sparsity in (0.1, 0.5, 0.9, 0.99):
+        got = select_masks(scores, sparsity)
+        expected = _reference(scores, sparsity)
+        assert all(torch.equal(got[n], expected[n]) for n in scores), sparsity
+
+
+def test_selection_past_two_to_the_31_elements(monkeypatch):
+    import lightning_snip.masks as masks_module
+
+    monkeypatch.setattr(masks_module, "_CHUNK", 1 << 27)  # fewer, larger steps: this test is about counting
+    huge = torch.tensor([0.5]).expand(2**31 + 10)  # 2**31 + 10 scores in 4 bytes of memory
+    small = torch.tensor([1.0, 0.25, 2.0])
+    key_of = {v: int(torch.tensor([v]).view(torch.int32)) for v in (2.0, 1.0, 0.5, 0.25)}
+    assert masks_module.kth_largest_key([huge, small], 2) == (key_of[1.0], 1)
+    assert masks_module.kth_largest_key([small, huge], 2**31 + 13) == (key_of[0.25], 2**31 + 12)

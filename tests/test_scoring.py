@@ -111,3 +111,15 @@ def test_registry_extension_and_errors():
             register_criterion("snip")(NegatedMagnitude)
     finally:
         del _REGISTRY["negated-magnitude-test"]
+
+
+def test_gradient_buffers_shared_by_autograd_are_not_corrupted():
+    # d/da and d/db of (x @ (a + b)).sum() are one and the same tensor object; of (a + b).sum() an expanded one.
+    a = torch.tensor([[1.0, -2.0], [3.0, 4.0]], requires_grad=True)
+    b = torch.tensor([[0.5, 0.5], [-1.0, 2.0]], requires_grad=True)
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    g = x.sum(0, keepdim=True).T.expand(2, 2)  # = x^T @ ones: [[4, 4], [6, 6]]
+    for loss_fn, grad in ((lambda i: (x @ (a + b)).sum(), g), (lambda i: (a + b).sum(), torch.ones(2, 2))):
+        scores = get_criterion("snip").score(ScoringContext(weights={"a": a, "b": b}, loss_fn=loss_fn, num_batches=2))
+        torch.testing.assert_close(scores["a"], (grad * a).abs().detach())
+        torch.testing.assert_close(scores["b"], (grad * b).abs().detach())
