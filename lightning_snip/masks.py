@@ -45,9 +45,7 @@ def _sort_keys(chunk: Tensor) -> Tensor:
 
 
 def _histogram(scores: Sequence[Tensor], high_bits: int | None) -> Tensor:
-    """Counts of the keys' high 16 bits (``high_bits=None``), or of the low 16 bits among keys whose high bits are
-    ``high_bits``.
-    """
+    """Histogram of the keys' high 16 bits, or (given ``high_bits``) of the low 16 bits of the keys in that bin."""
     hist = torch.zeros(_BINS, dtype=torch.int64)
     for s in scores:
         for _, chunk in _chunks(s):
