@@ -41,10 +41,19 @@ from typing_extensions import override
 
 from lightning_snip.candidates import find_candidates
 from lightning_snip.isolation import leave_no_trace
-from lightning_snip.masks import Scope, TensorSparsity, format_report, select_masks, sparsity_report, zero_pruned_
+from lightning_snip.masks import (
+    Scope,
+    TensorSparsity,
+    format_report,
+    pack_mask,
+    select_masks,
+    sparsity_report,
+    unpack_mask,
+    zero_pruned_,
+)
 from lightning_snip.scoring import CriterionName, ScoringContext, ScoringError, available_criteria, get_criterion
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 1: bool masks; 2: bit-packed masks and their shapes
 _PLOT_FILE = "snip_sparsity.png"
 _matplotlib_hint_given = False
 
@@ -297,26 +306,38 @@ class SNIPPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        masks = self.masks
         return {
             "version": _STATE_VERSION,
             "config": self._config(),
-            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "masks": {name: pack_mask(mask) for name, mask in masks.items()},  # 1 bit per weight
+            "shapes": {name: list(mask.shape) for name, mask in masks.items()},
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version", 1)
         masks = state_dict.get("masks")
-        if not isinstance(masks, Mapping) or not all(
-            isinstance(m, Tensor) and m.dtype == torch.bool for m in masks.values()
-        ):
+        shapes = state_dict.get("shapes", {})
+        if version not in (1, 2) or not isinstance(masks, Mapping) or not isinstance(shapes, Mapping):
             raise ValueError(
-                "The `SNIPPruning` state must hold 'masks', a dict of bool tensors by parameter name; got"
-                f" {type(masks).__name__}. Was the checkpoint written by another callback?"
+                "The `SNIPPruning` state must hold 'masks' by parameter name (bool tensors in version 1, bit-packed"
+                f" with 'shapes' in version 2); got version {version!r} with {type(masks).__name__} masks. Was the"
+                " checkpoint written by another callback or a newer lightning-snip?"
             )
+        if version == 1:
+            if not all(isinstance(m, Tensor) and m.dtype == torch.bool for m in masks.values()):
+                raise ValueError("The version-1 `SNIPPruning` state must hold 'masks', a dict of bool tensors.")
+            unpacked = {name: mask.cpu() for name, mask in masks.items()}
+        else:
+            missing = sorted(set(masks) - set(shapes))
+            if missing:
+                raise ValueError(f"The `SNIPPruning` state lacks the 'shapes' of masks {missing}.")
+            unpacked = {name: unpack_mask(packed, shapes[name]) for name, packed in masks.items()}
         config = state_dict.get("config")
         if config is not None and config != self._config():
             rank_zero_warn(f"`SNIPPruning` loads masks made with {config}, not this instance's {self._config()}.")
-        self._loaded = {name: mask.cpu() for name, mask in masks.items()} if masks else None
+        self._loaded = unpacked or None
         self._params, self._pruned = {}, {}
 
     # ------------------------------------------------------------------ hooks

@@ -12,6 +12,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_snip import SNIPPruning
+from lightning_snip.masks import unpack_mask
 
 
 class LateRestoreStrategy(SingleDeviceStrategy):
@@ -71,10 +72,15 @@ def test_checkpoint_loads_weights_only_and_into_a_never_pruned_model(tmp_path):
     pruning, ckpt = _first_run(tmp_path)
     checkpoint = torch.load(ckpt, weights_only=True)
     state = checkpoint["callbacks"][pruning.state_key]
-    assert state["version"] == 1
+    assert state["version"] == 2
     assert state["config"]["sparsity"] == 0.8
     assert set(state["masks"]) == {"net.0.weight", "net.4.weight"}
-    assert all(m.dtype == torch.bool and m.device.type == "cpu" for m in state["masks"].values())
+    masks = {n: unpack_mask(packed, state["shapes"][n]) for n, packed in state["masks"].items()}
+    assert all(torch.equal(masks[n], m) for n, m in pruning.masks.items())
+    # 1 bit per weight: 512 + 128 weights in 64 + 16 bytes
+    assert [p.numel() for p in state["masks"].values()] == [64, 16]
+    assert all(p.dtype == torch.uint8 and p.device.type == "cpu" for p in state["masks"].values())
+    state["masks"] = masks  # for the checks below
 
     dense = BoringClassifier()
     assert set(checkpoint["state_dict"]) == set(dense.state_dict())
@@ -90,14 +96,23 @@ def test_state_key_separates_configurations():
     assert SNIPPruning(log_per_layer=False).state_key == SNIPPruning().state_key
 
 
-def test_state_dict_round_trip_and_validation():
+def test_state_dict_round_trip_older_format_and_validation():
     pruning = SNIPPruning(sparsity=0.5)
-    masks = {"net.0.weight": torch.rand(32, 16) > 0.5, "net.4.weight": torch.rand(4, 32) > 0.5}
-    pruning.load_state_dict({"version": 1, "config": pruning.state_dict()["config"], "masks": masks})
+    masks = {"net.0.weight": torch.rand(32, 16) > 0.5, "net.4.weight": torch.rand(4, 33) > 0.5}
+    version_1 = {"version": 1, "config": pruning.state_dict()["config"], "masks": masks}
+    pruning.load_state_dict(version_1)  # checkpoints written before bit-packing still load
     assert all(torch.equal(pruning.masks[n], m) for n, m in masks.items())
-    assert all(torch.equal(pruning.state_dict()["masks"][n], m) for n, m in masks.items())
-    with pytest.raises(ValueError, match="'masks', a dict of bool tensors"):
+    restored = SNIPPruning(sparsity=0.5)
+    restored.load_state_dict(pruning.state_dict())
+    assert all(torch.equal(restored.masks[n], m) for n, m in masks.items())
+    with pytest.raises(ValueError, match="dict of bool tensors"):
         pruning.load_state_dict({"masks": {"w": torch.ones(2)}})
+    with pytest.raises(ValueError, match=r"lacks the 'shapes' of masks \['w'\]"):
+        pruning.load_state_dict({"version": 2, "masks": {"w": torch.ones(1, dtype=torch.uint8)}, "shapes": {}})
+    with pytest.raises(ValueError, match="needs 2 uint8 bytes, got 1"):
+        pruning.load_state_dict({"version": 2, "masks": {"w": torch.ones(1, dtype=torch.uint8)}, "shapes": {"w": [9]}})
+    with pytest.raises(ValueError, match="got version 3"):
+        pruning.load_state_dict({"version": 3, "masks": {}})
     with pytest.warns(UserWarning, match="loads masks made with"):
         SNIPPruning(sparsity=0.9).load_state_dict({"config": {"sparsity": 0.5}, "masks": masks})
 

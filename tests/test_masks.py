@@ -142,3 +142,19 @@ def test_selection_past_two_to_the_31_elements(monkeypatch):
     key_of = {v: int(torch.tensor([v]).view(torch.int32)) for v in (2.0, 1.0, 0.5, 0.25)}
     assert masks_module.kth_largest_key([huge, small], 2) == (key_of[1.0], 1)
     assert masks_module.kth_largest_key([small, huge], 2**31 + 13) == (key_of[0.25], 2**31 + 12)
+
+
+@pytest.mark.parametrize("chunk", [8, 1 << 22], ids=["chunk-8", "chunk-default"])
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 7), (64, 9)], ids=lambda s: "x".join(map(str, s)))
+def test_pack_unpack_round_trip(monkeypatch, chunk, shape):
+    import lightning_snip.masks as masks_module
+
+    monkeypatch.setattr(masks_module, "_CHUNK", chunk)
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    packed = masks_module.pack_mask(mask)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == (mask.numel() + 7) // 8
+    assert torch.equal(masks_module.unpack_mask(packed, shape), mask)
+    # independent of the implementation: bit i of the stream is entry i, most significant bit first
+    bits = [(int(packed[i // 8]) >> (7 - i % 8)) & 1 for i in range(mask.numel())]
+    assert bits == mask.reshape(-1).int().tolist()
