@@ -29,7 +29,7 @@ def kept_count(total: int, sparsity: float) -> int:
 
 # Selection works through each tensor in chunks of this many elements, so its extra memory is a few tens of MB
 # whatever the model size: no concatenation of all scores, no sort, no topk (which fail past 2**31 elements).
-_CHUNK = 1 << 22
+_CHUNK = 1 << 20
 _BINS = 1 << 16
 
 

@@ -132,7 +132,7 @@ def mean_gradients(
         total.div_(num_batches)
         if all_reduce_mean is not None:
             total = all_reduce_mean(total)
-        if not torch.isfinite(total).all():
+        if not all(bool(torch.isfinite(part).all()) for part in total.view(-1).split(1 << 22)):
             raise ScoringError(
                 f"The loss gradient of `{name}` is not finite, so its connection sensitivity is undefined. Check the"
                 " data and the initialization; with `precision='16-mixed'` try 'bf16-mixed' or '32-true'."
