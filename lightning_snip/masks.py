@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -91,17 +91,31 @@ def kth_largest_key(
     return (high_bin - _BINS // 2) * _BINS + low_bin, above_high + above_low
 
 
-def _top_k(scores: Sequence[Tensor], k: int) -> list[Tensor]:
-    """Masks keeping exactly the ``k`` highest scores over all tensors; ties go to the earlier position."""
+def _tie_counts(scores: Sequence[Tensor], key: int) -> list[int]:
+    return [sum(int((_sort_keys(chunk) == key).sum()) for _, chunk in _chunks(s)) for s in scores]
+
+
+def _top_k(
+    scores: Sequence[Tensor], k: int, quotas: Sequence[int] | None = None, key_above: tuple[int, int] | None = None
+) -> list[Tensor]:
+    """Masks keeping the ``k`` highest scores; ties go to the earlier position.
+
+    ``key_above`` (the threshold, when already known) and ``quotas`` (how many ties each tensor keeps) come from the
+    distributed path; by default they are computed here, ties given greedily in tensor order.
+    """
     total = sum(s.numel() for s in scores)
-    if k >= total:
-        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
-    if k <= 0:
-        return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
-    key, above = kth_largest_key(scores, k)
+    if key_above is None:
+        if k >= total:
+            return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+        if k <= 0:
+            return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
+        key_above = kth_largest_key(scores, k)
+    key, above = key_above
     ties_left = k - above
     masks = []
-    for s in scores:
+    for index, s in enumerate(scores):
+        if quotas is not None:
+            ties_left = quotas[index]
         kept = torch.empty(s.shape, dtype=torch.bool, device=s.device)
         flat = kept.view(-1)
         for start, chunk in _chunks(s):
@@ -114,6 +128,78 @@ def _top_k(scores: Sequence[Tensor], k: int) -> list[Tensor]:
             flat[start : start + chunk.numel()] = part
         masks.append(kept)
     return masks
+
+
+def select_masks_distributed(
+    local_scores: Mapping[str, Tensor],
+    global_numels: Mapping[str, int],
+    sparsity: float,
+    scope: Scope = "global",
+    group: Any = None,
+) -> dict[str, Tensor]:
+    """:func:`select_masks` for scores sharded across the processes of a ``torch.distributed`` group.
+
+    Every rank passes the same tensor names in the same order; for each tensor, rank ``r`` holds a contiguous slice
+    of its row-major flattened scores (possibly empty) and rank ``r + 1`` the slice that follows, as with row-wise
+    (``Shard(0)``) or flat-parameter sharding. The threshold is found with all-reduced histograms and the ties at it
+    are shared out in the single-process order (tensor, then position), so the concatenated local masks equal
+    ``select_masks`` on the whole tensors. Extra memory stays a small constant per rank.
+
+    Args:
+        local_scores: This rank's slice of each tensor's scores.
+        global_numels: Each tensor's total number of elements over all ranks.
+        sparsity: Fraction of weights to prune, in ``[0, 1)``.
+        scope: ``"global"`` or ``"layerwise"``. Defaults to ``"global"``.
+        group: The process group. Defaults to ``None`` (the default group).
+
+    Returns:
+        This rank's kept masks (``True`` = kept), shaped like ``local_scores``.
+    """
+    import torch.distributed as dist
+
+    names = list(local_scores)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+
+    def all_reduce_sum(t: Tensor) -> Tensor:
+        t = t.to(device) if device is not None else t.clone()
+        dist.all_reduce(t, group=group)
+        return t.cpu()
+
+    def gathered(values: list[int]) -> list[list[int]]:
+        local = torch.tensor(values, dtype=torch.int64, device=device)
+        out = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, local, group=group)
+        return [o.tolist() for o in out]
+
+    def quotas_for(group_scores: list[Tensor], k: int, key_above: tuple[int, int]) -> list[int]:
+        ties_left = k - key_above[1]
+        counts = gathered(_tie_counts(group_scores, key_above[0]))  # [rank][tensor]
+        rank, quotas = dist.get_rank(group), []
+        for t in range(len(group_scores)):
+            for r, row in enumerate(counts):
+                take = min(row[t], ties_left)
+                ties_left -= take
+                if r == rank:
+                    quotas.append(take)
+        return quotas
+
+    def select(group_names: list[str], total: int) -> list[Tensor]:
+        tensors = [local_scores[n] for n in group_names]
+        k = kept_count(total, sparsity)
+        if k >= total:
+            return [torch.ones_like(s, dtype=torch.bool) for s in tensors]
+        if k <= 0:
+            return [torch.zeros_like(s, dtype=torch.bool) for s in tensors]
+        key_above = kth_largest_key(tensors, k, all_reduce_sum)
+        return _top_k(tensors, k, quotas_for(tensors, k, key_above), key_above)
+
+    if scope == "global":
+        masks = select(names, sum(global_numels[n] for n in names))
+    elif scope == "layerwise":
+        masks = [select([n], global_numels[n])[0] for n in names]
+    else:
+        raise ValueError(f"`scope` must be 'global' or 'layerwise', got {scope!r}.")
+    return dict(zip(names, masks, strict=True))
 
 
 def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "global") -> dict[str, Tensor]:

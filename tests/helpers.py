@@ -126,3 +126,45 @@ def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion
         },
         f"{out_dir}/rank{rank}.pt",
     )
+
+
+def sharded_scores(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Scores with many ties (few distinct values), the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randint(0, 5, shape, generator=g).float()
+        for name, shape in (("a", (17, 9)), ("b", (40,)), ("c", (3, 4, 5)), ("d", (2,)))
+    }
+
+
+def shard_bounds(numel: int, world_size: int, seed: int) -> list[int]:
+    """Uneven, possibly empty, contiguous slices: cut points [0, ..., numel]."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randint(0, numel + 1, (world_size - 1,), generator=g).tolist())
+    if seed % 2:
+        cuts[0] = 0  # rank 0 holds nothing of every other tensor
+    return [0, *cuts, numel]
+
+
+def distributed_selection_rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    import lightning_snip.masks as masks_module
+
+    masks_module._CHUNK = 8  # cross chunk boundaries inside every slice
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        full = sharded_scores()
+        local = {}
+        for i, (name, scores) in enumerate(full.items()):
+            bounds = shard_bounds(scores.numel(), world_size, seed=i)
+            local[name] = scores.reshape(-1)[bounds[rank] : bounds[rank + 1]]
+        numels = {name: s.numel() for name, s in full.items()}
+        result = {
+            f"{scope}-{sparsity}": masks_module.select_masks_distributed(local, numels, sparsity, scope)
+            for scope in ("global", "layerwise")
+            for sparsity in (0.0, 0.3, 0.75, 0.95)
+        }
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
