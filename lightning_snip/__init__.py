@@ -2,7 +2,14 @@
 
 from lightning_snip.callback import SNIPPruning
 from lightning_snip.candidates import find_candidates
-from lightning_snip.masks import select_masks, sparsity_report, zero_pruned_
+from lightning_snip.masks import (
+    pack_mask,
+    select_masks,
+    select_masks_distributed,
+    sparsity_report,
+    unpack_mask,
+    zero_pruned_,
+)
 from lightning_snip.scoring import (
     Criterion,
     ScoringContext,
@@ -24,8 +31,11 @@ __all__ = [
     "find_candidates",
     "get_criterion",
     "mean_gradients",
+    "pack_mask",
     "register_criterion",
     "select_masks",
+    "select_masks_distributed",
     "sparsity_report",
+    "unpack_mask",
     "zero_pruned_",
 ]
