@@ -3,12 +3,12 @@
 from lightning_snip.callback import SNIPPruning
 from lightning_snip.candidates import find_candidates
 from lightning_snip.masks import (
+    apply_masks_,
     pack_mask,
     select_masks,
     select_masks_distributed,
     sparsity_report,
     unpack_mask,
-    zero_pruned_,
 )
 from lightning_snip.scoring import (
     Criterion,
@@ -27,6 +27,7 @@ __all__ = [
     "SNIPPruning",
     "ScoringContext",
     "ScoringError",
+    "apply_masks_",
     "available_criteria",
     "find_candidates",
     "get_criterion",
@@ -37,5 +38,4 @@ __all__ = [
     "select_masks_distributed",
     "sparsity_report",
     "unpack_mask",
-    "zero_pruned_",
 ]

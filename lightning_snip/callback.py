@@ -44,12 +44,12 @@ from lightning_snip.isolation import leave_no_trace
 from lightning_snip.masks import (
     Scope,
     TensorSparsity,
+    apply_masks_,
     format_report,
     pack_mask,
     select_masks,
     sparsity_report,
     unpack_mask,
-    zero_pruned_,
 )
 from lightning_snip.scoring import CriterionName, ScoringContext, ScoringError, available_criteria, get_criterion
 
@@ -275,7 +275,7 @@ class SNIPPruning(Callback):
 
         self._loaded: dict[str, Tensor] | None = None  # kept masks from a checkpoint, on CPU, not yet bound
         self._params: dict[str, nn.Parameter] = {}  # candidates the masks are bound to
-        self._pruned: dict[str, Tensor] = {}  # True = pruned, on each parameter's device (1 byte per weight)
+        self._kept: dict[str, Tensor] = {}  # True = kept, on each parameter's device (1 byte per weight)
         self._step_hooks: list[RemovableHandle] = []
         self._last_logged_step = -1
 
@@ -286,7 +286,7 @@ class SNIPPruning(Callback):
         """The masks by parameter name (``True`` = kept), as new tensors; empty before scoring."""
         if self._loaded is not None:
             return {name: mask.clone() for name, mask in self._loaded.items()}
-        return {name: ~pruned for name, pruned in self._pruned.items()}
+        return {name: mask.clone() for name, mask in self._kept.items()}
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -302,7 +302,11 @@ class SNIPPruning(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self._config())
+        # Lightning reads this on every hook call (profiler names): build it once per configuration
+        config = self._config()
+        if getattr(self, "_state_key_for", None) != config:
+            self._state_key_for, self._state_key = config, self._generate_state_key(**config)
+        return self._state_key
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -338,14 +342,14 @@ class SNIPPruning(Callback):
         if config is not None and config != self._config():
             rank_zero_warn(f"`SNIPPruning` loads masks made with {config}, not this instance's {self._config()}.")
         self._loaded = unpacked or None
-        self._params, self._pruned = {}, {}
+        self._params, self._kept = {}, {}
 
     # ------------------------------------------------------------------ hooks
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _check_strategy(trainer.strategy)
-        if self._loaded is not None or self._pruned:
+        if self._loaded is not None or self._kept:
             self._bind(pl_module)
         elif not trainer.strategy.restore_checkpoint_after_setup:
             self._score(trainer, pl_module)
@@ -355,27 +359,25 @@ class SNIPPruning(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._loaded is not None:  # restored after `on_fit_start`
             self._bind(pl_module)
-        elif not self._pruned:
+        elif not self._kept:
             self._score(trainer, pl_module)
         self._remove_step_hooks()
-        pruned_by_id = {id(self._params[name]): (self._params[name], m) for name, m in self._pruned.items()}
+        by_id = {id(self._params[name]): (self._params[name], mask) for name, mask in self._kept.items()}
         for optimizer in trainer.optimizers:
-            pairs = [
-                pruned_by_id[id(p)]
-                for group in optimizer.param_groups
-                for p in group["params"]
-                if id(p) in pruned_by_id
-            ]
+            pairs = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in by_id]
             if pairs:
                 params, masks = [p for p, _ in pairs], [m for _, m in pairs]
                 self._step_hooks.append(
-                    optimizer.register_step_post_hook(lambda *_, p=params, m=masks: zero_pruned_(p, m))
+                    # pruned weights were zero and got zero gradients, so they are finite: no check needed
+                    optimizer.register_step_post_hook(
+                        lambda *_, p=params, m=masks: apply_masks_(p, m, assume_finite=True)
+                    )
                 )
-        zero_pruned_(self._params.values(), self._pruned.values())
+        apply_masks_(self._params.values(), self._kept.values())
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        zero_pruned_((p.grad for p in self._params.values()), self._pruned.values())
+        apply_masks_((p.grad for p in self._params.values()), self._kept.values())
 
     @override
     def on_train_batch_end(
@@ -408,7 +410,7 @@ class SNIPPruning(Callback):
 
     def _bind(self, pl_module: LightningModule) -> None:
         """Attach held masks to the module's parameters (by name), move them to their devices, zero the weights."""
-        kept = self._loaded if self._loaded is not None else {n: ~m for n, m in self._pruned.items()}
+        kept = self._loaded if self._loaded is not None else self._kept
         params = dict(pl_module.named_parameters())
         missing = [n for n in kept if n not in params]
         mismatched = [
@@ -423,9 +425,9 @@ class SNIPPruning(Callback):
                 " made for, or use a new `SNIPPruning` instance to score this model."
             )
         self._params = {n: params[n] for n in kept}
-        self._pruned = {n: (~m).to(params[n].device) for n, m in kept.items()}
+        self._kept = {n: m.to(params[n].device) for n, m in kept.items()}
         self._loaded = None
-        zero_pruned_(self._params.values(), self._pruned.values())
+        apply_masks_(self._params.values(), self._kept.values())
 
     def _shared_seed(self, strategy: Strategy) -> int:
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -463,8 +465,8 @@ class SNIPPruning(Callback):
         elapsed = time.perf_counter() - start
 
         self._params = candidates
-        self._pruned = {name: mask.logical_not_() for name, mask in kept.items()}  # in place: 1 byte per weight
-        zero_pruned_(self._params.values(), self._pruned.values())
+        self._kept = kept
+        apply_masks_(self._params.values(), self._kept.values())
         self._report(trainer, dead, elapsed)
 
     def _report(self, trainer: Trainer, dead: list[str], elapsed: float) -> None:

@@ -293,26 +293,45 @@ def unpack_mask(packed: Tensor, shape: Sequence[int]) -> Tensor:
 
 
 @torch.no_grad()
-def zero_pruned_(tensors: Iterable[Tensor | None], pruned: Iterable[Tensor]) -> None:
-    """Set the pruned entries of each tensor to exactly ``0.0`` in place; ``None`` entries are skipped.
+def apply_masks_(tensors: Iterable[Tensor | None], kept: Iterable[Tensor], assume_finite: bool = False) -> None:
+    """Set the pruned entries (``kept`` is False) of each tensor to exactly zero, in place; ``None`` is skipped.
 
-    Used for weights after every optimizer step and for gradients after every backward. ``masked_fill_`` (not a
-    multiplication) so that a pruned entry becomes 0 even if it held ``inf`` or ``nan``.
+    Used for gradients after every backward and for weights after every optimizer step, so it is built for speed:
+    on CPU one fused multiply by the masks (viewed as uint8) over all tensors, then one sum per tensor to confirm
+    that no pruned entry held ``inf``/``nan`` (which a multiply by zero turns into ``nan``); only if one did are the
+    pruned entries overwritten exactly, one tensor at a time. On other devices ``torch.where`` writes in place, with
+    no host sync.
 
     Args:
         tensors: Weights or gradients.
-        pruned: Bool masks, ``True`` where pruned (the complement of the kept masks).
+        kept: Bool masks, ``True`` where kept.
+        assume_finite: Skip the check; only for tensors whose pruned entries are known to be finite (weights right
+            after a step whose pruned gradients were zero). Defaults to ``False``.
 
     Example::
 
         >>> w = torch.tensor([1.0, float("nan"), 3.0])
-        >>> zero_pruned_([w], [torch.tensor([False, True, True])])
+        >>> apply_masks_([w], [torch.tensor([True, False, False])])
         >>> w
         tensor([1., 0., 0.])
     """
-    for tensor, mask in zip(tensors, pruned, strict=True):
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for tensor, mask in zip(tensors, kept, strict=True):
         if tensor is not None:
-            tensor.masked_fill_(mask, 0.0)
+            group = groups.setdefault((tensor.device, tensor.dtype), ([], []))
+            group[0].append(tensor)
+            group[1].append(mask)
+    for (device, _), (values, masks) in groups.items():
+        if device.type != "cpu":
+            for value, mask in zip(values, masks, strict=True):
+                torch.where(mask, value, torch.zeros((), dtype=value.dtype, device=device), out=value)
+            continue
+        torch._foreach_mul_(values, [mask.view(torch.uint8) for mask in masks])
+        # nan propagates through a sum and inf stays inf (or becomes nan): one cheap reduction per tensor
+        if assume_finite or bool(torch.stack([value.sum() for value in values]).isfinite().all()):
+            continue
+        for value, mask in zip(values, masks, strict=True):
+            torch.where(mask, value, torch.zeros((), dtype=value.dtype), out=value)
 
 
 def count_zeros(tensors: Iterable[Tensor]) -> int:

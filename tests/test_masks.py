@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_snip.masks import count_zeros, format_report, kept_count, select_masks, sparsity_report, zero_pruned_
+from lightning_snip.masks import apply_masks_, count_zeros, format_report, kept_count, select_masks, sparsity_report
 
 
 @pytest.mark.parametrize(
@@ -82,11 +82,27 @@ def test_non_finite_scores_are_rejected():
         select_masks({"bad": torch.tensor([1.0, float("nan")])}, 0.5)
 
 
-def test_zero_pruned_is_exact_even_for_nan_and_inf():
+def test_apply_masks_is_exact_even_for_nan_and_inf():
     w = torch.tensor([1.0, float("nan"), float("-inf"), -2.0])
-    zero_pruned_([w, None], [torch.tensor([False, True, True, True]), torch.tensor([True])])
+    other = torch.tensor([[3.0, -4.0]])
+    keep_w, keep_other = torch.tensor([True, False, False, False]), torch.tensor([[False, True]])
+    apply_masks_([w, None, other], [keep_w, torch.tensor([True]), keep_other])
     assert w.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert other.tolist() == [[0.0, -4.0]]
     assert count_zeros([w]) == 3
+
+
+def test_apply_masks_assuming_finite_entries():
+    w = torch.tensor([1.0, 5.0, -7.0, -2.0])
+    apply_masks_([w], [torch.tensor([True, False, False, True])], assume_finite=True)
+    assert w.tolist() == [1.0, 0.0, 0.0, -2.0]
+
+
+def test_apply_masks_keeps_nan_where_kept():
+    w = torch.tensor([float("nan"), float("inf"), 2.0])
+    apply_masks_([w], [torch.tensor([True, False, False])])
+    assert torch.isnan(w[0])
+    assert w[1:].tolist() == [0.0, 0.0]
 
 
 def test_sparsity_report_and_table():
