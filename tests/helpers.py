@@ -168,3 +168,27 @@ def distributed_selection_rank_main(rank: int, world_size: int, port: int, out_d
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def spawn_and_wait(fn: Any, args: tuple, nprocs: int, timeout_s: float = 240) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes; fail (not hang) if they outlive ``timeout_s``."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish within {timeout_s} s: a collective is missing on some rank")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,21 +1,11 @@
 """DDP on CPU (gloo): every rank holds the mask of single-process scoring over the union of their batches."""
 
-import socket
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import BoringClassifier, ddp_rank_main, fit, make_data
+from helpers import BoringClassifier, ddp_rank_main, fit, free_port, make_data, spawn_and_wait
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from lightning_snip import SNIPPruning
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FixedOrder(Sampler[int]):
@@ -31,15 +21,7 @@ class FixedOrder(Sampler[int]):
 
 @pytest.mark.parametrize("criterion", ["snip", "random"], ids=["snip", "random"])
 def test_ddp_ranks_agree_and_match_single_process_union(tmp_path, criterion):
-    context = mp.start_processes(
-        ddp_rank_main, args=(2, _free_port(), str(tmp_path), criterion), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the DDP ranks did not finish within 240 s: a collective call is missing on some rank")
+    spawn_and_wait(ddp_rank_main, (2, free_port(), str(tmp_path), criterion), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, mask in ranks[0]["masks"].items():
         assert torch.equal(mask, ranks[1]["masks"][name]), f"ranks disagree on {name}"
