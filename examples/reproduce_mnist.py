@@ -28,6 +28,7 @@ from classifier import ImageClassifier
 from datamodules import MNISTDataModule
 
 from lightning_snip import SNIPPruning
+from lightning_snip.masks import count_zeros
 
 ARCH_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}
 # Test error (%) reported by Lee et al. (2019), Table 1 / Figure 1, on full MNIST.
@@ -82,8 +83,7 @@ def train_and_test(
     masks = pruning.masks if pruning else {}
     if masks:
         params = dict(model.named_parameters())
-        zeros = sum(int((params[n] == 0).sum()) for n in masks)
-        achieved = zeros / sum(m.numel() for m in masks.values())
+        achieved = count_zeros(params[n] for n in masks) / sum(m.numel() for m in masks.values())
     else:
         achieved = 0.0
     run = Run(arch, criterion, sparsity, seed, 100 * error, achieved, collapsed, time.perf_counter() - start)

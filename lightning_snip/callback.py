@@ -45,6 +45,7 @@ from lightning_snip.masks import (
     Scope,
     TensorSparsity,
     apply_masks_,
+    count_zeros,
     format_report,
     pack_mask,
     select_masks,
@@ -389,9 +390,8 @@ class SNIPPruning(Callback):
         if step % every != 0 or step == self._last_logged_step:
             return
         self._last_logged_step = step
-        rows = sparsity_report(self._params)
-        total = sum(r.total for r in rows)
-        self._log({"snip/sparsity": 1.0 - sum(r.kept for r in rows) / total}, trainer)
+        total = sum(p.numel() for p in self._params.values())
+        self._log({"snip/sparsity": count_zeros(self._params.values()) / total}, trainer)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -91,26 +91,38 @@ def kth_largest_key(
     return (high_bin - _BINS // 2) * _BINS + low_bin, above_high + above_low
 
 
-def _tie_counts(scores: Sequence[Tensor], key: int) -> list[int]:
-    return [sum(int((_sort_keys(chunk) == key).sum()) for _, chunk in _chunks(s)) for s in scores]
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry is finite, checked chunk by chunk (no full-size temporary).
+
+    Example::
+
+        >>> all_finite(torch.tensor([1.0, 2.0])), all_finite(torch.tensor([1.0, float("inf")]))
+        (True, False)
+    """
+    return all(bool(torch.isfinite(chunk).all()) for _, chunk in _chunks(t))
+
+
+TieQuotas = Callable[[Sequence[Tensor], int, int], Sequence[int]]
+"""Given the tensors, the threshold key and how many ties to keep, how many ties each tensor keeps."""
 
 
 def _top_k(
-    scores: Sequence[Tensor], k: int, quotas: Sequence[int] | None = None, key_above: tuple[int, int] | None = None
+    scores: Sequence[Tensor],
+    k: int,
+    total: int,
+    all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+    tie_quotas: TieQuotas | None = None,
 ) -> list[Tensor]:
-    """Masks keeping the ``k`` highest scores; ties go to the earlier position.
+    """Masks keeping the ``k`` highest of ``total`` scores; ties go to the earlier position.
 
-    ``key_above`` (the threshold, when already known) and ``quotas`` (how many ties each tensor keeps) come from the
-    distributed path; by default they are computed here, ties given greedily in tensor order.
+    By default the ties are given greedily in tensor order; the distributed path passes ``tie_quotas`` instead.
     """
-    total = sum(s.numel() for s in scores)
-    if key_above is None:
-        if k >= total:
-            return [torch.ones_like(s, dtype=torch.bool) for s in scores]
-        if k <= 0:
-            return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
-        key_above = kth_largest_key(scores, k)
-    key, above = key_above
+    if k >= total:
+        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+    if k <= 0:
+        return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
+    key, above = kth_largest_key(scores, k, all_reduce_sum)
+    quotas = tie_quotas(scores, key, k - above) if tie_quotas is not None else None
     ties_left = k - above
     masks = []
     for index, s in enumerate(scores):
@@ -127,6 +139,25 @@ def _top_k(
                 ties_left -= ties.numel()
             flat[start : start + chunk.numel()] = part
         masks.append(kept)
+    return masks
+
+
+def _select(
+    scores: Mapping[str, Tensor], numels: Mapping[str, int], sparsity: float, scope: Scope, **top_k: Any
+) -> dict[str, Tensor]:
+    """Apply the count rule to all tensors together (``global``) or to each alone (``layerwise``)."""
+    names = list(scores)
+    if scope == "global":
+        groups = [names]
+    elif scope == "layerwise":
+        groups = [[name] for name in names]
+    else:
+        raise ValueError(f"`scope` must be 'global' or 'layerwise', got {scope!r}.")
+    masks: dict[str, Tensor] = {}
+    for group in groups:
+        total = sum(numels[name] for name in group)
+        group_masks = _top_k([scores[name] for name in group], kept_count(total, sparsity), total, **top_k)
+        masks.update(zip(group, group_masks, strict=True))
     return masks
 
 
@@ -157,7 +188,6 @@ def select_masks_distributed(
     """
     import torch.distributed as dist
 
-    names = list(local_scores)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
 
     def all_reduce_sum(t: Tensor) -> Tensor:
@@ -165,41 +195,24 @@ def select_masks_distributed(
         dist.all_reduce(t, group=group)
         return t.cpu()
 
-    def gathered(values: list[int]) -> list[list[int]]:
-        local = torch.tensor(values, dtype=torch.int64, device=device)
-        out = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(out, local, group=group)
-        return [o.tolist() for o in out]
-
-    def quotas_for(group_scores: list[Tensor], k: int, key_above: tuple[int, int]) -> list[int]:
-        ties_left = k - key_above[1]
-        counts = gathered(_tie_counts(group_scores, key_above[0]))  # [rank][tensor]
+    def tie_quotas(scores: Sequence[Tensor], key: int, ties_left: int) -> list[int]:
+        local = torch.tensor(_tie_counts(scores, key), dtype=torch.int64, device=device)
+        counts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(counts, local, group=group)  # [rank][tensor]
         rank, quotas = dist.get_rank(group), []
-        for t in range(len(group_scores)):
+        for t in range(len(scores)):
             for r, row in enumerate(counts):
-                take = min(row[t], ties_left)
+                take = min(int(row[t]), ties_left)
                 ties_left -= take
                 if r == rank:
                     quotas.append(take)
         return quotas
 
-    def select(group_names: list[str], total: int) -> list[Tensor]:
-        tensors = [local_scores[n] for n in group_names]
-        k = kept_count(total, sparsity)
-        if k >= total:
-            return [torch.ones_like(s, dtype=torch.bool) for s in tensors]
-        if k <= 0:
-            return [torch.zeros_like(s, dtype=torch.bool) for s in tensors]
-        key_above = kth_largest_key(tensors, k, all_reduce_sum)
-        return _top_k(tensors, k, quotas_for(tensors, k, key_above), key_above)
+    return _select(local_scores, global_numels, sparsity, scope, all_reduce_sum=all_reduce_sum, tie_quotas=tie_quotas)
 
-    if scope == "global":
-        masks = select(names, sum(global_numels[n] for n in names))
-    elif scope == "layerwise":
-        masks = [select([n], global_numels[n])[0] for n in names]
-    else:
-        raise ValueError(f"`scope` must be 'global' or 'layerwise', got {scope!r}.")
-    return dict(zip(names, masks, strict=True))
+
+def _tie_counts(scores: Sequence[Tensor], key: int) -> list[int]:
+    return [sum(int((_sort_keys(chunk) == key).sum()) for _, chunk in _chunks(s)) for s in scores]
 
 
 def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "global") -> dict[str, Tensor]:
@@ -230,18 +243,10 @@ def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "
         >>> select_masks(scores, sparsity=0.5, scope="layerwise")["b"]
         tensor([ True, False, False])
     """
-    names = list(scores)
-    for name in names:
-        if not all(bool(torch.isfinite(chunk).all()) for _, chunk in _chunks(scores[name])):
+    for name, s in scores.items():
+        if not all_finite(s):
             raise ValueError(f"The scores of `{name}` are not all finite; masks cannot be selected from them.")
-    tensors = [scores[n] for n in names]
-    if scope == "global":
-        masks = _top_k(tensors, kept_count(sum(t.numel() for t in tensors), sparsity))
-    elif scope == "layerwise":
-        masks = [_top_k([t], kept_count(t.numel(), sparsity))[0] for t in tensors]
-    else:
-        raise ValueError(f"`scope` must be 'global' or 'layerwise', got {scope!r}.")
-    return dict(zip(names, masks, strict=True))
+    return _select(scores, {name: s.numel() for name, s in scores.items()}, sparsity, scope)
 
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)

@@ -18,6 +18,8 @@ from typing import ClassVar, Literal, TypeVar
 import torch
 from torch import Tensor
 
+from lightning_snip.masks import all_finite
+
 #: Names of the built-in criteria, for static checking and LightningCLI validation.
 CriterionName = Literal["snip", "magnitude", "random"]
 
@@ -123,16 +125,14 @@ def mean_gradients(
             partial[index] = grad if owned else grad.to(dtype, memory_format=torch.contiguous_format, copy=True)
             seen.add(storage)
         del loss, grads
-    sums = [
-        total if total is not None else torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
-        for total, t in zip(partial, tensors, strict=True)
-    ]
     means: dict[str, Tensor] = {}
-    for name, total in zip(names, sums, strict=True):
+    for name, total, t in zip(names, partial, tensors, strict=True):
+        if total is None:
+            total = torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
         total.div_(num_batches)
         if all_reduce_mean is not None:
             total = all_reduce_mean(total)
-        if not all(bool(torch.isfinite(part).all()) for part in total.view(-1).split(1 << 22)):
+        if not all_finite(total):
             raise ScoringError(
                 f"The loss gradient of `{name}` is not finite, so its connection sensitivity is undefined. Check the"
                 " data and the initialization; with `precision='16-mixed'` try 'bf16-mixed' or '32-true'."
