@@ -3,7 +3,8 @@
 Which hook does what:
 
 - ``on_fit_start``: check the strategy; reuse masks already held (restored from a checkpoint, or from an earlier
-  ``fit``) or score the model on batches of the trainer's own train dataloader; zero the pruned weights.
+  ``fit``) or score the model on batches of the trainer's own train dataloader; zero the pruned weights. Under FSDP
+  and ``ModelParallelStrategy`` each rank scores and masks its own shards; the masks are selected together.
 - ``on_train_start``: bind or score here instead for strategies that restore checkpoints after ``on_fit_start``;
   install a post-step hook on every optimizer that re-zeros pruned weights after each step.
 - ``on_after_backward``: zero the gradients of pruned weights, so optimizer state never builds up for them.
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -49,11 +50,29 @@ from lightning_snip.masks import (
     format_report,
     pack_mask,
     select_masks,
+    select_masks_distributed,
     sparsity_report,
     unpack_mask,
 )
-from lightning_snip.scoring import CriterionName, ScoringContext, ScoringError, available_criteria, get_criterion
+from lightning_snip.scoring import (
+    CriterionName,
+    ScoringContext,
+    ScoringError,
+    available_criteria,
+    backward_mean_gradients,
+    get_criterion,
+)
+from lightning_snip.sharding import (
+    Shard,
+    clean_name,
+    gather_packed_mask,
+    local_tensor,
+    restore_flat_grads,
+    shard_layout,
+    whole_shapes,
+)
 
+_T = TypeVar("_T", bound="Tensor | None")
 _STATE_VERSION = 2  # 1: bool masks; 2: bit-packed masks and their shapes
 _PLOT_FILE = "snip_sparsity.png"
 _matplotlib_hint_given = False
@@ -70,14 +89,26 @@ def _check_patterns(argument: str, value: object) -> list[str] | None:
     return list(value)
 
 
+_SHARDING_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)
+
+
 def _check_strategy(strategy: Strategy) -> None:
-    unsupported = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, XLAStrategy)
-    if isinstance(strategy, unsupported) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    supported = (SingleDeviceStrategy, DDPStrategy, *_SHARDING_STRATEGIES)
+    if isinstance(strategy, (DeepSpeedStrategy, XLAStrategy)) or not isinstance(strategy, supported):
         raise MisconfigurationException(
-            f"`SNIPPruning` does not support `{type(strategy).__name__}` yet: with sharded or otherwise partitioned"
-            " parameters each rank would score only its own part and the masks would differ across ranks. Use a"
-            " single device or `strategy='ddp'` (also 'ddp_spawn', 'ddp_fork')."
+            f"`SNIPPruning` does not support `{type(strategy).__name__}`: its parameters live in buffers the masks"
+            " cannot follow (DeepSpeed ZeRO's flat partitions, XLA), and pruning nothing silently is not an option."
+            " To shard the model use `strategy='fsdp'` or `ModelParallelStrategy` with `fully_shard`; to replicate"
+            " it use `strategy='ddp'` (also 'ddp_spawn', 'ddp_fork'); or train on a single device."
         )
+
+
+def _is_sharding(strategy: Strategy) -> bool:
+    return isinstance(strategy, _SHARDING_STRATEGIES)
+
+
+def _all_reduce_sum(strategy: Strategy, values: Tensor) -> Tensor:
+    return strategy.reduce(values.to(strategy.root_device), reduce_op="sum").cpu()
 
 
 def _loss_from_output(output: object, batch_idx: int) -> Tensor:
@@ -120,13 +151,15 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
 
 @contextmanager
 def _training_step_losses(
-    trainer: Trainer, pl_module: LightningModule, num_batches: int
+    trainer: Trainer, pl_module: LightningModule, num_batches: int, through_strategy: bool = False
 ) -> Iterator[Callable[[int], Tensor]]:
     """Yield ``loss_fn(i)``: the module's own ``training_step`` loss on the ``i``-th train batch.
 
     Batches are drawn from a fresh iterator over the trainer's train dataloader and moved to the device through the
     trainer's batch-transfer hooks. Inside the context ``self.log`` is a no-op, ``manual_backward`` records the loss
-    instead of stepping, and optimizer and scheduler steps do nothing, so manual optimization scores too.
+    instead of stepping, and optimizer and scheduler steps do nothing, so manual optimization scores too. With
+    ``through_strategy`` the step runs through ``strategy.training_step``, so a sharded model's forward hooks (which
+    gather the parameters) run around it, as in training.
     """
     combined = trainer.fit_loop._combined_loader
     if combined is None or not combined.flattened:
@@ -162,8 +195,12 @@ def _training_step_losses(
         batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
         batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
         recorded.clear()
-        with trainer.precision_plugin.train_step_context():
-            output = pl_module.training_step(batch, batch_idx) if pass_batch_idx else pl_module.training_step(batch)
+        args = (batch, batch_idx) if pass_batch_idx else (batch,)
+        if through_strategy:
+            output = trainer.strategy.training_step(*args)
+        else:
+            with trainer.precision_plugin.train_step_context():
+                output = pl_module.training_step(*args)
         if not recorded:
             return _loss_from_output(output, i)
         total = recorded[0]
@@ -276,7 +313,9 @@ class SNIPPruning(Callback):
 
         self._loaded: dict[str, Tensor] | None = None  # kept masks from a checkpoint, on CPU, not yet bound
         self._params: dict[str, nn.Parameter] = {}  # candidates the masks are bound to
-        self._kept: dict[str, Tensor] = {}  # True = kept, on each parameter's device (1 byte per weight)
+        self._kept: dict[str, Tensor] = {}  # True = kept, like each local weight, on its device (1 byte per weight)
+        self._shards: dict[str, Shard] | None = None  # where each rank's part lies, when the model is sharded
+        self._packed: dict[str, Tensor] = {}  # whole masks, bit-packed on CPU, when the model is sharded
         self._step_hooks: list[RemovableHandle] = []
         self._last_logged_step = -1
 
@@ -284,10 +323,22 @@ class SNIPPruning(Callback):
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """The masks by parameter name (``True`` = kept), as new tensors; empty before scoring."""
+        """The whole masks by parameter name (``True`` = kept), as new tensors; empty before scoring.
+
+        On a sharded model every rank returns the whole masks, on CPU.
+        """
         if self._loaded is not None:
             return {name: mask.clone() for name, mask in self._loaded.items()}
+        if self._shards is not None:
+            return {name: unpack_mask(packed, self._shards[name].shape) for name, packed in self._packed.items()}
         return {name: mask.clone() for name, mask in self._kept.items()}
+
+    def _packed_masks(self) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
+        """The whole masks bit-packed, and their shapes."""
+        if self._loaded is None and self._shards is not None:
+            return dict(self._packed), {name: list(self._shards[name].shape) for name in self._packed}
+        masks = self._loaded if self._loaded is not None else self._kept
+        return {name: pack_mask(m) for name, m in masks.items()}, {name: list(m.shape) for name, m in masks.items()}
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -311,13 +362,8 @@ class SNIPPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        masks = self.masks
-        return {
-            "version": _STATE_VERSION,
-            "config": self._config(),
-            "masks": {name: pack_mask(mask) for name, mask in masks.items()},  # 1 bit per weight
-            "shapes": {name: list(mask.shape) for name, mask in masks.items()},
-        }
+        packed, shapes = self._packed_masks()  # 1 bit per weight
+        return {"version": _STATE_VERSION, "config": self._config(), "masks": packed, "shapes": shapes}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -343,7 +389,7 @@ class SNIPPruning(Callback):
         if config is not None and config != self._config():
             rank_zero_warn(f"`SNIPPruning` loads masks made with {config}, not this instance's {self._config()}.")
         self._loaded = unpacked or None
-        self._params, self._kept = {}, {}
+        self._params, self._kept, self._shards, self._packed = {}, {}, None, {}
 
     # ------------------------------------------------------------------ hooks
 
@@ -351,7 +397,7 @@ class SNIPPruning(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _check_strategy(trainer.strategy)
         if self._loaded is not None or self._kept:
-            self._bind(pl_module)
+            self._bind(trainer, pl_module)
         elif not trainer.strategy.restore_checkpoint_after_setup:
             self._score(trainer, pl_module)
         # otherwise a checkpoint (maybe with masks) is restored after this hook: decide in `on_train_start`
@@ -359,7 +405,7 @@ class SNIPPruning(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._loaded is not None:  # restored after `on_fit_start`
-            self._bind(pl_module)
+            self._bind(trainer, pl_module)
         elif not self._kept:
             self._score(trainer, pl_module)
         self._remove_step_hooks()
@@ -371,27 +417,33 @@ class SNIPPruning(Callback):
                 self._step_hooks.append(
                     # pruned weights were zero and got zero gradients, so they are finite: no check needed
                     optimizer.register_step_post_hook(
-                        lambda *_, p=params, m=masks: apply_masks_(p, m, assume_finite=True)
+                        lambda *_, p=params, m=masks: apply_masks_(self._local(p), m, assume_finite=True)
                     )
                 )
-        apply_masks_(self._params.values(), self._kept.values())
+        apply_masks_(self._local(self._params.values()), self._kept.values())
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        apply_masks_((p.grad for p in self._params.values()), self._kept.values())
+        apply_masks_(self._local(p.grad for p in self._params.values()), self._kept.values())
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step, every = trainer.global_step, int(getattr(trainer, "log_every_n_steps", 50))
-        if not trainer.loggers or not trainer.is_global_zero or every <= 0 or not self._params:
+        sharded = self._shards is not None  # then every rank counts its shards
+        if not trainer.loggers or not (sharded or trainer.is_global_zero) or every <= 0 or not self._params:
             return
         if step % every != 0 or step == self._last_logged_step:
             return
         self._last_logged_step = step
-        total = sum(p.numel() for p in self._params.values())
-        self._log({"snip/sparsity": count_zeros(self._params.values()) / total}, trainer)
+        zeros = count_zeros(self._local(self._params.values()))
+        if self._shards is not None:
+            zeros = int(_all_reduce_sum(trainer.strategy, torch.tensor([zeros]))[0])
+            total = sum(shard.numel for shard in self._shards.values())
+        else:
+            total = sum(p.numel() for p in self._params.values())
+        self._log({"snip/sparsity": zeros / total}, trainer)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -408,15 +460,28 @@ class SNIPPruning(Callback):
             handle.remove()
         self._step_hooks = []
 
-    def _bind(self, pl_module: LightningModule) -> None:
+    def _local(self, tensors: Iterable[_T]) -> list[_T]:
+        """The local parts of the tensors (sharded models hold ``DTensor``s); the tensors themselves otherwise."""
+        if self._shards is None:
+            return list(tensors)
+        return [t if t is None else cast(_T, local_tensor(t)) for t in tensors]
+
+    def _bind(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Attach held masks to the module's parameters (by name), move them to their devices, zero the weights."""
-        kept = self._loaded if self._loaded is not None else self._kept
-        params = dict(pl_module.named_parameters())
-        missing = [n for n in kept if n not in params]
+        if self._loaded is not None:
+            whole = self._loaded
+        elif self._shards is not None:
+            whole = self.masks
+        else:
+            whole = self._kept
+        sharded = _is_sharding(trainer.strategy)
+        params = {clean_name(name): p for name, p in pl_module.named_parameters()}
+        shapes = whole_shapes(pl_module) if sharded else {name: p.shape for name, p in params.items()}
+        missing = [n for n in whole if n not in params]
         mismatched = [
-            f"{n}: mask {tuple(m.shape)} vs parameter {tuple(params[n].shape)}"
-            for n, m in kept.items()
-            if n in params and m.shape != params[n].shape
+            f"{n}: mask {tuple(m.shape)} vs parameter {tuple(shapes[n])}"
+            for n, m in whole.items()
+            if n in params and m.shape != shapes[n]
         ]
         if missing or mismatched:
             raise MisconfigurationException(
@@ -424,10 +489,19 @@ class SNIPPruning(Callback):
                 f" missing parameters {missing}, shape mismatches {mismatched}. Resume with the model the masks were"
                 " made for, or use a new `SNIPPruning` instance to score this model."
             )
-        self._params = {n: params[n] for n in kept}
-        self._kept = {n: m.to(params[n].device) for n, m in kept.items()}
+        self._params = {n: params[n] for n in whole}
+        if sharded:
+            self._shards = shard_layout(self._params, shapes)
+            self._kept = {
+                n: self._shards[n].take(m, like=local_tensor(self._params[n])).to(params[n].device, copy=True)
+                for n, m in whole.items()
+            }
+            self._packed = {n: pack_mask(m) for n, m in whole.items()}
+        else:
+            self._shards, self._packed = None, {}
+            self._kept = {n: m.to(params[n].device) for n, m in whole.items()}
         self._loaded = None
-        apply_masks_(self._params.values(), self._kept.values())
+        apply_masks_(self._local(self._params.values()), self._kept.values())
 
     def _shared_seed(self, strategy: Strategy) -> int:
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -435,42 +509,71 @@ class SNIPPruning(Callback):
 
     def _score(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the candidates, select the masks and zero the pruned weights; on failure the model is unchanged."""
-        candidates = find_candidates(pl_module, self.include, self.exclude)
+        strategy = trainer.strategy
+        sharded = _is_sharding(strategy)
+        shapes = whole_shapes(pl_module) if sharded else None
+        candidates = find_candidates(pl_module, self.include, self.exclude, shapes)
+        shards = shard_layout(candidates, shapes) if shapes is not None else None  # a collective
+        local = {name: local_tensor(p) for name, p in candidates.items()}
         criterion = get_criterion(self.criterion)
         if criterion.needs_data:
             trainer.fit_loop.setup_data()  # what fit would do next; done outside `leave_no_trace` on purpose
         start = time.perf_counter()
-        with leave_no_trace(pl_module):
-            generator = torch.Generator().manual_seed(self._shared_seed(trainer.strategy))
+        with leave_no_trace(pl_module), restore_flat_grads(pl_module):
+            generator = torch.Generator().manual_seed(self._shared_seed(strategy))
             pl_module.train()
             with ExitStack() as stack:
                 loss_fn = (
-                    stack.enter_context(_training_step_losses(trainer, pl_module, self.num_batches))
+                    stack.enter_context(_training_step_losses(trainer, pl_module, self.num_batches, sharded))
                     if criterion.needs_data
                     else None
                 )
                 context = ScoringContext(
-                    weights=candidates,
+                    weights=local,
                     loss_fn=loss_fn,
                     num_batches=self.num_batches,
-                    all_reduce_mean=lambda t: trainer.strategy.reduce(t, reduce_op="mean"),
+                    all_reduce_mean=lambda t: strategy.reduce(t, reduce_op="mean"),
                     generator=generator,
                 )
+                if shards is not None:  # each rank scores its own shards; FSDP averages the gradients
+                    if loss_fn is not None:
+                        context.gradients = lambda: backward_mean_gradients(
+                            candidates, loss_fn, self.num_batches, local_tensor
+                        )
+                    context.shapes = {name: shard.shape for name, shard in shards.items()}
+                    context.take_local = lambda name, whole: shards[name].take(whole, like=local[name]).clone()
                 scores = criterion.score(context)
-        dead = [name for name, s in scores.items() if not s.any()]
-        kept = select_masks(scores, self.sparsity, self.scope)
+        if shards is not None:
+            try:
+                kept = select_masks_distributed(
+                    scores, {name: shard.numel for name, shard in shards.items()}, self.sparsity, self.scope
+                )
+            except ValueError as error:
+                raise ScoringError(
+                    f"{error} Check the data and the initialization; with `precision='16-mixed'` try 'bf16-mixed'."
+                ) from None
+            counts = torch.tensor([[int(kept[n].sum()), int(scores[n].any())] for n in scores], dtype=torch.int64)
+            counts = _all_reduce_sum(strategy, counts.view(-1, 2))
+            rows = [
+                TensorSparsity(name, tuple(shard.shape), int(counts[i, 0]), shard.numel)
+                for i, (name, shard) in enumerate(shards.items())
+            ]
+            dead = [name for i, name in enumerate(scores) if not counts[i, 1]]
+            packed = {name: gather_packed_mask(kept[name], shards[name]) for name in kept}  # collectives
+        else:
+            dead = [name for name, s in scores.items() if not s.any()]
+            kept = select_masks(scores, self.sparsity, self.scope)
         del scores
-        if candidates and next(iter(candidates.values())).is_cuda:
+        if candidates and next(iter(local.values())).is_cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
 
-        self._params = candidates
-        self._kept = kept
-        apply_masks_(self._params.values(), self._kept.values())
-        self._report(trainer, dead, elapsed)
+        self._params, self._kept, self._shards = candidates, kept, shards
+        self._packed = packed if shards is not None else {}
+        apply_masks_(self._local(self._params.values()), self._kept.values())
+        self._report(trainer, dead, elapsed, rows if shards is not None else sparsity_report(self._params))
 
-    def _report(self, trainer: Trainer, dead: list[str], elapsed: float) -> None:
-        rows = sparsity_report(self._params)
+    def _report(self, trainer: Trainer, dead: list[str], elapsed: float, rows: list[TensorSparsity]) -> None:
         for name in dead:
             rank_zero_warn(
                 f"`SNIPPruning`: every {self.criterion} score of `{name}` is zero (the loss does not depend on it at"

@@ -6,9 +6,11 @@ Plain PyTorch, no Lightning: usable from any training loop.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
+
+from lightning_snip.sharding import clean_name
 
 # Modules whose parameters are never pruned by default, whatever their shape.
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -26,7 +28,8 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
     """Map each parameter's canonical name to all names it is reachable under.
 
     The canonical name is the one :meth:`torch.nn.Module.named_parameters` yields (its first occurrence); a
-    parameter shared by several modules (tied weights) has one canonical name and several aliases.
+    parameter shared by several modules (tied weights) has one canonical name and several aliases. Names are those of
+    the unwrapped model: the prefixes FSDP and activation checkpointing insert are removed.
 
     Args:
         model: The model to inspect.
@@ -44,12 +47,12 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
     """
     by_id: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(param), []).append(name)
+        by_id.setdefault(id(param), []).append(clean_name(name))
     return {names[0]: names for names in by_id.values()}
 
 
-def _is_default_candidate(name_aliases: list[str], param: nn.Parameter, norm_ids: set[int]) -> bool:
-    if param.ndim < 2 or id(param) in norm_ids:
+def _is_default_candidate(name_aliases: list[str], ndim: int, param: nn.Parameter, norm_ids: set[int]) -> bool:
+    if ndim < 2 or id(param) in norm_ids:
         return False
     return not any("bias" in alias.rsplit(".", 1)[-1] for alias in name_aliases)
 
@@ -68,6 +71,7 @@ def find_candidates(
     model: nn.Module,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, nn.Parameter]:
     """Select the parameters to prune.
 
@@ -81,9 +85,11 @@ def find_candidates(
         model: The model whose parameters are selected.
         include: Glob patterns naming the candidates. Defaults to ``None`` (the default rule above).
         exclude: Glob patterns naming parameters never to prune. Defaults to ``None``.
+        shapes: Whole shapes by name, for parameters that are flat shard views (FSDP). Defaults to ``None``: each
+            parameter's own shape.
 
     Returns:
-        The candidates by canonical name, in ``named_parameters()`` order.
+        The candidates by canonical name (wrapper prefixes removed), in ``named_parameters()`` order.
 
     Raises:
         ValueError: If a pattern matches no parameter, or if no candidate remains.
@@ -97,7 +103,8 @@ def find_candidates(
         ['0.weight', '0.bias', '2.weight', '2.bias']
     """
     aliases = parameter_aliases(model)
-    params = dict(model.named_parameters())
+    params = {clean_name(name): param for name, param in model.named_parameters()}
+    shapes = shapes or {}
     all_names = [alias for names in aliases.values() for alias in names]
     _check_patterns("include", include or [], all_names)
     _check_patterns("exclude", exclude or [], all_names)
@@ -112,13 +119,14 @@ def find_candidates(
         param = params[name]
         if not param.requires_grad:
             continue
-        chosen = matches(names, include) if include is not None else _is_default_candidate(names, param, norm_ids)
+        ndim = len(shapes[name]) if name in shapes else param.ndim
+        chosen = matches(names, include) if include is not None else _is_default_candidate(names, ndim, param, norm_ids)
         if chosen and not matches(names, exclude or []):
             candidates[name] = param
 
     if not candidates:
         listed = ", ".join(
-            f"{n} {tuple(params[n].shape)}{'' if params[n].requires_grad else ' (frozen)'}"
+            f"{n} {tuple(shapes.get(n, params[n].shape))}{'' if params[n].requires_grad else ' (frozen)'}"
             for n in list(aliases)[:_MAX_LISTED_NAMES]
         )
         raise ValueError(

@@ -185,10 +185,13 @@ def select_masks_distributed(
 
     Returns:
         This rank's kept masks (``True`` = kept), shaped like ``local_scores``.
+
+    Raises:
+        ValueError: On every rank, if a score on any rank is not finite.
     """
     import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    device = collective_device(group)
 
     def all_reduce_sum(t: Tensor) -> Tensor:
         t = t.to(device) if device is not None else t.clone()
@@ -208,7 +211,17 @@ def select_masks_distributed(
                     quotas.append(take)
         return quotas
 
+    bad = [name for name, s in local_scores.items() if not all_finite(s)]
+    if int(all_reduce_sum(torch.tensor([len(bad)]))):  # every rank learns of it, so none waits in a collective
+        raise ValueError(f"Scores are not all finite (on this rank: {bad or 'none'}); masks cannot be selected.")
     return _select(local_scores, global_numels, sparsity, scope, all_reduce_sum=all_reduce_sum, tie_quotas=tie_quotas)
+
+
+def collective_device(group: Any = None) -> torch.device | None:
+    """The device collectives of ``group`` need their tensors on: the current CUDA device for NCCL, else ``None``."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
 
 
 def _tie_counts(scores: Sequence[Tensor], key: int) -> list[int]:

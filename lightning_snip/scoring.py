@@ -41,6 +41,12 @@ class ScoringContext:
         num_batches: How many scoring batches ``loss_fn`` serves. Defaults to ``1``.
         all_reduce_mean: Averages a tensor across processes (identity on one process). Defaults to ``None``.
         generator: Source of randomness for stochastic criteria. Defaults to ``None`` (torch's global generator).
+        gradients: Computes the mean gradients in place of :func:`mean_gradients`, e.g. by backward under FSDP,
+            where each process gets the gradient of its own shard. Defaults to ``None``.
+        shapes: The whole shape of each weight when ``weights`` are this process's shards. Defaults to ``None``
+            (the weights are whole).
+        take_local: Cuts this process's shard out of a tensor shaped like the whole weight ``name``, as a new
+            tensor. Defaults to ``None`` (the weights are whole).
     """
 
     weights: Mapping[str, Tensor]
@@ -48,12 +54,29 @@ class ScoringContext:
     num_batches: int = 1
     all_reduce_mean: Callable[[Tensor], Tensor] | None = None
     generator: torch.Generator | None = None
+    gradients: Callable[[], dict[str, Tensor]] | None = None
+    shapes: Mapping[str, torch.Size] | None = None
+    take_local: Callable[[str, Tensor], Tensor] | None = None
 
     def mean_gradients(self) -> dict[str, Tensor]:
-        """Gradient of the loss for each weight, averaged over the scoring batches and processes."""
+        """Gradient of the loss for each weight (or shard), averaged over the scoring batches and processes."""
+        if self.gradients is not None:
+            return self.gradients()
         if self.loss_fn is None:
             raise ScoringError("This criterion needs the loss, but the scoring context has no `loss_fn`.")
         return mean_gradients(self.weights, self.loss_fn, self.num_batches, self.all_reduce_mean)
+
+    def whole_shape(self, name: str) -> torch.Size:
+        """The shape of the whole weight ``name``, also when this process holds only a shard of it."""
+        return self.shapes[name] if self.shapes is not None else self.weights[name].shape
+
+    def local(self, name: str, whole: Tensor) -> Tensor:
+        """This process's part of ``whole``, a tensor shaped like the whole weight ``name``.
+
+        ``whole`` itself when the weights are whole. Criteria that draw whole tensors (``random``) use it to agree
+        with single-process runs.
+        """
+        return self.take_local(name, whole) if self.take_local is not None else whole
 
 
 def _check_loss(loss: object, batch: int) -> Tensor:
@@ -141,6 +164,50 @@ def mean_gradients(
     return means
 
 
+def backward_mean_gradients(
+    params: Mapping[str, Tensor],
+    loss_fn: LossFn,
+    num_batches: int,
+    local: Callable[[Tensor], Tensor] = lambda t: t,
+) -> dict[str, Tensor]:
+    """Average gradients computed by ``loss.backward()`` and read from ``.grad``.
+
+    For sharded models, whose gradients only exist through backward hooks: FSDP reduce-scatters each gradient into
+    the ``.grad`` of each process's shard, already averaged across processes. The ``.grad`` of ``params`` are
+    overwritten; callers restore them (see :func:`~lightning_snip.isolation.leave_no_trace`). Finiteness is left to
+    the caller, which can check it on all processes together.
+
+    Args:
+        params: The parameters, by name.
+        loss_fn: The loss on scoring batch ``i``.
+        num_batches: Number of batches to average over.
+        local: This process's part of a parameter or gradient (e.g. the local tensor of a ``DTensor``). Defaults to
+            the tensor itself.
+
+    Returns:
+        The mean gradients by name, shaped like ``local(param)``, in float32 or wider.
+
+    Raises:
+        ScoringError: If a loss is not a finite scalar with a graph.
+    """
+    for param in params.values():
+        param.grad = None
+    for batch in range(num_batches):
+        loss = _check_loss(loss_fn(batch), batch)
+        loss.backward()
+        del loss
+    means: dict[str, Tensor] = {}
+    for name, param in params.items():
+        shard = local(param)
+        dtype = torch.promote_types(shard.dtype, torch.float32)
+        grad = param.grad
+        if grad is None:  # no gradient reached this shard (or the shard is empty)
+            means[name] = torch.zeros(shard.shape, dtype=dtype, device=shard.device)
+        else:
+            means[name] = local(grad).to(dtype, copy=True).div_(num_batches)
+    return means
+
+
 class Criterion(ABC):
     """A pruning criterion: scores every candidate weight, higher is more important.
 
@@ -225,5 +292,6 @@ class Random(Criterion):
 
     def score(self, context: ScoringContext) -> dict[str, Tensor]:  # noqa: D102
         return {
-            name: torch.rand(w.shape, generator=context.generator).to(w.device) for name, w in context.weights.items()
+            name: context.local(name, torch.rand(context.whole_shape(name), generator=context.generator)).to(w.device)
+            for name, w in context.weights.items()
         }
