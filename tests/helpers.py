@@ -7,15 +7,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_snip import SNIPPruning
 
 
-def make_data(n: int = 64, features: int = 16, classes: int = 4, seed: int = 0) -> TensorDataset:
+def make_data(
+    n: int = 64, features: int = 16, classes: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g))
+    x = torch.randn(n, features, generator=g).to(dtype)
+    return TensorDataset(x, torch.randint(0, classes, (n,), generator=g))
 
 
 class BoringClassifier(pl.LightningModule):
@@ -192,3 +197,122 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy``, run on CPU with gloo for tests.
+
+    torch's FSDP runs on CPU once told ``device_id=cpu``; Lightning accepts FSDP only with CUDA and passes no device
+    there, so this subclass wraps the model itself with the same settings, auto-wrapping every ``nn.Linear``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), **kwargs)
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+
+
+class FullyShardedClassifier(BoringClassifier):
+    """``BoringClassifier`` sharded with ``fully_shard`` (FSDP2) for ``ModelParallelStrategy``: each Linear, then the
+    whole network."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.net:
+            if isinstance(module, nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+class LocalZeroChecker(pl.Callback):
+    """Counts, after every training batch, the pruned entries of this rank's shards that are not zero, in the
+    weights and in Adam's moments (which stay zero only if the gradients were masked)."""
+
+    def __init__(self, pruning: SNIPPruning) -> None:
+        self.pruning = pruning
+        self.violations: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from lightning_snip.sharding import local_tensor
+
+        params, kept = self.pruning._params, self.pruning._kept
+        states = trainer.optimizers[0].state
+        tensors = [(params[n], m) for n, m in kept.items()]
+        tensors += [(states[params[n]][key], m) for n, m in kept.items() for key in ("exp_avg", "exp_avg_sq")]
+        self.violations.append(sum(int((local_tensor(t)[~m] != 0).sum()) for t, m in tensors))
+
+
+def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strategy: str, criterion: str) -> None:
+    """One rank of a sharded run: fit with a checkpoint, then resume from it with a fresh callback."""
+    import os
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world_size),
+            "NODE_RANK": "0",
+            "LOCAL_RANK": str(rank),
+            "GLOBAL_RANK": str(rank),
+        }
+    )
+
+    def run(pruning: SNIPPruning, epochs: int, ckpt_path: str | None = None) -> list[int]:
+        torch.manual_seed(0)  # identical init on every rank, and equal to the single-process reference
+        if strategy == "fsdp":
+            model: BoringClassifier = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05).double()
+            chosen: Any = CPUFSDPStrategy()
+        else:
+            model = FullyShardedClassifier(dropout=0.0, optimizer="adam", lr=0.05).double()
+            chosen = ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1)
+        checker = LocalZeroChecker(pruning)
+        checkpoint = ModelCheckpoint(dirpath=f"{out_dir}/ckpt", save_last=True)
+        fit(
+            model,
+            [pruning, checker, checkpoint],
+            DataLoader(make_data(32, dtype=torch.float64), batch_size=4),  # with a DistributedSampler: 4 per rank
+            strategy=chosen,
+            devices=world_size,  # float64 throughout (FSDP's precision plugin has no '64-true')
+            max_epochs=epochs,
+            ckpt_path=ckpt_path,
+            enable_checkpointing=True,
+            logger=CSVLogger(out_dir, name="logs", version=0),
+            log_every_n_steps=1,
+        )
+        return checker.violations
+
+    first = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion, seed=7)
+    violations = run(first, epochs=1)
+    resumed = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion, seed=7)
+
+    def no_scoring(*args: Any) -> None:
+        raise AssertionError("the resumed run scored again")
+
+    resumed._score = no_scoring  # type: ignore[method-assign]
+    resumed_violations = run(resumed, epochs=2, ckpt_path=f"{out_dir}/ckpt/last.ckpt")
+    torch.save(
+        {
+            "masks": first.masks,
+            "resumed_masks": resumed.masks,
+            "violations": violations,
+            "resumed_violations": resumed_violations,
+            "state": first.state_dict(),
+        },
+        f"{out_dir}/rank{rank}.pt",
+    )

@@ -1,0 +1,55 @@
+"""FSDP (``FSDPStrategy``) and ``fully_shard`` (``ModelParallelStrategy``) on CPU with gloo, 2 ranks.
+
+Each rank scores and masks its own shards; the whole masks equal single-process scoring of the same model on the
+union of the ranks' batches; pruned entries stay zero on every shard; checkpoints carry the whole masks and a resumed
+run (these strategies restore after ``on_fit_start``) trains with them without scoring again.
+"""
+
+import csv
+
+import pytest
+import torch
+from helpers import BoringClassifier, fit, free_port, make_data, sharded_rank_main, spawn_and_wait
+from torch.utils.data import DataLoader, DistributedSampler
+from test_ddp import FixedOrder
+
+from lightning_snip import SNIPPruning
+from lightning_snip.masks import unpack_mask
+
+
+def _single_process_masks(criterion: str) -> dict[str, torch.Tensor]:
+    # Lightning gives each rank a shuffled DistributedSampler (seed 0, epoch 0); its first 8 indices are the rank's
+    # two scoring batches of 4
+    dataset = make_data(32)
+    order = [i for r in range(2) for i in list(DistributedSampler(dataset, num_replicas=2, rank=r, seed=0))[:8]]
+    torch.manual_seed(0)
+    model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
+    single = SNIPPruning(sparsity=0.8, num_batches=4, criterion=criterion, seed=7)
+    fit(model, [single], DataLoader(dataset, batch_size=4, sampler=FixedOrder(order)), precision="64-true", max_steps=1)
+    return single.masks
+
+
+@pytest.mark.parametrize(
+    ("strategy", "criterion"),
+    [("fsdp", "snip"), ("fsdp", "random"), ("model-parallel", "snip")],
+    ids=["fsdp-snip", "fsdp-random", "fully-shard-snip"],
+)
+def test_sharded_masks_equal_single_process_and_survive_resume(tmp_path, strategy, criterion):
+    spawn_and_wait(sharded_rank_main, (2, free_port(), str(tmp_path), strategy, criterion), nprocs=2, timeout_s=300)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    expected = _single_process_masks(criterion)
+    assert list(expected) == ["net.0.weight", "net.4.weight"]
+    for rank in ranks:
+        assert rank["masks"].keys() == expected.keys()
+        for name, mask in expected.items():
+            assert torch.equal(rank["masks"][name], mask), f"{strategy} mask of {name} differs from single process"
+            assert torch.equal(rank["resumed_masks"][name], mask), f"resumed mask of {name} differs"
+            state = rank["state"]
+            assert torch.equal(unpack_mask(state["masks"][name], state["shapes"][name]), mask)
+        assert rank["violations"] == [0] * 4
+        assert rank["resumed_violations"] == [0] * 4  # the second epoch only
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as handle:
+        logged = [float(row["snip/sparsity"]) for row in csv.DictReader(handle) if row.get("snip/sparsity")]
+    # the scoring report, then the sparsity counted from all shards after every step of both runs
+    assert len(logged) >= 4
+    assert all(abs(value - 0.8) < 1e-9 for value in logged)
