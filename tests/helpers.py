@@ -243,6 +243,13 @@ class LocalZeroChecker(pl.Callback):
     def __init__(self, pruning: SNIPPruning) -> None:
         self.pruning = pruning
         self.violations: list[int] = []
+        self.grads_at_train_start = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lightning_snip.sharding import _fsdp1_flat_params
+
+        tensors = [*pl_module.parameters(), *_fsdp1_flat_params(pl_module)]
+        self.grads_at_train_start = sum(t.grad is not None for t in tensors)  # scoring leaves none behind
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         from lightning_snip.sharding import local_tensor
@@ -295,6 +302,7 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
             logger=CSVLogger(out_dir, name="logs", version=0),
             log_every_n_steps=1,
         )
+        assert checker.grads_at_train_start == 0
         return checker.violations
 
     first = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion, seed=7)
@@ -316,3 +324,48 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
         },
         f"{out_dir}/rank{rank}.pt",
     )
+
+
+def sharding_rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Exercise the layout functions of ``lightning_snip.sharding`` on plain gloo processes; save what they return."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_snip.sharding import ShardingError, gather_packed_mask, shard_layout, whole_shapes
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    result: dict[str, Any] = {}
+
+    def error(fn: Any) -> str:
+        try:
+            fn()
+        except ShardingError as e:
+            return str(e)
+        return ""
+
+    try:
+        whole = torch.arange(7 * 3).reshape(7, 3)
+        bounds = [0, 9, 21]  # rank 0 holds 9 elements, rank 1 the other 12
+        local = whole.reshape(-1)[bounds[rank] : bounds[rank + 1]]
+        layout = shard_layout({"w": local, "empty": torch.zeros(0 if rank else 4)}, {"w": (7, 3), "empty": (4,)})
+        result["layout"] = {n: (tuple(s.shape), s.start, s.counts) for n, s in layout.items()}
+        result["take"] = layout["w"].take(whole * 10, like=local)
+        result["packed"] = gather_packed_mask(local % 2 == 0, layout["w"])
+        result["replicated"] = error(lambda: shard_layout({"w": whole}, {"w": (7, 3)}))
+        mesh = init_device_mesh("cpu", (world_size,))
+        by_row = distribute_tensor(whole.float(), mesh, [Shard(0)])
+        result["row_layout"] = shard_layout({"w": by_row}, {"w": (7, 3)})["w"].start
+        by_column = distribute_tensor(whole.float(), mesh, [Shard(1)])
+        result["column"] = error(lambda: shard_layout({"w": by_column}, {"w": (7, 3)}))
+        torch.manual_seed(0)
+        for use_orig_params in (True, False):
+            model = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 2))
+            model[1] = FullyShardedDataParallel(model[1], device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+            wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+            key = f"use_orig_params={use_orig_params}"
+            result[key] = error(lambda: result.__setitem__(f"{key} shapes", whole_shapes(wrapped)))
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
