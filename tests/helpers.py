@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_snip import SNIPPruning
 
@@ -21,6 +21,19 @@ def make_data(
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=g).to(dtype)
     return TensorDataset(x, torch.randint(0, classes, (n,), generator=g))
+
+
+class FixedOrder(Sampler[int]):
+    """Yields the given indices in the given order."""
+
+    def __init__(self, order: list[int]) -> None:
+        self.order = order
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
 class BoringClassifier(pl.LightningModule):
@@ -361,11 +374,12 @@ def sharding_rank_main(rank: int, world_size: int, port: int, out_dir: str) -> N
         result["column"] = error(lambda: shard_layout({"w": by_column}, {"w": (7, 3)}))
         torch.manual_seed(0)
         for use_orig_params in (True, False):
+            cpu = {"device_id": torch.device("cpu"), "use_orig_params": use_orig_params}
             model = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 2))
-            model[1] = FullyShardedDataParallel(model[1], device_id=torch.device("cpu"), use_orig_params=use_orig_params)
-            wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+            model[1] = FullyShardedDataParallel(model[1], **cpu)
+            wrapped = FullyShardedDataParallel(model, **cpu)
             key = f"use_orig_params={use_orig_params}"
-            result[key] = error(lambda: result.__setitem__(f"{key} shapes", whole_shapes(wrapped)))
+            result[key] = error(lambda w=wrapped, k=key: result.__setitem__(f"{k} shapes", whole_shapes(w)))
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -2,21 +2,10 @@
 
 import pytest
 import torch
-from helpers import BoringClassifier, ddp_rank_main, fit, free_port, make_data, spawn_and_wait
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from helpers import BoringClassifier, FixedOrder, ddp_rank_main, fit, free_port, make_data, spawn_and_wait
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_snip import SNIPPruning
-
-
-class FixedOrder(Sampler[int]):
-    def __init__(self, order: list[int]) -> None:
-        self.order = order
-
-    def __iter__(self):
-        return iter(self.order)
-
-    def __len__(self) -> int:
-        return len(self.order)
 
 
 @pytest.mark.parametrize("criterion", ["snip", "random"], ids=["snip", "random"])

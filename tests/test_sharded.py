@@ -9,9 +9,8 @@ import csv
 
 import pytest
 import torch
-from helpers import BoringClassifier, fit, free_port, make_data, sharded_rank_main, spawn_and_wait
+from helpers import BoringClassifier, FixedOrder, fit, free_port, make_data, sharded_rank_main, spawn_and_wait
 from torch.utils.data import DataLoader, DistributedSampler
-from test_ddp import FixedOrder
 
 from lightning_snip import SNIPPruning
 from lightning_snip.masks import unpack_mask
