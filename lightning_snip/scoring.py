@@ -175,7 +175,8 @@ def backward_mean_gradients(
     For sharded models, whose gradients only exist through backward hooks: FSDP reduce-scatters each gradient into
     the ``.grad`` of each process's shard, already averaged across processes. The ``.grad`` of ``params`` are
     overwritten; callers restore them (see :func:`~lightning_snip.isolation.leave_no_trace`). Finiteness is left to
-    the caller, which can check it on all processes together.
+    the caller, which can check it on all processes together. The means are computed in the gradient buffers
+    (float32 or wider), which the caller must then discard.
 
     Args:
         params: The parameters, by name.
@@ -203,8 +204,8 @@ def backward_mean_gradients(
         grad = param.grad
         if grad is None:  # no gradient reached this shard (or the shard is empty)
             means[name] = torch.zeros(shard.shape, dtype=dtype, device=shard.device)
-        else:
-            means[name] = local(grad).to(dtype, copy=True).div_(num_batches)
+        else:  # in the gradient buffer itself where it is wide enough: no extra copy of the shards
+            means[name] = local(grad).to(dtype).div_(num_batches)
     return means
 
 
