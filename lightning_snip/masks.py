@@ -333,23 +333,24 @@ def apply_masks_(tensors: Iterable[Tensor | None], kept: Iterable[Tensor], assum
         >>> w
         tensor([1., 0., 0.])
     """
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    values: list[Tensor] = []  # on CPU: one fused multiply
+    masks: list[Tensor] = []
     for tensor, mask in zip(tensors, kept, strict=True):
-        if tensor is not None:
-            group = groups.setdefault((tensor.device, tensor.dtype), ([], []))
-            group[0].append(tensor)
-            group[1].append(mask)
-    for (device, _), (values, masks) in groups.items():
-        if device.type != "cpu":
-            for value, mask in zip(values, masks, strict=True):
-                torch.where(mask, value, torch.zeros((), dtype=value.dtype, device=device), out=value)
+        if tensor is None:
             continue
-        torch._foreach_mul_(values, [mask.view(torch.uint8) for mask in masks])
-        # nan propagates through a sum and inf stays inf (or becomes nan): one cheap reduction per tensor
-        if assume_finite or bool(torch.stack([value.sum() for value in values]).isfinite().all()):
-            continue
-        for value, mask in zip(values, masks, strict=True):
-            torch.where(mask, value, torch.zeros((), dtype=value.dtype), out=value)
+        if tensor.device.type == "cpu":
+            values.append(tensor)
+            masks.append(mask)
+        else:
+            torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device), out=tensor)
+    if not values:
+        return
+    torch._foreach_mul_(values, [mask.view(torch.uint8) for mask in masks])
+    # nan propagates through a sum and inf stays inf (or becomes nan): one cheap reduction per tensor
+    if assume_finite or math.isfinite(sum(value.sum().item() for value in values)):
+        return
+    for value, mask in zip(values, masks, strict=True):
+        torch.where(mask, value, torch.zeros((), dtype=value.dtype), out=value)
 
 
 def count_zeros(tensors: Iterable[Tensor]) -> int:
