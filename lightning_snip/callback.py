@@ -460,21 +460,17 @@ class SNIPPruning(Callback):
             handle.remove()
         self._step_hooks = []
 
-    def _local(self, tensors: Iterable[_T]) -> list[_T]:
+    def _local(self, tensors: Iterable[_T]) -> Iterable[_T]:
         """The local parts of the tensors (sharded models hold ``DTensor``s); the tensors themselves otherwise."""
         if self._shards is None:
-            return list(tensors)
+            return tensors
         return [t if t is None else cast(_T, local_tensor(t)) for t in tensors]
 
     def _bind(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Attach held masks to the module's parameters (by name), move them to their devices, zero the weights."""
-        if self._loaded is not None:
-            whole = self._loaded
-        elif self._shards is not None:
-            whole = self.masks
-        else:
-            whole = self._kept
         sharded = _is_sharding(trainer.strategy)
+        whole = self.masks if self._loaded is None and self._shards is not None else (self._loaded or self._kept)
+        packed = self._packed_masks()[0] if sharded else {}  # the packed masks already held, when there are some
         params = {clean_name(name): p for name, p in pl_module.named_parameters()}
         shapes = whole_shapes(pl_module) if sharded else {name: p.shape for name, p in params.items()}
         missing = [n for n in whole if n not in params]
@@ -496,7 +492,7 @@ class SNIPPruning(Callback):
                 n: self._shards[n].take(m, like=local_tensor(self._params[n])).to(params[n].device, copy=True)
                 for n, m in whole.items()
             }
-            self._packed = {n: pack_mask(m) for n, m in whole.items()}
+            self._packed = packed
         else:
             self._shards, self._packed = None, {}
             self._kept = {n: m.to(params[n].device) for n, m in whole.items()}
@@ -553,7 +549,7 @@ class SNIPPruning(Callback):
                     f"{error} Check the data and the initialization; with `precision='16-mixed'` try 'bf16-mixed'."
                 ) from None
             counts = torch.tensor([[int(kept[n].sum()), int(scores[n].any())] for n in scores], dtype=torch.int64)
-            counts = _all_reduce_sum(strategy, counts.view(-1, 2))
+            counts = _all_reduce_sum(strategy, counts)
             rows = [
                 TensorSparsity(name, tuple(shard.shape), int(counts[i, 0]), shard.numel)
                 for i, (name, shard) in enumerate(shards.items())

@@ -73,11 +73,6 @@ def _fsdp1_flat_params(model: nn.Module) -> Iterator[Any]:
             yield flat
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is sharded by FSDP1 or is a ``DTensor``."""
-    return any(True for _ in _fsdp1_flat_params(model)) or any(is_dtensor(p) for p in model.parameters())
-
-
 def whole_shapes(model: nn.Module) -> dict[str, torch.Size]:
     """Each parameter's whole (unsharded) shape, by its clean name.
 
@@ -168,9 +163,10 @@ def shard_layout(
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     for name, param in params.items():
         _check_placement(name, param, world_size)
-    local = torch.tensor([local_tensor(p).numel() for p in params.values()], dtype=torch.int64)
-    gathered = [torch.empty_like(local, device=collective_device(group)) for _ in range(world_size)]
-    dist.all_gather(gathered, local.to(collective_device(group)), group=group)
+    device = collective_device(group)
+    local = torch.tensor([local_tensor(p).numel() for p in params.values()], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local, group=group)
     table = torch.stack([g.cpu() for g in gathered])  # [rank, weight]
     layout: dict[str, Shard] = {}
     for index, name in enumerate(params):

@@ -116,8 +116,8 @@ def fit(
     return trainer
 
 
-def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion: str) -> None:
-    """One DDP rank, launched by the test itself (Lightning sees LOCAL_RANK and does not launch)."""
+def _set_rank_environment(rank: int, world_size: int, port: int) -> None:
+    """What a launcher would set: Lightning then sees LOCAL_RANK and joins instead of launching processes."""
     import os
 
     os.environ.update(
@@ -130,6 +130,12 @@ def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion
             "GLOBAL_RANK": str(rank),
         }
     )
+
+
+def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion: str) -> None:
+    """One DDP rank, launched by the test itself (Lightning sees LOCAL_RANK and does not launch)."""
+
+    _set_rank_environment(rank, world_size, port)
     torch.manual_seed(0)  # identical init on every rank (DDP would broadcast rank 0's anyway)
     model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
     pruning = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion)
@@ -276,22 +282,12 @@ class LocalZeroChecker(pl.Callback):
 
 def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strategy: str, criterion: str) -> None:
     """One rank of a sharded run: fit with a checkpoint, then resume from it with a fresh callback."""
-    import os
 
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": str(world_size),
-            "NODE_RANK": "0",
-            "LOCAL_RANK": str(rank),
-            "GLOBAL_RANK": str(rank),
-        }
-    )
+    _set_rank_environment(rank, world_size, port)
 
     def run(pruning: SNIPPruning, epochs: int, ckpt_path: str | None = None) -> list[int]:
         torch.manual_seed(0)  # identical init on every rank, and equal to the single-process reference
