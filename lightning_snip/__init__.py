@@ -3,6 +3,7 @@
 from lightning_snip.callback import SNIPPruning
 from lightning_snip.candidates import find_candidates
 from lightning_snip.masks import (
+    MaskSet,
     apply_masks_,
     pack_mask,
     select_masks,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Criterion",
+    "MaskSet",
     "SNIPPruning",
     "ScoringContext",
     "ScoringError",

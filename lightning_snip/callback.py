@@ -43,6 +43,7 @@ from typing_extensions import override
 from lightning_snip.candidates import find_candidates
 from lightning_snip.isolation import leave_no_trace
 from lightning_snip.masks import (
+    MaskSet,
     Scope,
     TensorSparsity,
     apply_masks_,
@@ -315,6 +316,7 @@ class SNIPPruning(Callback):
         self._params: dict[str, nn.Parameter] = {}  # candidates the masks are bound to
         self._kept: dict[str, Tensor] = {}  # True = kept, like each local weight, on its device (1 byte per weight)
         self._shards: dict[str, Shard] | None = None  # where each rank's part lies, when the model is sharded
+        self._grad_masks = MaskSet(())  # `_kept` prepared for gradients, set in `on_train_start`
         self._packed: dict[str, Tensor] = {}  # whole masks, bit-packed on CPU, when the model is sharded
         self._step_hooks: list[RemovableHandle] = []
         self._last_logged_step = -1
@@ -409,22 +411,23 @@ class SNIPPruning(Callback):
         elif not self._kept:
             self._score(trainer, pl_module)
         self._remove_step_hooks()
+        self._grad_masks = MaskSet(self._kept.values())  # prepared once: the per-step work is only the multiply
         by_id = {id(self._params[name]): (self._params[name], mask) for name, mask in self._kept.items()}
         for optimizer in trainer.optimizers:
             pairs = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in by_id]
             if pairs:
-                params, masks = [p for p, _ in pairs], [m for _, m in pairs]
+                params, masks = [p for p, _ in pairs], MaskSet(m for _, m in pairs)
                 self._step_hooks.append(
                     # pruned weights were zero and got zero gradients, so they are finite: no check needed
                     optimizer.register_step_post_hook(
-                        lambda *_, p=params, m=masks: apply_masks_(self._local(p), m, assume_finite=True)
+                        lambda *_, p=params, m=masks: m.zero_(self._local(p), assume_finite=True)
                     )
                 )
         apply_masks_(self._local(self._params.values()), self._kept.values())
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        apply_masks_(self._local(p.grad for p in self._params.values()), self._kept.values())
+        self._grad_masks.zero_(self._local(p.grad for p in self._params.values()))
 
     @override
     def on_train_batch_end(

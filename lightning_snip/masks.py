@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -52,8 +52,11 @@ def _histogram(scores: Sequence[Tensor], high_bits: int | None) -> Tensor:
         for _, chunk in _chunks(s):
             keys = _sort_keys(chunk)
             high = (keys >> 16) + _BINS // 2
-            values = high if high_bits is None else keys[high == high_bits] & (_BINS - 1)
-            hist += torch.bincount(values, minlength=_BINS).cpu()
+            if high_bits is None:
+                hist += torch.bincount(high, minlength=_BINS).cpu()
+            else:  # keys outside the bin are counted in one extra bin, then dropped (cheaper than selecting them)
+                low = torch.where(high == high_bits, keys & (_BINS - 1), _BINS)
+                hist += torch.bincount(low, minlength=_BINS + 1)[:_BINS].cpu()
     return hist
 
 
@@ -85,10 +88,18 @@ def kth_largest_key(
         >>> kth_largest_key([torch.tensor([3.0, 1.0]), torch.tensor([2.0, 3.0])], k=3)[1]  # 3, 3 above the 2
         2
     """
+    return _threshold(scores, k, all_reduce_sum)[:2]
+
+
+def _threshold(
+    scores: Sequence[Tensor], k: int, all_reduce_sum: Callable[[Tensor], Tensor] | None
+) -> tuple[int, int, int]:
+    """:func:`kth_largest_key`, plus how many scores equal the k-th largest (read off the second histogram)."""
     reduce = all_reduce_sum or (lambda t: t)
     high_bin, above_high = _kth_bin(reduce(_histogram(scores, None)), k)
-    low_bin, above_low = _kth_bin(reduce(_histogram(scores, high_bin)), k - above_high)
-    return (high_bin - _BINS // 2) * _BINS + low_bin, above_high + above_low
+    low_hist = reduce(_histogram(scores, high_bin))
+    low_bin, above_low = _kth_bin(low_hist, k - above_high)
+    return (high_bin - _BINS // 2) * _BINS + low_bin, above_high + above_low, int(low_hist[low_bin])
 
 
 def all_finite(t: Tensor) -> bool:
@@ -99,7 +110,8 @@ def all_finite(t: Tensor) -> bool:
         >>> all_finite(torch.tensor([1.0, 2.0])), all_finite(torch.tensor([1.0, float("inf")]))
         (True, False)
     """
-    return all(bool(torch.isfinite(chunk).all()) for _, chunk in _chunks(t))
+    # a sum is finite only if every term is (nan and inf propagate); a finite-but-overflowing sum gets the full check
+    return all(math.isfinite(chunk.sum()) or bool(torch.isfinite(chunk).all()) for _, chunk in _chunks(t))
 
 
 TieQuotas = Callable[[Sequence[Tensor], int, int], Sequence[int]]
@@ -121,25 +133,35 @@ def _top_k(
         return [torch.ones_like(s, dtype=torch.bool) for s in scores]
     if k <= 0:
         return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
-    key, above = kth_largest_key(scores, k, all_reduce_sum)
+    key, above, ties = _threshold(scores, k, all_reduce_sum)
+    if ties == k - above:  # every score equal to the threshold is kept (the rule with continuous scores)
+        return [_compare(s, key, torch.ge) for s in scores]
     quotas = tie_quotas(scores, key, k - above) if tie_quotas is not None else None
     ties_left = k - above
     masks = []
     for index, s in enumerate(scores):
         if quotas is not None:
             ties_left = quotas[index]
-        kept = torch.empty(s.shape, dtype=torch.bool, device=s.device)
-        flat = kept.view(-1)
-        for start, chunk in _chunks(s):
-            keys = _sort_keys(chunk)
-            part = keys > key
-            if ties_left > 0:
-                ties = (keys == key).nonzero().squeeze(1)[:ties_left]
-                part[ties] = True
-                ties_left -= ties.numel()
-            flat[start : start + chunk.numel()] = part
+        kept = _compare(s, key, torch.gt)
+        if ties_left > 0:
+            flat = kept.view(-1)
+            for start, chunk in _chunks(s):
+                tied = (_sort_keys(chunk) == key).nonzero().squeeze(1)[:ties_left]
+                flat[start + tied] = True
+                ties_left -= tied.numel()
+                if ties_left == 0:
+                    break
         masks.append(kept)
     return masks
+
+
+def _compare(scores: Tensor, key: int, op: Callable[..., Tensor]) -> Tensor:
+    """``op(sort key, key)`` for every score, written chunk by chunk into one bool tensor shaped like ``scores``."""
+    out = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    flat = out.view(-1)
+    for start, chunk in _chunks(scores):
+        op(_sort_keys(chunk), key, out=flat[start : start + chunk.numel()])
+    return out
 
 
 def _select(
@@ -310,21 +332,88 @@ def unpack_mask(packed: Tensor, shape: Sequence[int]) -> Tensor:
     return out.reshape(tuple(shape))
 
 
-@torch.no_grad()
+class MaskSet:
+    """Bool masks prepared once for the per-step zeroing of a fixed list of tensors (their weights or gradients).
+
+    :func:`apply_masks_` does the same for one call; a callback that zeroes the same tensors on every step keeps a
+    ``MaskSet`` so that the per-call work is only the multiply (and the finiteness check).
+
+    On CPU the pruned entries are zeroed by one fused multiply by the masks (viewed as uint8) over all tensors, then
+    one sum per tensor confirms that no pruned entry held ``inf``/``nan`` (which a multiply by zero turns into
+    ``nan``); only if one did are the pruned entries overwritten exactly, one tensor at a time. On other devices
+    ``torch.where`` writes in place, with no host sync.
+
+    Args:
+        kept: Bool masks, ``True`` where kept, each on the device of the tensor it will zero.
+
+    Example::
+
+        >>> masks = MaskSet([torch.tensor([True, False])])
+        >>> w = torch.tensor([1.0, float("inf")])
+        >>> masks.zero_([w])
+        >>> w
+        tensor([1., 0.])
+    """
+
+    def __init__(self, kept: Iterable[Tensor]) -> None:
+        self.kept = tuple(kept)
+        bad = [tuple(m.shape) for m in self.kept if m.dtype != torch.bool]
+        if bad:
+            raise TypeError(f"`kept` must hold bool masks (True = kept); got non-bool masks of shapes {bad}.")
+        self._factors = tuple(m.view(torch.uint8) for m in self.kept)
+        self._cpu = all(m.device.type == "cpu" for m in self.kept)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    @torch.no_grad()
+    def zero_(self, tensors: Iterable[Tensor | None], assume_finite: bool = False) -> None:
+        """Set the pruned entries of each tensor to exactly zero, in place; ``None`` (no gradient) is skipped.
+
+        Args:
+            tensors: One tensor (or ``None``) per mask, in the masks' order, shaped like its mask.
+            assume_finite: Skip the check; only for tensors whose pruned entries are known to be finite (weights
+                right after a step whose pruned gradients were zero). Defaults to ``False``.
+        """
+        values = list(tensors)
+        if len(values) != len(self.kept):
+            raise ValueError(f"Got {len(values)} tensors for {len(self.kept)} masks; pass one tensor per mask.")
+        if self._cpu and all(v is not None for v in values):  # the per-step path: nothing to sort out
+            self._zero_cpu(cast(list[Tensor], values), self._factors, self.kept, assume_finite)
+            return
+        cpu: list[tuple[Tensor, Tensor, Tensor]] = []
+        for value, factor, mask in zip(values, self._factors, self.kept, strict=True):
+            if value is None:
+                continue
+            if value.device.type == "cpu":
+                cpu.append((value, factor, mask))
+            else:
+                torch.where(mask, value, torch.zeros((), dtype=value.dtype, device=value.device), out=value)
+        if cpu:
+            self._zero_cpu([c[0] for c in cpu], [c[1] for c in cpu], [c[2] for c in cpu], assume_finite)
+
+    @staticmethod
+    def _zero_cpu(values: list[Tensor], factors: Sequence[Tensor], kept: Sequence[Tensor], assume_finite: bool) -> None:
+        if not values:
+            return
+        torch._foreach_mul_(values, list(factors))
+        # nan propagates through a sum and inf stays inf (or becomes nan): one cheap reduction per tensor
+        if assume_finite or math.isfinite(sum(value.sum().item() for value in values)):
+            return
+        for value, mask in zip(values, kept, strict=True):
+            torch.where(mask, value, torch.zeros((), dtype=value.dtype), out=value)
+
+
 def apply_masks_(tensors: Iterable[Tensor | None], kept: Iterable[Tensor], assume_finite: bool = False) -> None:
     """Set the pruned entries (``kept`` is False) of each tensor to exactly zero, in place; ``None`` is skipped.
 
-    Used for gradients after every backward and for weights after every optimizer step, so it is built for speed:
-    on CPU one fused multiply by the masks (viewed as uint8) over all tensors, then one sum per tensor to confirm
-    that no pruned entry held ``inf``/``nan`` (which a multiply by zero turns into ``nan``); only if one did are the
-    pruned entries overwritten exactly, one tensor at a time. On other devices ``torch.where`` writes in place, with
-    no host sync.
+    One call of :meth:`MaskSet.zero_`: exact even where a pruned entry holds ``inf`` or ``nan``.
 
     Args:
         tensors: Weights or gradients.
         kept: Bool masks, ``True`` where kept.
-        assume_finite: Skip the check; only for tensors whose pruned entries are known to be finite (weights right
-            after a step whose pruned gradients were zero). Defaults to ``False``.
+        assume_finite: Skip the finiteness check; only for tensors whose pruned entries are known to be finite.
+            Defaults to ``False``.
 
     Example::
 
@@ -333,24 +422,7 @@ def apply_masks_(tensors: Iterable[Tensor | None], kept: Iterable[Tensor], assum
         >>> w
         tensor([1., 0., 0.])
     """
-    values: list[Tensor] = []  # on CPU: one fused multiply
-    masks: list[Tensor] = []
-    for tensor, mask in zip(tensors, kept, strict=True):
-        if tensor is None:
-            continue
-        if tensor.device.type == "cpu":
-            values.append(tensor)
-            masks.append(mask)
-        else:
-            torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device), out=tensor)
-    if not values:
-        return
-    torch._foreach_mul_(values, [mask.view(torch.uint8) for mask in masks])
-    # nan propagates through a sum and inf stays inf (or becomes nan): one cheap reduction per tensor
-    if assume_finite or math.isfinite(sum(value.sum().item() for value in values)):
-        return
-    for value, mask in zip(values, masks, strict=True):
-        torch.where(mask, value, torch.zeros((), dtype=value.dtype), out=value)
+    MaskSet(kept).zero_(tensors, assume_finite)
 
 
 def count_zeros(tensors: Iterable[Tensor]) -> int:

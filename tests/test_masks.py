@@ -1,7 +1,18 @@
+import math
+
 import pytest
 import torch
 
-from lightning_snip.masks import apply_masks_, count_zeros, format_report, kept_count, select_masks, sparsity_report
+from lightning_snip.masks import (
+    MaskSet,
+    all_finite,
+    apply_masks_,
+    count_zeros,
+    format_report,
+    kept_count,
+    select_masks,
+    sparsity_report,
+)
 
 
 @pytest.mark.parametrize(
@@ -103,6 +114,50 @@ def test_apply_masks_keeps_nan_where_kept():
     apply_masks_([w], [torch.tensor([True, False, False])])
     assert torch.isnan(w[0])
     assert w[1:].tolist() == [0.0, 0.0]
+
+
+def test_mask_set_is_prepared_once_and_reused():
+    kept = [torch.tensor([True, False, True]), torch.tensor([[False, True]])]
+    masks = MaskSet(kept)
+    assert len(masks) == 2
+    for step in range(3):  # the same masks zero fresh tensors on every call, nan and inf included
+        a, b = torch.tensor([1.0, float("nan"), 3.0]) * (step + 1), torch.tensor([[float("inf"), 2.0]])
+        masks.zero_([a, b])
+        assert a.tolist() == [step + 1.0, 0.0, 3.0 * (step + 1)]
+        assert b.tolist() == [[0.0, 2.0]]
+    w = torch.tensor([4.0, 5.0, 6.0])
+    masks.zero_([w, None])  # a parameter without a gradient is skipped
+    assert w.tolist() == [4.0, 0.0, 6.0]
+    weight = torch.nn.Parameter(torch.ones(3))  # a leaf that requires grad: zeroed in place all the same
+    masks.zero_([weight, torch.zeros(1, 2)], assume_finite=True)
+    assert weight.tolist() == [1.0, 0.0, 1.0]
+    assert weight.requires_grad
+    MaskSet([]).zero_([])
+
+
+def test_mask_set_rejects_bad_input():
+    with pytest.raises(TypeError, match=r"bool masks .* shapes \[\(2,\)\]"):
+        MaskSet([torch.ones(2)])
+    with pytest.raises(ValueError, match="Got 1 tensors for 2 masks"):
+        MaskSet([torch.ones(2, dtype=torch.bool)] * 2).zero_([torch.ones(2)])
+
+
+def test_threshold_counts_the_ties_at_the_kth_score():
+    import lightning_snip.masks as masks_module
+
+    key_of_two = int(torch.tensor([2.0]).view(torch.int32))
+    scores = [torch.tensor([2.0, 5.0, 2.0]), torch.tensor([2.0, 2.0, 0.0])]
+    assert masks_module._threshold(scores, 3, None) == (key_of_two, 1, 4)  # keep 2 of the 4 tied 2s
+    assert masks_module._threshold(scores, 5, None) == (key_of_two, 1, 4)  # keep them all: a single compare
+
+
+def test_all_finite_survives_a_sum_that_overflows():
+    big = torch.full((4,), 3e38)
+    assert math.isinf(float(big.sum()))
+    assert all_finite(big)
+    assert all_finite(torch.full((8,), 60000.0, dtype=torch.float16))
+    assert not all_finite(torch.tensor([1.0, float("inf")]))
+    assert not all_finite(torch.tensor([float("nan")]))
 
 
 def test_sparsity_report_and_table():
