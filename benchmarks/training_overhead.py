@@ -3,8 +3,13 @@
 For each network, three variants train the same model shape on the same batches with the same thread count:
 dense (no callback), SNIPPruning, and ModelPruning (global l1_unstructured at the same sparsity over the same
 weights, pruned once at the start of training, kept as masks during training). Rounds interleave the variants
-(dense, snip, modelpruning, dense, ...); the first steps of every round are warm-up and discarded. It prints a Markdown
-table (median step time, spread, ratio to dense, memory per candidate weight, scoring cost) and can write JSON.
+(dense, snip, modelpruning, dense, ...); the first steps of every round are warm-up and discarded.
+
+Two views of the enforcement cost are printed: the end-to-end step-time ratio to dense (what a user sees, but on a
+shared CPU its spread can exceed the cost itself), and the time spent inside the mask enforcement during the same
+SNIPPruning steps (gradients after backward, weights after the step), measured in situ, as a share of the dense
+median step. Scoring is timed on fresh models, split into selection, batch fetch and the rest, and set against one
+forward and backward pass on the same batch. It prints Markdown tables and can write JSON.
 
     python benchmarks/training_overhead.py                     # LeNet-300-100, ResNet-18 (CIFAR), Transformer
     python benchmarks/training_overhead.py --networks lenet300 --rounds 5 --steps 40
@@ -31,8 +36,9 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from models import lenet_300_100, resnet18_cifar
 
+import lightning_snip.callback as snip_callback
 from lightning_snip import SNIPPruning, find_candidates
-from lightning_snip.masks import select_masks
+from lightning_snip.masks import MaskSet
 
 SPARSITY = 0.9
 
@@ -98,19 +104,66 @@ class ModelPruningAtStart(ModelPruning):
             self.pruned = True
 
 
-class StepTimer(pl.Callback):
-    """Two instances bracket every other callback: the first starts the clock, the last stops it."""
+class EnforcementTimer:
+    """Adds up, per training step, the time spent in ``MaskSet.zero_`` (all of SNIPPruning's per-step mask work)."""
 
-    def __init__(self, times: list[float], start: bool) -> None:
-        self.times, self.start = times, start
+    def __init__(self) -> None:
+        self.step_start = self.step_total = 0.0
+        self.per_step: list[float] = []
+
+    def __enter__(self) -> EnforcementTimer:
+        self.original = original = MaskSet.zero_
+
+        def timed(masks: MaskSet, tensors: Any) -> None:
+            start = time.perf_counter()
+            original(masks, tensors)
+            self.step_total += time.perf_counter() - start
+
+        setattr(MaskSet, "zero_", timed)  # noqa: B010 - patched for the duration of one fit
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        setattr(MaskSet, "zero_", self.original)  # noqa: B010
+
+
+class StepTimer(pl.Callback):
+    """Two instances bracket every other callback: the first starts the clock, the last stops it (and closes the
+    enforcement total of the step)."""
+
+    def __init__(self, times: list[float], start: bool, enforcement: EnforcementTimer) -> None:
+        self.times, self.start, self.enforcement = times, start, enforcement
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if self.start:
-            StepTimer.t0 = time.perf_counter()
+            self.enforcement.step_total = 0.0
+            self.enforcement.step_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if not self.start:
-            self.times.append(time.perf_counter() - StepTimer.t0)
+            self.times.append(time.perf_counter() - self.enforcement.step_start)
+            self.enforcement.per_step.append(self.enforcement.step_total)
+
+
+class SelectionTimer:
+    """Times the selection inside the callback's own scoring (the scores it really selects from)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def __enter__(self) -> SelectionTimer:
+        self.original = original = snip_callback.select_masks
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            self.seconds.append(time.perf_counter() - start)
+            return result
+
+        snip_callback.select_masks = timed
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        snip_callback.select_masks = self.original
 
 
 def _targets(module: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -135,7 +188,40 @@ def fwd_bwd_time(model: Module, batch: Any, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, rounds: int, steps: int, warmup: int) -> dict[str, Any]:
+def _stats(values: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(values, n=4)
+    return {"median_ms": 1000 * statistics.median(values), "iqr_ms": 1000 * (q[2] - q[0]), "steps": len(values)}
+
+
+class _Capture(pl.loggers.Logger):
+    """Keeps the metrics the callback logs (its scoring time among them)."""
+
+    name, version = "capture", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.update(metrics)
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
+def bench_steps(name: str, rounds: int, steps: int, warmup: int) -> dict[str, Any]:
     build, loader, sequence = network(name)
     torch.manual_seed(0)
     models = {variant: Module(build(), sequence) for variant in ("dense", "snip", "modelpruning")}
@@ -143,79 +229,76 @@ def bench(name: str, rounds: int, steps: int, warmup: int) -> dict[str, Any]:
         m.load_state_dict(models["dense"].state_dict())
     snip = SNIPPruning(sparsity=SPARSITY, log_per_layer=False, plot=False)
     modelpruning = ModelPruningAtStart(_targets(models["modelpruning"]))
-    callbacks = {"dense": [], "snip": [snip], "modelpruning": [modelpruning]}
+    callbacks: dict[str, list[pl.Callback]] = {"dense": [], "snip": [snip], "modelpruning": [modelpruning]}
     times: dict[str, list[float]] = {variant: [] for variant in models}
+    enforcement: list[float] = []
     for _ in range(rounds):
         for variant, model in models.items():
             recorded: list[float] = []
-            trainer = pl.Trainer(
-                max_steps=warmup + steps,
-                accelerator="cpu",
-                devices=1,
-                logger=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                enable_checkpointing=False,
-                num_sanity_val_steps=0,
-                callbacks=[StepTimer(recorded, True), *callbacks[variant], StepTimer(recorded, False)],
-            )
-            trainer.fit(model, loader)
+            with EnforcementTimer() as timer:
+                trainer = _quiet_trainer(
+                    max_steps=warmup + steps,
+                    logger=False,
+                    callbacks=[
+                        StepTimer(recorded, True, timer),
+                        *callbacks[variant],
+                        StepTimer(recorded, False, timer),
+                    ],
+                )
+                trainer.fit(model, loader)
             times[variant] += recorded[warmup:]
+            if variant == "snip":
+                enforcement += timer.per_step[warmup:]
 
+    result: dict[str, Any] = {variant: _stats(values) for variant, values in times.items()}
+    dense = result["dense"]["median_ms"]
+    for variant in times:
+        result[variant]["ratio_to_dense"] = result[variant]["median_ms"] / dense
+    result["enforcement"] = _stats(enforcement)
+    result["enforcement"]["share_of_dense_step"] = result["enforcement"]["median_ms"] / dense
     n = sum(p.numel() for p in snip._params.values())
-    snip_bytes = sum(m.nbytes for m in snip._kept.values())
     mp_targets = modelpruning._parameters_to_prune
     mp_bytes = sum(getattr(module, f"{attr}_mask").nbytes + getattr(module, attr).nbytes for module, attr in mp_targets)
-    mp_n = sum(getattr(module, f"{attr}_orig").numel() for module, attr in mp_targets)
-    batch = next(iter(loader))
-    pass_s = fwd_bwd_time(models["dense"], batch)
-    scores = {k: torch.rand_like(p) for k, p in snip._params.items()}
-    selection_times = []
-    for _ in range(4):  # the first call warms up
-        start = time.perf_counter()
-        select_masks(scores, SPARSITY)
-        selection_times.append(time.perf_counter() - start)
-    selection_s = statistics.median(selection_times[1:])
-    # time SNIP scoring on a fresh model: the callback reports it, selection included
-    fresh, scoring = Module(build(), sequence), SNIPPruning(sparsity=SPARSITY, log_per_layer=False, plot=False)
-    timer = {}
-
-    class Capture(pl.loggers.Logger):
-        name, version = "capture", 0
-
-        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            timer.update(metrics)
-
-        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-    pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=Capture(),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[scoring],
-    ).fit(fresh, loader)
-
-    def stats(values: list[float]) -> dict[str, float]:
-        q = statistics.quantiles(values, n=4)
-        return {"median_ms": 1000 * statistics.median(values), "iqr_ms": 1000 * (q[2] - q[0]), "steps": len(values)}
-
-    result = {variant: stats(values) for variant, values in times.items()}
-    dense = result["dense"]["median_ms"]
-    for variant in result:
-        result[variant]["ratio_to_dense"] = result[variant]["median_ms"] / dense
     result["candidate_weights"] = n
-    result["snip_bytes_per_weight"] = snip_bytes / n
+    result["snip_bytes_per_weight"] = sum(m.nbytes for m in snip._kept.values()) / n
+    result["modelpruning_weights"] = mp_n = sum(getattr(module, f"{attr}_orig").numel() for module, attr in mp_targets)
     result["modelpruning_bytes_per_weight"] = mp_bytes / mp_n
-    result["modelpruning_weights"] = mp_n
-    result["fwd_bwd_ms"] = 1000 * pass_s
-    result["scoring_ms"] = 1000 * timer["snip/scoring_time_s"]
-    result["selection_ms"] = 1000 * selection_s
-    result["scoring_over_fwd_bwd"] = (timer["snip/scoring_time_s"] - selection_s) / pass_s
     return result
+
+
+def bench_scoring(name: str, repeats: int) -> dict[str, Any]:
+    """SNIP scoring on fresh models, as the callback reports it, against one forward and backward on the same batch."""
+    build, loader, sequence = network(name)
+    scoring, selection = [], []
+    for seed in range(repeats):
+        torch.manual_seed(seed)
+        fresh, logger = Module(build(), sequence), _Capture()
+        trainer = _quiet_trainer(
+            max_steps=1, logger=logger, callbacks=[SNIPPruning(sparsity=SPARSITY, log_per_layer=False, plot=False)]
+        )
+        with SelectionTimer() as timer:
+            trainer.fit(fresh, loader)
+        scoring.append(logger.metrics["snip/scoring_time_s"])
+        selection += timer.seconds
+    fetch = []
+    for _ in range(5):
+        start = time.perf_counter()
+        batch = next(iter(loader))
+        fetch.append(time.perf_counter() - start)
+    pass_s = fwd_bwd_time(fresh, batch)
+    scoring_s, selection_s, fetch_s = (statistics.median(v) for v in (scoring, selection, fetch))
+    return {
+        "fwd_bwd_ms": 1000 * pass_s,
+        "scoring_ms": 1000 * scoring_s,
+        "selection_ms": 1000 * selection_s,
+        "batch_fetch_ms": 1000 * fetch_s,
+        "scorings": repeats,
+        "scoring_over_fwd_bwd": (scoring_s - selection_s) / pass_s,
+        "scoring_over_fwd_bwd_without_fetch": (scoring_s - selection_s - fetch_s) / pass_s,
+    }
+
+
+_LABELS = {"lenet300": "LeNet-300-100 (100)", "resnet18": "ResNet-18 CIFAR (64)", "transformer": "Transformer (32x128)"}
 
 
 def _cell(result: dict[str, Any], variant: str) -> str:
@@ -225,28 +308,40 @@ def _cell(result: dict[str, Any], variant: str) -> str:
 
 def table(results: dict[str, dict[str, Any]], threads: int) -> str:
     lines = [
-        "| network (batch) | dense step | SNIPPruning step | ModelPruning step"
-        " | memory per weight: SNIP / ModelPruning | SNIP scoring (fwd+bwd = 1) |",
+        "| network (batch) | dense step | SNIPPruning step | ModelPruning step | SNIP enforcement in situ"
+        " | memory per weight: SNIP / ModelPruning |",
         "|---|---|---|---|---|---|",
     ]
-    labels = {
-        "lenet300": "LeNet-300-100 (100)",
-        "resnet18": "ResNet-18 CIFAR (64)",
-        "transformer": "Transformer (32x128)",
-    }
+    for name, r in results.items():
+        e = r["enforcement"]
+        lines.append(
+            f"| {_LABELS[name]} | {r['dense']['median_ms']:.2f} ms ± {r['dense']['iqr_ms']:.2f} | {_cell(r, 'snip')} |"
+            f" {_cell(r, 'modelpruning')} | {1000 * e['median_ms']:.0f} µs ± {1000 * e['iqr_ms']:.0f}"
+            f" ({e['share_of_dense_step']:.2%} of dense) | {r['snip_bytes_per_weight']:.2f} B"
+            f" / {r['modelpruning_bytes_per_weight']:.2f} B |"
+        )
+    lines += [
+        "",
+        "| network (batch) | fwd+bwd | SNIP scoring | of which selection | batch fetch"
+        " | (scoring - selection) / fwd+bwd | without the fetch |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         lines.append(
-            f"| {labels[name]} | {r['dense']['median_ms']:.2f} ms ± {r['dense']['iqr_ms']:.2f} | {_cell(r, 'snip')} |"
-            f" {_cell(r, 'modelpruning')} | {r['snip_bytes_per_weight']:.2f} B"
-            f" / {r['modelpruning_bytes_per_weight']:.2f} B |"
-            f" {r['scoring_over_fwd_bwd']:.2f}x + selection {r['selection_ms']:.0f} ms |"
+            f"| {_LABELS[name]} | {r['fwd_bwd_ms']:.2f} ms | {r['scoring_ms']:.2f} ms | {r['selection_ms']:.2f} ms"
+            f" | {r['batch_fetch_ms']:.2f} ms | {r['scoring_over_fwd_bwd']:.2f}x"
+            f" | {r['scoring_over_fwd_bwd_without_fetch']:.2f}x |"
         )
-    steps = ", ".join(f"{labels[name].split(' (')[0]} {r['dense']['steps']}" for name, r in results.items())
+    steps = ", ".join(f"{_LABELS[name].split(' (')[0]} {r['dense']['steps']}" for name, r in results.items())
+    scorings = next(iter(results.values()))["scorings"]
     return "\n".join(lines) + (
-        f"\n\nMedian step time ± interquartile range over {steps} steps per variant (rounds interleaved, warm-up"
-        f" discarded), ratio to dense in parentheses; {threads} threads; sparsity {SPARSITY:.0%}. ModelPruning"
-        " prunes the same weights except MultiheadAttention's output projections, which torch.nn.utils.prune"
-        " cannot handle (the Transformer then fails on its second backward)."
+        f"\n\nStep times: median ± interquartile range over {steps} steps per variant (rounds interleaved, warm-up"
+        " discarded), ratio to dense in parentheses. SNIP enforcement in situ: time inside the mask enforcement"
+        " (gradients after backward, weights after the step) per SNIPPruning step, as a share of the dense median"
+        f" step. Scoring: medians over {scorings} fresh models; fwd+bwd is one warm forward and backward on the"
+        f" scoring batch; the fetch is one batch from the data loader. {threads} threads; sparsity {SPARSITY:.0%}."
+        " ModelPruning prunes the same weights except MultiheadAttention's output projections, which"
+        " torch.nn.utils.prune cannot handle (the Transformer then fails on its second backward)."
     )
 
 
@@ -256,6 +351,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, help="measured steps per round (default: 40 LeNet, 5 otherwise)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--scorings", type=int, default=3, help="fresh models scored per network (default: 3)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -266,7 +362,7 @@ def main() -> None:
     results = {}
     for name in args.networks:
         steps = args.steps or (40 if name == "lenet300" else 5)
-        results[name] = bench(name, args.rounds, steps, args.warmup)
+        results[name] = {**bench_steps(name, args.rounds, steps, args.warmup), **bench_scoring(name, args.scorings)}
         print(f"{name}: done", flush=True)
     print(table(results, threads))
     if args.json:

@@ -418,10 +418,7 @@ class SNIPPruning(Callback):
             if pairs:
                 params, masks = [p for p, _ in pairs], MaskSet(m for _, m in pairs)
                 self._step_hooks.append(
-                    # pruned weights were zero and got zero gradients, so they are finite: no check needed
-                    optimizer.register_step_post_hook(
-                        lambda *_, p=params, m=masks: m.zero_(self._local(p), assume_finite=True)
-                    )
+                    optimizer.register_step_post_hook(lambda *_, p=params, m=masks: m.zero_(self._local(p)))
                 )
         apply_masks_(self._local(self._params.values()), self._kept.values())
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -332,27 +332,37 @@ def unpack_mask(packed: Tensor, shape: Sequence[int]) -> Tensor:
     return out.reshape(tuple(shape))
 
 
+_BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_bits(tensor: Tensor) -> Tensor | None:
+    """The tensor's storage viewed as integers of the same width (no copy), or ``None`` where there is none."""
+    dtype = _BITS_OF_SIZE.get(tensor.element_size())
+    return None if dtype is None else tensor.view(dtype)
+
+
 class MaskSet:
     """Bool masks prepared once for the per-step zeroing of a fixed list of tensors (their weights or gradients).
 
-    :func:`apply_masks_` does the same for one call; a callback that zeroes the same tensors on every step keeps a
-    ``MaskSet`` so that the per-call work is only the multiply (and the finiteness check).
-
-    On CPU the pruned entries are zeroed by one fused multiply by the masks (viewed as uint8) over all tensors, then
-    one sum per tensor confirms that no pruned entry held ``inf``/``nan`` (which a multiply by zero turns into
-    ``nan``); only if one did are the pruned entries overwritten exactly, one tensor at a time. On other devices
-    ``torch.where`` writes in place, with no host sync.
+    Zeroing multiplies each tensor's bits, viewed as integers of the same width, by its mask viewed as uint8: one fused
+    ``_foreach_mul_`` per device. A pruned entry becomes exactly ``+0.0`` whatever it held, ``inf`` and ``nan``
+    included, so no finiteness check, no fallback and no host synchronization are needed, and kept entries are
+    untouched bit for bit. :func:`apply_masks_` does the same for one call; a callback that zeroes the same tensors on
+    every step keeps a ``MaskSet``, so the per-step work is only the multiply.
 
     Args:
         kept: Bool masks, ``True`` where kept, each on the device of the tensor it will zero.
 
+    Raises:
+        TypeError: If a mask is not a bool tensor.
+
     Example::
 
-        >>> masks = MaskSet([torch.tensor([True, False])])
-        >>> w = torch.tensor([1.0, float("inf")])
+        >>> masks = MaskSet([torch.tensor([True, False, False])])
+        >>> w = torch.tensor([1.0, float("inf"), -2.0])
         >>> masks.zero_([w])
         >>> w
-        tensor([1., 0.])
+        tensor([1., 0., 0.])
     """
 
     def __init__(self, kept: Iterable[Tensor]) -> None:
@@ -361,59 +371,46 @@ class MaskSet:
         if bad:
             raise TypeError(f"`kept` must hold bool masks (True = kept); got non-bool masks of shapes {bad}.")
         self._factors = tuple(m.view(torch.uint8) for m in self.kept)
-        self._cpu = all(m.device.type == "cpu" for m in self.kept)
 
     def __len__(self) -> int:
         return len(self.kept)
 
     @torch.no_grad()
-    def zero_(self, tensors: Iterable[Tensor | None], assume_finite: bool = False) -> None:
+    def zero_(self, tensors: Iterable[Tensor | None]) -> None:
         """Set the pruned entries of each tensor to exactly zero, in place; ``None`` (no gradient) is skipped.
 
         Args:
             tensors: One tensor (or ``None``) per mask, in the masks' order, shaped like its mask.
-            assume_finite: Skip the check; only for tensors whose pruned entries are known to be finite (weights
-                right after a step whose pruned gradients were zero). Defaults to ``False``.
+
+        Raises:
+            ValueError: If the number of tensors differs from the number of masks.
         """
         values = list(tensors)
         if len(values) != len(self.kept):
             raise ValueError(f"Got {len(values)} tensors for {len(self.kept)} masks; pass one tensor per mask.")
-        if self._cpu and all(v is not None for v in values):  # the per-step path: nothing to sort out
-            self._zero_cpu(cast(list[Tensor], values), self._factors, self.kept, assume_finite)
-            return
-        cpu: list[tuple[Tensor, Tensor, Tensor]] = []
+        groups: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
         for value, factor, mask in zip(values, self._factors, self.kept, strict=True):
             if value is None:
                 continue
-            if value.device.type == "cpu":
-                cpu.append((value, factor, mask))
-            else:
-                torch.where(mask, value, torch.zeros((), dtype=value.dtype, device=value.device), out=value)
-        if cpu:
-            self._zero_cpu([c[0] for c in cpu], [c[1] for c in cpu], [c[2] for c in cpu], assume_finite)
-
-    @staticmethod
-    def _zero_cpu(values: list[Tensor], factors: Sequence[Tensor], kept: Sequence[Tensor], assume_finite: bool) -> None:
-        if not values:
-            return
-        torch._foreach_mul_(values, list(factors))
-        # nan propagates through a sum and inf stays inf (or becomes nan): one cheap reduction per tensor
-        if assume_finite or math.isfinite(sum(value.sum().item() for value in values)):
-            return
-        for value, mask in zip(values, kept, strict=True):
-            torch.where(mask, value, torch.zeros((), dtype=value.dtype), out=value)
+            bits = _as_bits(value)
+            if bits is None:  # no integer of that width (complex128): overwrite instead
+                value.masked_fill_(~mask, 0)
+                continue
+            group = groups.setdefault(value.device, ([], []))
+            group[0].append(bits)
+            group[1].append(factor)
+        for bits_list, factors in groups.values():
+            torch._foreach_mul_(bits_list, factors)
 
 
-def apply_masks_(tensors: Iterable[Tensor | None], kept: Iterable[Tensor], assume_finite: bool = False) -> None:
+def apply_masks_(tensors: Iterable[Tensor | None], kept: Iterable[Tensor]) -> None:
     """Set the pruned entries (``kept`` is False) of each tensor to exactly zero, in place; ``None`` is skipped.
 
-    One call of :meth:`MaskSet.zero_`: exact even where a pruned entry holds ``inf`` or ``nan``.
+    One call of :meth:`MaskSet.zero_`: exact whatever the pruned entries held, ``inf`` and ``nan`` included.
 
     Args:
         tensors: Weights or gradients.
         kept: Bool masks, ``True`` where kept.
-        assume_finite: Skip the finiteness check; only for tensors whose pruned entries are known to be finite.
-            Defaults to ``False``.
 
     Example::
 
@@ -422,7 +419,7 @@ def apply_masks_(tensors: Iterable[Tensor | None], kept: Iterable[Tensor], assum
         >>> w
         tensor([1., 0., 0.])
     """
-    MaskSet(kept).zero_(tensors, assume_finite)
+    MaskSet(kept).zero_(tensors)
 
 
 def count_zeros(tensors: Iterable[Tensor]) -> int:
