@@ -383,15 +383,21 @@ class MaskSet:
             tensors: One tensor (or ``None``) per mask, in the masks' order, shaped like its mask.
 
         Raises:
-            ValueError: If the number of tensors differs from the number of masks.
+            ValueError: If the number of tensors differs from the number of masks, or a tensor's shape from its
+                mask's (a multiply would broadcast the mask silently).
         """
         values = list(tensors)
         if len(values) != len(self.kept):
             raise ValueError(f"Got {len(values)} tensors for {len(self.kept)} masks; pass one tensor per mask.")
         groups: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
-        for value, factor, mask in zip(values, self._factors, self.kept, strict=True):
+        for index, (value, factor, mask) in enumerate(zip(values, self._factors, self.kept, strict=True)):
             if value is None:
                 continue
+            if value.shape != mask.shape:
+                raise ValueError(
+                    f"Tensor {index} has shape {tuple(value.shape)} but its mask {tuple(mask.shape)}; pass the tensors"
+                    " the masks were made for, in the same order."
+                )
             bits = _as_bits(value)
             if bits is None:  # no integer of that width (complex128): overwrite instead
                 value.masked_fill_(~mask, 0)

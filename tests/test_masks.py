@@ -148,6 +148,8 @@ def test_mask_set_rejects_bad_input():
         MaskSet([torch.ones(2)])
     with pytest.raises(ValueError, match="Got 1 tensors for 2 masks"):
         MaskSet([torch.ones(2, dtype=torch.bool)] * 2).zero_([torch.ones(2)])
+    with pytest.raises(ValueError, match=r"Tensor 1 has shape \(2, 3\) but its mask \(3,\)"):
+        MaskSet([torch.ones(3, dtype=torch.bool)] * 2).zero_([torch.ones(3), torch.ones(2, 3)])  # would broadcast
 
 
 def test_threshold_counts_the_ties_at_the_kth_score():
