@@ -46,7 +46,6 @@ from lightning_snip.masks import (
     MaskSet,
     Scope,
     TensorSparsity,
-    apply_masks_,
     count_zeros,
     format_report,
     pack_mask,
@@ -316,7 +315,7 @@ class SNIPPruning(Callback):
         self._params: dict[str, nn.Parameter] = {}  # candidates the masks are bound to
         self._kept: dict[str, Tensor] = {}  # True = kept, like each local weight, on its device (1 byte per weight)
         self._shards: dict[str, Shard] | None = None  # where each rank's part lies, when the model is sharded
-        self._grad_masks = MaskSet(())  # `_kept` prepared for gradients, set in `on_train_start`
+        self._mask_set = MaskSet(())  # `_kept` prepared once for the per-step zeroing
         self._packed: dict[str, Tensor] = {}  # whole masks, bit-packed on CPU, when the model is sharded
         self._step_hooks: list[RemovableHandle] = []
         self._last_logged_step = -1
@@ -391,7 +390,7 @@ class SNIPPruning(Callback):
         if config is not None and config != self._config():
             rank_zero_warn(f"`SNIPPruning` loads masks made with {config}, not this instance's {self._config()}.")
         self._loaded = unpacked or None
-        self._params, self._kept, self._shards, self._packed = {}, {}, None, {}
+        self._hold({}, {}, None, {})
 
     # ------------------------------------------------------------------ hooks
 
@@ -411,7 +410,6 @@ class SNIPPruning(Callback):
         elif not self._kept:
             self._score(trainer, pl_module)
         self._remove_step_hooks()
-        self._grad_masks = MaskSet(self._kept.values())  # prepared once: the per-step work is only the multiply
         by_id = {id(self._params[name]): (self._params[name], mask) for name, mask in self._kept.items()}
         for optimizer in trainer.optimizers:
             pairs = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in by_id]
@@ -420,11 +418,11 @@ class SNIPPruning(Callback):
                 self._step_hooks.append(
                     optimizer.register_step_post_hook(lambda *_, p=params, m=masks: m.zero_(self._local(p)))
                 )
-        apply_masks_(self._local(self._params.values()), self._kept.values())
+        self._mask_set.zero_(self._local(self._params.values()))  # weights may have been restored since binding
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._grad_masks.zero_(self._local(p.grad for p in self._params.values()))
+        self._mask_set.zero_(self._local(p.grad for p in self._params.values()))
 
     @override
     def on_train_batch_end(
@@ -466,6 +464,18 @@ class SNIPPruning(Callback):
             return tensors
         return [t if t is None else cast(_T, local_tensor(t)) for t in tensors]
 
+    def _hold(
+        self,
+        params: dict[str, nn.Parameter],
+        kept: dict[str, Tensor],
+        shards: dict[str, Shard] | None,
+        packed: dict[str, Tensor],
+    ) -> None:
+        """Hold masks bound to ``params``, prepare them for the per-step zeroing and zero the pruned weights."""
+        self._params, self._kept, self._shards, self._packed = params, kept, shards, packed
+        self._mask_set = MaskSet(kept.values())
+        self._mask_set.zero_(self._local(params.values()))
+
     def _bind(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Attach held masks to the module's parameters (by name), move them to their devices, zero the weights."""
         sharded = _is_sharding(trainer.strategy)
@@ -485,19 +495,17 @@ class SNIPPruning(Callback):
                 f" missing parameters {missing}, shape mismatches {mismatched}. Resume with the model the masks were"
                 " made for, or use a new `SNIPPruning` instance to score this model."
             )
-        self._params = {n: params[n] for n in whole}
-        if sharded:
-            self._shards = shard_layout(self._params, shapes)
-            self._kept = {
-                n: self._shards[n].take(m, like=local_tensor(self._params[n])).to(params[n].device, copy=True)
+        bound = {n: params[n] for n in whole}
+        shards = shard_layout(bound, shapes) if sharded else None
+        if shards is not None:
+            kept = {
+                n: shards[n].take(m, like=local_tensor(bound[n])).to(params[n].device, copy=True)
                 for n, m in whole.items()
             }
-            self._packed = packed
         else:
-            self._shards, self._packed = None, {}
-            self._kept = {n: m.to(params[n].device) for n, m in whole.items()}
+            kept = {n: m.to(params[n].device) for n, m in whole.items()}
         self._loaded = None
-        apply_masks_(self._local(self._params.values()), self._kept.values())
+        self._hold(bound, kept, shards, packed)
 
     def _shared_seed(self, strategy: Strategy) -> int:
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -564,9 +572,7 @@ class SNIPPruning(Callback):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
 
-        self._params, self._kept, self._shards = candidates, kept, shards
-        self._packed = packed if shards is not None else {}
-        apply_masks_(self._local(self._params.values()), self._kept.values())
+        self._hold(candidates, kept, shards, packed if shards is not None else {})
         self._report(trainer, dead, elapsed, rows if shards is not None else sparsity_report(self._params))
 
     def _report(self, trainer: Trainer, dead: list[str], elapsed: float, rows: list[TensorSparsity]) -> None:

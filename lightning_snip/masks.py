@@ -297,8 +297,8 @@ def pack_mask(mask: Tensor) -> Tensor:
     """
     flat = mask.detach().reshape(-1)
     packed = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8)
-    for start, _ in _chunks(flat):  # _CHUNK is a multiple of 8
-        part = flat[start : start + _CHUNK].cpu()
+    for start, part in _chunks(flat):  # _CHUNK is a multiple of 8
+        part = part.cpu()
         if part.numel() % 8:
             part = torch.cat([part, part.new_zeros(8 - part.numel() % 8)])
         packed[start // 8 : start // 8 + part.numel() // 8] = (part.view(-1, 8).to(torch.uint8) * _BIT_WEIGHTS).sum(1)
@@ -428,10 +428,15 @@ def apply_masks_(tensors: Iterable[Tensor | None], kept: Iterable[Tensor]) -> No
     MaskSet(kept).zero_(tensors)
 
 
+def _zero_counts(tensors: Iterable[Tensor]) -> list[int]:
+    """Each tensor's number of entries equal to zero, with a single device synchronization."""
+    counts = [(t == 0).sum() for t in tensors]
+    return torch.stack([c.cpu() for c in counts]).tolist() if counts else []
+
+
 def count_zeros(tensors: Iterable[Tensor]) -> int:
     """Number of entries equal to zero over all tensors, with a single device synchronization."""
-    counts = [(t == 0).sum() for t in tensors]
-    return int(torch.stack([c.cpu() for c in counts]).sum()) if counts else 0
+    return sum(_zero_counts(tensors))
 
 
 @dataclass(frozen=True)
@@ -464,11 +469,9 @@ def sparsity_report(weights: Mapping[str, Tensor]) -> list[TensorSparsity]:
         >>> [r.sparsity for r in sparsity_report({"w": torch.tensor([[0.0, 2.0], [0.0, 0.0]])})]
         [0.75]
     """
-    zeros = [(w == 0).sum() for w in weights.values()]
-    counts = torch.stack([z.cpu() for z in zeros]).tolist() if zeros else []
     return [
-        TensorSparsity(name, tuple(w.shape), w.numel() - int(z), w.numel())
-        for (name, w), z in zip(weights.items(), counts, strict=True)
+        TensorSparsity(name, tuple(w.shape), w.numel() - zeros, w.numel())
+        for (name, w), zeros in zip(weights.items(), _zero_counts(weights.values()), strict=True)
     ]
 
 

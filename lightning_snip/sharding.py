@@ -10,6 +10,7 @@ that follows, and so on. That is what FSDP's flat-parameter sharding (``FULL_SHA
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ def clean_name(name: str) -> str:
     return name
 
 
+@functools.cache  # asked for every parameter on every step of a sharded run
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
