@@ -7,9 +7,9 @@ weights, pruned once at the start of training, kept as masks during training). R
 
 Two views of the enforcement cost are printed: the end-to-end step-time ratio to dense (what a user sees, but on a
 shared CPU its spread can exceed the cost itself), and the time spent inside the mask enforcement during the same
-SNIPPruning steps (gradients after backward, weights after the step), measured in situ, as a share of the dense
-median step. Scoring is timed on fresh models, split into selection, batch fetch and the rest, and set against one
-forward and backward pass on the same batch. It prints Markdown tables and can write JSON.
+SNIPPruning steps (all of the callback's per-step work), measured in situ, as a share of the dense median step.
+Scoring is timed on fresh models, split into selection, batch fetch and the rest, and set against one forward and
+backward pass on the same batch, warm and on a fresh model at fit start. It prints Markdown tables and can write JSON.
 
     python benchmarks/training_overhead.py                     # LeNet-300-100, ResNet-18 (CIFAR), Transformer
     python benchmarks/training_overhead.py --networks lenet300 --rounds 5 --steps 40
@@ -25,7 +25,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -38,9 +38,10 @@ from models import lenet_300_100, resnet18_cifar
 
 import lightning_snip.callback as snip_callback
 from lightning_snip import SNIPPruning, find_candidates
-from lightning_snip.masks import MaskSet
 
 SPARSITY = 0.9
+CHECK_EVERY = 20  # `log_every_n_steps` for every variant: SNIPPruning checks its pruned weights this often
+_PER_STEP = ("on_after_backward", "on_train_batch_end", "_post_step_hook")
 
 
 class TinyTransformerLM(nn.Module):
@@ -105,25 +106,34 @@ class ModelPruningAtStart(ModelPruning):
 
 
 class EnforcementTimer:
-    """Adds up, per training step, the time spent in ``MaskSet.zero_`` (all of SNIPPruning's per-step mask work)."""
+    """Adds up, per training step, the time spent in SNIPPruning's per-step work: masking the gradients after
+    backward, the optimizer post-step hooks (re-zeroing the weights where the step can move them), and the batch-end
+    hook (the sparsity log and the check of the pruned weights, every ``log_every_n_steps``)."""
 
     def __init__(self) -> None:
         self.step_start = self.step_total = 0.0
         self.per_step: list[float] = []
 
-    def __enter__(self) -> EnforcementTimer:
-        self.original = original = MaskSet.zero_
-
-        def timed(masks: MaskSet, tensors: Any) -> None:
+    def _timed(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
-            original(masks, tensors)
+            result = function(*args, **kwargs)
             self.step_total += time.perf_counter() - start
+            return result
 
-        setattr(MaskSet, "zero_", timed)  # noqa: B010 - patched for the duration of one fit
+        return timed
+
+    def __enter__(self) -> EnforcementTimer:
+        self.saved = {name: getattr(SNIPPruning, name) for name in _PER_STEP}
+        for name in ("on_after_backward", "on_train_batch_end"):
+            setattr(SNIPPruning, name, self._timed(self.saved[name]))
+        make_hook = self.saved["_post_step_hook"]
+        setattr(SNIPPruning, "_post_step_hook", lambda cb, *args: self._timed(make_hook(cb, *args)))  # noqa: B010
         return self
 
     def __exit__(self, *args: Any) -> None:
-        setattr(MaskSet, "zero_", self.original)  # noqa: B010
+        for name, function in self.saved.items():
+            setattr(SNIPPruning, name, function)
 
 
 class StepTimer(pl.Callback):
@@ -190,7 +200,12 @@ def fwd_bwd_time(model: Module, batch: Any, repeats: int = 5) -> float:
 
 def _stats(values: list[float]) -> dict[str, float]:
     q = statistics.quantiles(values, n=4)
-    return {"median_ms": 1000 * statistics.median(values), "iqr_ms": 1000 * (q[2] - q[0]), "steps": len(values)}
+    return {
+        "median_ms": 1000 * statistics.median(values),
+        "iqr_ms": 1000 * (q[2] - q[0]),
+        "mean_ms": 1000 * statistics.fmean(values),
+        "steps": len(values),
+    }
 
 
 class _Capture(pl.loggers.Logger):
@@ -239,6 +254,7 @@ def bench_steps(name: str, rounds: int, steps: int, warmup: int) -> dict[str, An
                 trainer = _quiet_trainer(
                     max_steps=warmup + steps,
                     logger=False,
+                    log_every_n_steps=CHECK_EVERY,
                     callbacks=[
                         StepTimer(recorded, True, timer),
                         *callbacks[variant],
@@ -256,6 +272,7 @@ def bench_steps(name: str, rounds: int, steps: int, warmup: int) -> dict[str, An
         result[variant]["ratio_to_dense"] = result[variant]["median_ms"] / dense
     result["enforcement"] = _stats(enforcement)
     result["enforcement"]["share_of_dense_step"] = result["enforcement"]["median_ms"] / dense
+    result["enforcement"]["mean_share_of_dense_step"] = result["enforcement"]["mean_ms"] / dense
     n = sum(p.numel() for p in snip._params.values())
     mp_targets = modelpruning._parameters_to_prune
     mp_bytes = sum(getattr(module, f"{attr}_mask").nbytes + getattr(module, attr).nbytes for module, attr in mp_targets)
@@ -269,33 +286,56 @@ def bench_steps(name: str, rounds: int, steps: int, warmup: int) -> dict[str, An
 def bench_scoring(name: str, repeats: int) -> dict[str, Any]:
     """SNIP scoring on fresh models, as the callback reports it, against one forward and backward on the same batch."""
     build, loader, sequence = network(name)
-    scoring, selection = [], []
+    scoring: list[float] = []
+    selection: list[float] = []
+    fresh_pass: list[float] = []
     for seed in range(repeats):
-        torch.manual_seed(seed)
-        fresh, logger = Module(build(), sequence), _Capture()
-        trainer = _quiet_trainer(
-            max_steps=1, logger=logger, callbacks=[SNIPPruning(sparsity=SPARSITY, log_per_layer=False, plot=False)]
-        )
-        with SelectionTimer() as timer:
-            trainer.fit(fresh, loader)
-        scoring.append(logger.metrics["snip/scoring_time_s"])
-        selection += timer.seconds
+        for probe in (False, True):  # alternate: a scoring fit, then a fit that only runs the fresh-model pass
+            torch.manual_seed(seed)
+            fresh, logger = Module(build(), sequence), _Capture()
+            snip = SNIPPruning(sparsity=SPARSITY, log_per_layer=False, plot=False)
+            callback = FreshPass(fresh_pass) if probe else snip
+            trainer = _quiet_trainer(max_steps=1, logger=logger, callbacks=[callback])
+            with SelectionTimer() as timer:
+                trainer.fit(fresh, loader)
+            if not probe:
+                scoring.append(logger.metrics["snip/scoring_time_s"])
+                selection += timer.seconds
     fetch = []
     for _ in range(5):
         start = time.perf_counter()
         batch = next(iter(loader))
         fetch.append(time.perf_counter() - start)
     pass_s = fwd_bwd_time(fresh, batch)
-    scoring_s, selection_s, fetch_s = (statistics.median(v) for v in (scoring, selection, fetch))
+    scoring_s, selection_s, fetch_s, fresh_s = (statistics.median(v) for v in (scoring, selection, fetch, fresh_pass))
     return {
         "fwd_bwd_ms": 1000 * pass_s,
+        "fresh_fwd_bwd_ms": 1000 * fresh_s,
         "scoring_ms": 1000 * scoring_s,
         "selection_ms": 1000 * selection_s,
         "batch_fetch_ms": 1000 * fetch_s,
         "scorings": repeats,
         "scoring_over_fwd_bwd": (scoring_s - selection_s) / pass_s,
         "scoring_over_fwd_bwd_without_fetch": (scoring_s - selection_s - fetch_s) / pass_s,
+        "scoring_over_fresh_fwd_bwd_without_fetch": (scoring_s - selection_s - fetch_s) / fresh_s,
     }
+
+
+class FreshPass(pl.Callback):
+    """Times what scoring cannot avoid, in scoring's own place: one forward and backward of a fresh model on a batch of
+    the train dataloader, in ``on_fit_start``, gradients taken for the same candidate weights."""
+
+    def __init__(self, seconds: list[float]) -> None:
+        self.seconds = seconds
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert isinstance(pl_module, Module)
+        trainer.fit_loop.setup_data()
+        batch = next(iter(cast(DataLoader, trainer.train_dataloader)))
+        weights = list(find_candidates(pl_module).values())
+        start = time.perf_counter()
+        torch.autograd.grad(pl_module.training_step(batch, 0), weights)
+        self.seconds.append(time.perf_counter() - start)
 
 
 _LABELS = {"lenet300": "LeNet-300-100 (100)", "resnet18": "ResNet-18 CIFAR (64)", "transformer": "Transformer (32x128)"}
@@ -317,29 +357,34 @@ def table(results: dict[str, dict[str, Any]], threads: int) -> str:
         lines.append(
             f"| {_LABELS[name]} | {r['dense']['median_ms']:.2f} ms ± {r['dense']['iqr_ms']:.2f} | {_cell(r, 'snip')} |"
             f" {_cell(r, 'modelpruning')} | {1000 * e['median_ms']:.0f} µs ± {1000 * e['iqr_ms']:.0f}"
-            f" ({e['share_of_dense_step']:.2%} of dense) | {r['snip_bytes_per_weight']:.2f} B"
+            f" ({e['share_of_dense_step']:.2%} of dense; mean {e['mean_share_of_dense_step']:.2%})"
+            f" | {r['snip_bytes_per_weight']:.2f} B"
             f" / {r['modelpruning_bytes_per_weight']:.2f} B |"
         )
     lines += [
         "",
-        "| network (batch) | fwd+bwd | SNIP scoring | of which selection | batch fetch"
-        " | (scoring - selection) / fwd+bwd | without the fetch |",
-        "|---|---|---|---|---|---|---|",
+        "| network (batch) | fwd+bwd: warm / fresh model | SNIP scoring | of which selection | batch fetch"
+        " | (scoring - selection) / warm | without the fetch | without the fetch / fresh |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         lines.append(
-            f"| {_LABELS[name]} | {r['fwd_bwd_ms']:.2f} ms | {r['scoring_ms']:.2f} ms | {r['selection_ms']:.2f} ms"
-            f" | {r['batch_fetch_ms']:.2f} ms | {r['scoring_over_fwd_bwd']:.2f}x"
-            f" | {r['scoring_over_fwd_bwd_without_fetch']:.2f}x |"
+            f"| {_LABELS[name]} | {r['fwd_bwd_ms']:.2f} ms / {r['fresh_fwd_bwd_ms']:.2f} ms | {r['scoring_ms']:.2f} ms"
+            f" | {r['selection_ms']:.2f} ms | {r['batch_fetch_ms']:.2f} ms | {r['scoring_over_fwd_bwd']:.2f}x"
+            f" | {r['scoring_over_fwd_bwd_without_fetch']:.2f}x"
+            f" | {r['scoring_over_fresh_fwd_bwd_without_fetch']:.2f}x |"
         )
     steps = ", ".join(f"{_LABELS[name].split(' (')[0]} {r['dense']['steps']}" for name, r in results.items())
     scorings = next(iter(results.values()))["scorings"]
     return "\n".join(lines) + (
         f"\n\nStep times: median ± interquartile range over {steps} steps per variant (rounds interleaved, warm-up"
-        " discarded), ratio to dense in parentheses. SNIP enforcement in situ: time inside the mask enforcement"
-        " (gradients after backward, weights after the step) per SNIPPruning step, as a share of the dense median"
-        f" step. Scoring: medians over {scorings} fresh models; fwd+bwd is one warm forward and backward on the"
-        f" scoring batch; the fetch is one batch from the data loader. {threads} threads; sparsity {SPARSITY:.0%}."
+        " discarded), ratio to dense in parentheses. SNIP enforcement in situ: time inside SNIPPruning's per-step"
+        " work (masking the gradients after backward, the post-step hooks, the batch-end sparsity log and check of"
+        f" the pruned weights, which runs every {CHECK_EVERY} steps here) per SNIPPruning step, as a share of the"
+        " dense median step: median, and mean with the checks spread over the steps. Scoring: medians over"
+        f" {scorings} fresh models; fwd+bwd is one forward and backward on the scoring batch, warm (repeated on a"
+        " trained model) and on a fresh model in `on_fit_start`, where scoring runs; the fetch is one batch from the"
+        f" data loader. {threads} threads; sparsity {SPARSITY:.0%}."
         " ModelPruning prunes the same weights except MultiheadAttention's output projections, which"
         " torch.nn.utils.prune cannot handle (the Transformer then fails on its second backward)."
     )

@@ -3,8 +3,10 @@
 from lightning_snip.callback import SNIPPruning
 from lightning_snip.candidates import find_candidates
 from lightning_snip.masks import (
+    ZERO_PRESERVING_OPTIMIZERS,
     MaskSet,
     apply_masks_,
+    keeps_zeros,
     pack_mask,
     select_masks,
     select_masks_distributed,
@@ -24,6 +26,7 @@ from lightning_snip.scoring import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ZERO_PRESERVING_OPTIMIZERS",
     "Criterion",
     "MaskSet",
     "SNIPPruning",
@@ -33,6 +36,7 @@ __all__ = [
     "available_criteria",
     "find_candidates",
     "get_criterion",
+    "keeps_zeros",
     "mean_gradients",
     "pack_mask",
     "register_criterion",

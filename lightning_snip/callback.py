@@ -6,15 +6,18 @@ Which hook does what:
   ``fit``) or score the model on batches of the trainer's own train dataloader; zero the pruned weights. Under FSDP
   and ``ModelParallelStrategy`` each rank scores and masks its own shards; the masks are selected together.
 - ``on_train_start``: bind or score here instead for strategies that restore checkpoints after ``on_fit_start``;
-  install a post-step hook on every optimizer that re-zeros pruned weights after each step.
+  zero the optimizer state of pruned weights (restored from a checkpoint, say); install a post-step hook on every
+  optimizer that re-zeros pruned weights after each step, unless the step provably left them at zero.
 - ``on_after_backward``: zero the gradients of pruned weights, so optimizer state never builds up for them.
-- ``on_train_batch_end``: log the sparsity measured from the weights every ``log_every_n_steps``.
+- ``on_train_batch_end``: log the sparsity measured from the weights, and check that every pruned weight is still
+  zero, every ``log_every_n_steps``; the check runs again before validation and when training ends.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -33,6 +36,7 @@ from lightning.pytorch.strategies import (
     Strategy,
     XLAStrategy,
 )
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
@@ -48,6 +52,8 @@ from lightning_snip.masks import (
     TensorSparsity,
     count_zeros,
     format_report,
+    holds_nonzero,
+    keeps_zeros,
     pack_mask,
     select_masks,
     select_masks_distributed,
@@ -75,6 +81,7 @@ from lightning_snip.sharding import (
 _T = TypeVar("_T", bound="Tensor | None")
 _STATE_VERSION = 2  # 1: bool masks; 2: bit-packed masks and their shapes
 _PLOT_FILE = "snip_sparsity.png"
+_CHECK_EVERY_N_STEPS = 50  # how often pruned weights are checked when `log_every_n_steps` is 0
 _matplotlib_hint_given = False
 
 
@@ -223,9 +230,13 @@ class SNIPPruning(Callback):
     At the start of ``fit``, every candidate weight is scored by its connection sensitivity ``|dL/dw * w|`` on
     ``num_batches`` batches of the trainer's own train dataloader (the loss comes from the module's
     ``training_step``); the top ``1 - sparsity`` fraction is kept and the rest set to zero. Pruned weights get zero
-    gradients after every backward and are re-zeroed after every optimizer step. Masks travel in checkpoints, so a
-    resumed run trains with the same mask. The model itself is never changed structurally: its ``state_dict`` loads
-    into a never-pruned copy.
+    gradients after every backward and are re-zeroed after every optimizer step. PyTorch's elementwise optimizers
+    (SGD, Adam, AdamW and the others in :data:`~lightning_snip.masks.ZERO_PRESERVING_OPTIMIZERS`) provably leave a
+    weight with zero gradient and zero state at exactly zero, so after their steps the re-zeroing is skipped; every
+    ``log_every_n_steps`` steps, before validation and at the end of training, pruned weights are checked, and if
+    anything else wrote to them they are zeroed, with a warning, and from then on after every step. Masks travel in
+    checkpoints, so a resumed run trains with the same mask. The model itself is never changed structurally: its
+    ``state_dict`` loads into a never-pruned copy.
 
     Scoring leaves no trace but the zeros: RNG streams, train/eval modes, buffers (BatchNorm statistics), ``.grad``
     and torchmetrics states are restored, and no optimizer or scheduler steps.
@@ -318,7 +329,10 @@ class SNIPPruning(Callback):
         self._mask_set = MaskSet(())  # `_kept` prepared once for the per-step zeroing
         self._packed: dict[str, Tensor] = {}  # whole masks, bit-packed on CPU, when the model is sharded
         self._step_hooks: list[RemovableHandle] = []
+        self._masked_backwards = 0  # backward passes whose gradients were masked: read by the post-step hooks
+        self._rezero_every_step = False  # set once something besides the optimizers wrote to pruned weights
         self._last_logged_step = -1
+        self._last_checked_step = -1
 
     # ------------------------------------------------------------------ public state
 
@@ -410,25 +424,54 @@ class SNIPPruning(Callback):
         elif not self._kept:
             self._score(trainer, pl_module)
         self._remove_step_hooks()
+        self._rezero_every_step, self._last_checked_step = False, -1
         by_id = {id(self._params[name]): (self._params[name], mask) for name, mask in self._kept.items()}
         for optimizer in trainer.optimizers:
             pairs = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in by_id]
             if pairs:
                 params, masks = [p for p, _ in pairs], MaskSet(m for _, m in pairs)
+                self._zero_optimizer_state(optimizer, params, masks)
                 self._step_hooks.append(
-                    optimizer.register_step_post_hook(lambda *_, p=params, m=masks: m.zero_(self._local(p)))
+                    optimizer.register_step_post_hook(self._post_step_hook(params, masks, keeps_zeros(optimizer)))
                 )
         self._mask_set.zero_(self._local(self._params.values()))  # weights may have been restored since binding
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._mask_set.zero_(self._local(p.grad for p in self._params.values()))
+        self._masked_backwards += 1
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step, every = trainer.global_step, int(getattr(trainer, "log_every_n_steps", 50))
+        self._log_sparsity(trainer, step, every)
+        check_every = every if every > 0 else _CHECK_EVERY_N_STEPS
+        if step % check_every == 0 and step != self._last_checked_step:
+            self._last_checked_step = step
+            self._check_pruned_weights(trainer, f"after step {step}")
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._check_pruned_weights(trainer, f"before validation at step {trainer.global_step}")
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_pruned_weights(trainer, "at the end of training")
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_step_hooks()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._remove_step_hooks()
+
+    # ------------------------------------------------------------------ internals
+
+    def _log_sparsity(self, trainer: Trainer, step: int, every: int) -> None:
         sharded = self._shards is not None  # then every rank counts its shards
         if not trainer.loggers or not (sharded or trainer.is_global_zero) or every <= 0 or not self._params:
             return
@@ -443,15 +486,59 @@ class SNIPPruning(Callback):
             total = sum(p.numel() for p in self._params.values())
         self._log({"snip/sparsity": zeros / total}, trainer)
 
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._remove_step_hooks()
+    def _post_step_hook(self, params: list[nn.Parameter], masks: MaskSet, optimizer_keeps_zeros: bool) -> Any:
+        """The optimizer post-step hook: re-zero the pruned weights, unless the step provably left them at zero.
 
-    @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._remove_step_hooks()
+        It did when the optimizer keeps zeros (:func:`~lightning_snip.masks.keeps_zeros`) and a backward whose
+        gradients were masked ran since its previous step; a step on gradients that were not masked (a plain
+        ``loss.backward()`` under manual optimization, say) is always followed by the re-zeroing.
+        """
+        masked_at_previous_step = self._masked_backwards
 
-    # ------------------------------------------------------------------ internals
+        def hook(*_: Any) -> None:
+            nonlocal masked_at_previous_step
+            masked = self._masked_backwards != masked_at_previous_step
+            if self._rezero_every_step or not (optimizer_keeps_zeros and masked):
+                masks.zero_(self._local(params))
+            masked_at_previous_step = self._masked_backwards
+
+        return hook
+
+    def _zero_optimizer_state(
+        self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], masks: MaskSet
+    ) -> None:
+        """Zero the pruned entries of the optimizer state (momentum, moments) built before these masks were held."""
+        states, kept = [], []
+        for param, mask in zip(params, masks.kept, strict=True):
+            for value in optimizer.state.get(param, {}).values():
+                if isinstance(value, Tensor) and value.shape == param.shape:  # not scalars such as Adam's `step`
+                    states.append(value)
+                    kept.append(mask)
+        if states:
+            MaskSet(kept).zero_(self._local(states))
+
+    def _check_pruned_weights(self, trainer: Trainer, when: str) -> None:
+        """Zero pruned weights that something besides the optimizer step set, warn, and re-zero after every step."""
+        if not self._params:
+            return
+        weights = list(self._local(self._params.values()))
+        counts = self._mask_set.count_pruned_nonzero(weights)
+        if not any(counts):
+            return
+        self._mask_set.zero_(weights)
+        if self._rezero_every_step:
+            return
+        self._rezero_every_step = True
+        found = ", ".join(f"{count:,} in `{name}`" for name, count in zip(self._params, counts, strict=True) if count)
+        message = (
+            f"`SNIPPruning`: pruned weights were non-zero {when} ({found}): something besides the optimizer step wrote"
+            " to them (a callback, `training_step`, or a backward outside `manual_backward`). They are zero again, and"
+            " from now on they are re-zeroed after every optimizer step."
+        )
+        if self._shards is None:
+            rank_zero_warn(message)
+        else:  # each rank checks its own shards
+            warnings.warn(f"[rank {trainer.global_rank}] {message}", stacklevel=2)
 
     def _remove_step_hooks(self) -> None:
         for handle in self._step_hooks:
@@ -556,7 +643,10 @@ class SNIPPruning(Callback):
                 raise ScoringError(
                     f"{error} Check the data and the initialization; with `precision='16-mixed'` try 'bf16-mixed'."
                 ) from None
-            counts = torch.tensor([[int(kept[n].sum()), int(scores[n].any())] for n in scores], dtype=torch.int64)
+            nonzero = holds_nonzero(scores.values())
+            counts = torch.tensor(
+                [[int(kept[n].sum()), int(z)] for n, z in zip(scores, nonzero, strict=True)], dtype=torch.int64
+            )
             counts = _all_reduce_sum(strategy, counts)
             rows = [
                 TensorSparsity(name, tuple(shard.shape), int(counts[i, 0]), shard.numel)
@@ -565,7 +655,7 @@ class SNIPPruning(Callback):
             dead = [name for i, name in enumerate(scores) if not counts[i, 1]]
             packed = {name: gather_packed_mask(kept[name], shards[name]) for name in kept}  # collectives
         else:
-            dead = [name for name, s in scores.items() if not s.any()]
+            dead = [name for name, nonzero in zip(scores, holds_nonzero(scores.values()), strict=True) if not nonzero]
             kept = select_masks(scores, self.sparsity, self.scope)
         del scores
         if candidates and next(iter(local.values())).is_cuda:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
 
 Scope = Literal["global", "layerwise"]
+_T = TypeVar("_T", bound="Tensor | None")
 
 
 def kept_count(total: int, sparsity: float) -> int:
@@ -375,6 +376,18 @@ class MaskSet:
     def __len__(self) -> int:
         return len(self.kept)
 
+    def _aligned(self, tensors: Iterable[_T]) -> list[_T]:
+        values = list(tensors)
+        if len(values) != len(self.kept):
+            raise ValueError(f"Got {len(values)} tensors for {len(self.kept)} masks; pass one tensor per mask.")
+        for index, (value, mask) in enumerate(zip(values, self.kept, strict=True)):
+            if value is not None and value.shape != mask.shape:  # an elementwise op would broadcast the mask silently
+                raise ValueError(
+                    f"Tensor {index} has shape {tuple(value.shape)} but its mask {tuple(mask.shape)}; pass the tensors"
+                    " the masks were made for, in the same order."
+                )
+        return values
+
     @torch.no_grad()
     def zero_(self, tensors: Iterable[Tensor | None]) -> None:
         """Set the pruned entries of each tensor to exactly zero, in place; ``None`` (no gradient) is skipped.
@@ -386,18 +399,10 @@ class MaskSet:
             ValueError: If the number of tensors differs from the number of masks, or a tensor's shape from its
                 mask's (a multiply would broadcast the mask silently).
         """
-        values = list(tensors)
-        if len(values) != len(self.kept):
-            raise ValueError(f"Got {len(values)} tensors for {len(self.kept)} masks; pass one tensor per mask.")
         groups: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
-        for index, (value, factor, mask) in enumerate(zip(values, self._factors, self.kept, strict=True)):
+        for value, factor, mask in zip(self._aligned(tensors), self._factors, self.kept, strict=True):
             if value is None:
                 continue
-            if value.shape != mask.shape:
-                raise ValueError(
-                    f"Tensor {index} has shape {tuple(value.shape)} but its mask {tuple(mask.shape)}; pass the tensors"
-                    " the masks were made for, in the same order."
-                )
             bits = _as_bits(value)
             if bits is None:  # no integer of that width (complex128): overwrite instead
                 value.masked_fill_(~mask, 0)
@@ -407,6 +412,78 @@ class MaskSet:
             group[1].append(factor)
         for bits_list, factors in groups.values():
             torch._foreach_mul_(bits_list, factors)
+
+    @torch.no_grad()
+    def count_pruned_nonzero(self, tensors: Iterable[Tensor]) -> list[int]:
+        """Number of pruned entries of each tensor that are not zero (``nan`` counts), with one synchronization.
+
+        All zeros when the tensors respect the masks. Run occasionally (it allocates), not on every step.
+
+        Args:
+            tensors: One tensor per mask, in the masks' order, shaped like its mask.
+
+        Raises:
+            ValueError: If the number of tensors differs from the number of masks, or a tensor's shape from its
+                mask's.
+
+        Example::
+
+            >>> MaskSet([torch.tensor([True, False, False])]).count_pruned_nonzero([torch.tensor([5.0, 0.0, 2.0])])
+            [1]
+        """
+        values = self._aligned(tensors)
+        counts = [(value != 0).logical_and_(~mask).sum() for value, mask in zip(values, self.kept, strict=True)]
+        return torch.stack([c.cpu() for c in counts]).tolist() if counts else []
+
+
+#: PyTorch optimizers whose update of an entry depends only on that entry's weight, gradient and optimizer state,
+#: and is exactly zero when all of them are zero: weight decay (``wd * 0``), momentum and first moments (``0``) and
+#: adaptive denominators (``eps`` at least) included. With masked gradients and zeroed state they keep a pruned weight
+#: at exactly zero by themselves. Exact classes only: a subclass may change ``step``.
+ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.RMSprop,
+    torch.optim.Rprop,
+    torch.optim.ASGD,
+)
+
+
+def keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` leaves a weight at exactly zero when its gradient and optimizer state are zero.
+
+    True for the exact classes in :data:`ZERO_PRESERVING_OPTIMIZERS`; False for anything else (L-BFGS, Muon,
+    subclasses, third-party optimizers), whose pruned weights must be re-zeroed after every step.
+
+    Example::
+
+        >>> keeps_zeros(torch.optim.AdamW([torch.zeros(2, requires_grad=True)]))
+        True
+    """
+    return type(optimizer) in ZERO_PRESERVING_OPTIMIZERS
+
+
+def holds_nonzero(tensors: Iterable[Tensor]) -> list[bool]:
+    """Whether each real tensor has an entry that is not zero (``nan`` counts), with one device synchronization.
+
+    Example::
+
+        >>> holds_nonzero([torch.zeros(3), torch.tensor([0.0, -1.0]), torch.zeros(0)])
+        [False, True, False]
+    """
+    flags = [
+        torch.stack(torch.aminmax(t.detach().reshape(-1))).ne(0).any()
+        if t.numel()
+        else torch.zeros((), dtype=torch.bool, device=t.device)
+        for t in tensors
+    ]
+    return torch.stack([f.cpu() for f in flags]).tolist() if flags else []
 
 
 def apply_masks_(tensors: Iterable[Tensor | None], kept: Iterable[Tensor]) -> None:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_snip import ScoringError, SNIPPruning
 from lightning_snip.callback import _check_strategy
-from lightning_snip.masks import kept_count
+from lightning_snip.masks import MaskSet, kept_count
 
 
 class ManualTwoOptimizers(BoringClassifier):
@@ -363,3 +363,128 @@ def test_golden_masks_through_the_callback():
     fit(GoldenModule(), [layerwise], loader)
     assert layerwise.masks["first.weight"].tolist() == [[True, True], [False, False]]
     assert layerwise.masks["second.weight"].tolist() == [[True, False]]
+
+
+class DriftingSGD(torch.optim.Optimizer):
+    """Plain SGD that also moves every weight on every step, pruned or not: not a zero-preserving optimizer."""
+
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+                p.add_(0.01)
+        return loss
+
+
+class WithOptimizer(BoringClassifier):
+    def __init__(self, make: Any) -> None:
+        super().__init__()
+        self.make = make
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.make(self.parameters())
+
+
+def _count_weight_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts `MaskSet.zero_` calls on the weights themselves (gradient passes get `.grad` tensors)."""
+    passes = [0]
+    original = MaskSet.zero_
+
+    def counted(masks: MaskSet, tensors: Any) -> None:
+        values = list(tensors)
+        passes[0] += any(isinstance(v, nn.Parameter) for v in values)
+        original(masks, values)
+
+    monkeypatch.setattr(MaskSet, "zero_", counted)
+    return passes
+
+
+@pytest.mark.parametrize(
+    ("make", "weight_passes"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01), 2),
+        (lambda p: DriftingSGD(p, lr=0.1), 2 + 4),
+    ],
+    ids=["sgd-skips-the-weight-pass", "other-optimizer-rezeroes-after-every-step"],
+)
+def test_weights_are_rezeroed_after_a_step_only_where_it_can_move_them(monkeypatch, make, weight_passes):
+    passes = _count_weight_passes(monkeypatch)
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.8)
+    checker = ZeroInvariantChecker(pruning)
+    fit(WithOptimizer(make), [pruning, checker], log_every_n_steps=1)
+    assert checker.batches == 4
+    assert checker.violations == [0] * 5
+    # zeroing when the masks are made and at train start, then one pass per step only where the step moves zeros
+    assert passes[0] == weight_passes
+    assert not pruning._rezero_every_step
+
+
+class WriteToPrunedWeights(pl.Callback):
+    """Something besides the optimizer writing to every weight of the first layer after one batch."""
+
+    def __init__(self, at_batch: int) -> None:
+        self.at_batch = at_batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.at_batch:
+            with torch.no_grad():
+                pl_module.net[0].weight.add_(1.0)
+
+
+def test_a_write_to_pruned_weights_is_caught_warned_and_rezeroed_after_every_step_from_then_on(monkeypatch):
+    passes = _count_weight_passes(monkeypatch)
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.8)
+    checker = ZeroInvariantChecker(pruning)
+    warning = r"non-zero after step 2 \(\d+ in `net.0.weight`\).*after every optimizer step"
+    with pytest.warns(UserWarning, match=warning):
+        fit(BoringClassifier(), [WriteToPrunedWeights(at_batch=1), pruning, checker], log_every_n_steps=2)
+    assert checker.violations == [0] * 5  # the check at step 2 ran before the checker saw the write
+    assert pruning._rezero_every_step
+    # made, train start, the check at step 2, then after steps 3 and 4
+    assert passes[0] == 2 + 1 + 2
+
+
+def test_a_write_between_checks_is_caught_at_the_end_of_training():
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.8)
+    checker = ZeroInvariantChecker(pruning)
+    with pytest.warns(UserWarning, match="non-zero at the end of training"):
+        fit(BoringClassifier(), [WriteToPrunedWeights(at_batch=3), pruning, checker], log_every_n_steps=50)
+    assert checker.violations[:3] == [0, 0, 0]
+    assert checker.violations[3] > 0  # the write stood until the next check
+    assert checker.violations[4] == 0  # which zeroed it when training ended
+
+
+class RawBackward(BoringClassifier):
+    """Manual optimization with a plain `loss.backward()`: Lightning runs no `on_after_backward`."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="sgd", lr=0.1, momentum=0.9)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        nn.functional.cross_entropy(self(x), y).backward()
+        opt.step()
+
+
+def test_a_step_on_unmasked_gradients_is_followed_by_the_rezeroing(recwarn):
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.8, criterion="magnitude")  # SNIP needs the loss, which this step does not give
+    checker = ZeroInvariantChecker(pruning)
+    fit(RawBackward(), [pruning, checker], log_every_n_steps=1)
+    assert checker.violations == [0] * 5
+    assert not [w for w in recwarn if "non-zero" in str(w.message)]

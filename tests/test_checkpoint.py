@@ -137,3 +137,22 @@ def test_weights_only_load_of_the_callback_state_alone(tmp_path):
     restored = SNIPPruning(sparsity=0.5)
     restored.load_state_dict(torch.load(path, weights_only=True))
     assert all(torch.equal(restored.masks[n], m) for n, m in pruning.masks.items())
+
+
+def test_pruning_from_a_dense_checkpoint_zeroes_the_restored_momentum_of_pruned_weights(tmp_path):
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(BoringClassifier(optimizer="sgd", lr=0.1, momentum=0.9), [checkpoint], enable_checkpointing=True)
+    dense_momentum = torch.load(tmp_path / "last.ckpt", weights_only=True)["optimizer_states"][0]["state"]
+    assert all(bool((s["momentum_buffer"] != 0).all()) for s in dense_momentum.values())
+    pruning = SNIPPruning(sparsity=0.8)
+    checker = ZeroInvariantChecker(pruning)
+    model = BoringClassifier(optimizer="sgd", lr=0.1, momentum=0.9)
+    trainer = fit(model, [pruning, checker], ckpt_path=str(tmp_path / "last.ckpt"), max_epochs=2)
+    # SGD skips the weight re-zeroing, so a restored momentum would have moved the pruned weights
+    assert checker.violations == [0] * 5
+    params = dict(model.named_parameters())
+    for name, kept in pruning.masks.items():
+        momentum = trainer.optimizers[0].state[params[name]]["momentum_buffer"]
+        assert momentum[~kept].abs().max() == 0
+        assert momentum[kept].abs().max() > 0

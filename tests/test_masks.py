@@ -4,11 +4,14 @@ import pytest
 import torch
 
 from lightning_snip.masks import (
+    ZERO_PRESERVING_OPTIMIZERS,
     MaskSet,
     all_finite,
     apply_masks_,
     count_zeros,
     format_report,
+    holds_nonzero,
+    keeps_zeros,
     kept_count,
     select_masks,
     sparsity_report,
@@ -239,3 +242,79 @@ def test_pack_unpack_round_trip(monkeypatch, chunk, shape):
     # independent of the implementation: bit i of the stream is entry i, most significant bit first
     bits = [(int(packed[i // 8]) >> (7 - i % 8)) & 1 for i in range(mask.numel())]
     assert bits == mask.reshape(-1).int().tolist()
+
+
+ZERO_PRESERVING_CASES = {
+    "sgd-momentum-nesterov-wd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+    "sgd-dampening-maximize": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.5, "dampening": 0.3, "maximize": True}),
+    "adam-amsgrad-wd": (torch.optim.Adam, {"lr": 0.1, "amsgrad": True, "weight_decay": 0.1}),
+    "adam-single-tensor": (torch.optim.Adam, {"lr": 0.1, "foreach": False}),
+    "adamw": (torch.optim.AdamW, {"lr": 0.1, "weight_decay": 0.5}),
+    "adamax": (torch.optim.Adamax, {"lr": 0.1, "weight_decay": 0.1}),
+    "nadam-decoupled": (torch.optim.NAdam, {"lr": 0.1, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    "radam": (torch.optim.RAdam, {"lr": 0.1, "weight_decay": 0.1}),
+    "adagrad-initial-accumulator": (torch.optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.5}),
+    "adadelta": (torch.optim.Adadelta, {"lr": 1.0, "weight_decay": 0.1}),
+    "rmsprop-centered-momentum": (torch.optim.RMSprop, {"lr": 0.01, "centered": True, "momentum": 0.9}),
+    "rprop": (torch.optim.Rprop, {"lr": 0.1}),
+    "asgd": (torch.optim.ASGD, {"lr": 0.1, "weight_decay": 0.1, "t0": 0}),
+}
+
+
+def test_every_zero_preserving_optimizer_is_exercised():
+    assert {cls for cls, _ in ZERO_PRESERVING_CASES.values()} == set(ZERO_PRESERVING_OPTIMIZERS)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ZERO_PRESERVING_CASES.values(), ids=ZERO_PRESERVING_CASES.keys())
+def test_zero_preserving_optimizers_leave_pruned_weights_at_zero(cls, kwargs):
+    g = torch.Generator().manual_seed(0)
+    kept = [torch.rand(6, 5, generator=g) < 0.4, torch.rand(7, generator=g) < 0.4]
+    weights = [torch.randn(m.shape, generator=g, dtype=torch.float64).requires_grad_() for m in kept]
+    masks = MaskSet(kept)
+    masks.zero_(weights)
+    start = [w.detach().clone() for w in weights]
+    optimizer = cls(weights, **kwargs)
+    assert keeps_zeros(optimizer)
+    for _ in range(25):
+        loss = sum(((w - 3.0) ** 2 * torch.randn(w.shape, generator=g, dtype=w.dtype)).sum() for w in weights)
+        optimizer.zero_grad()
+        loss.backward()
+        masks.zero_([w.grad for w in weights])  # what the callback does after every backward
+        optimizer.step()  # and no re-zeroing of the weights after it
+    assert masks.count_pruned_nonzero(weights) == [0, 0]
+    assert all(bool((w.detach()[m] != s[m]).all()) for w, m, s in zip(weights, kept, start, strict=True))
+
+
+def test_zero_preservation_needs_the_masked_gradients():
+    # the same run without masking the gradients moves the pruned weights: the test above can fail
+    kept = [torch.tensor([True, False, False])]
+    weights = [torch.tensor([1.0, 0.0, 0.0], requires_grad=True)]
+    optimizer = torch.optim.SGD(weights, lr=0.1)
+    (weights[0] * torch.tensor([1.0, 2.0, -3.0])).sum().backward()
+    optimizer.step()
+    assert MaskSet(kept).count_pruned_nonzero(weights) == [2]
+
+
+def test_other_optimizers_do_not_count_as_zero_preserving():
+    class MySGD(torch.optim.SGD):
+        pass
+
+    w = [torch.zeros(3, requires_grad=True)]
+    assert not keeps_zeros(MySGD(w, lr=0.1))  # a subclass may change `step`
+    assert not keeps_zeros(torch.optim.LBFGS(w))  # mixes entries through its curvature history
+
+
+def test_count_pruned_nonzero():
+    masks = MaskSet([torch.tensor([True, False, False, False]), torch.tensor([[False, True]])])
+    w = [torch.tensor([5.0, float("nan"), -0.0, 2.0]), torch.tensor([[0.0, 7.0]])]
+    assert masks.count_pruned_nonzero(w) == [2, 0]  # nan counts, -0.0 is zero, kept entries do not count
+    with pytest.raises(ValueError, match="Got 1 tensors for 2 masks"):
+        masks.count_pruned_nonzero(w[:1])
+    with pytest.raises(ValueError, match=r"Tensor 1 has shape \(2,\) but its mask \(1, 2\)"):
+        masks.count_pruned_nonzero([w[0], torch.zeros(2)])
+
+
+def test_holds_nonzero():
+    t = [torch.zeros(2, 3), torch.tensor([0.0, -1e-30]), torch.tensor([float("nan")]), torch.zeros(0, 4)]
+    assert holds_nonzero(t) == [False, True, True, False]
+    assert holds_nonzero([]) == []
