@@ -432,8 +432,20 @@ class MaskSet:
             [1]
         """
         values = self._aligned(tensors)
-        counts = [(value != 0).logical_and_(~mask).sum() for value, mask in zip(values, self.kept, strict=True)]
-        return torch.stack([c.cpu() for c in counts]).tolist() if counts else []
+        if not values:
+            return []
+        # the largest pruned magnitude first (nan if any is nan): a vectorized multiply and max, where counting
+        # booleans is several times slower on CPU; the exact count only for tensors that have one
+        flags = torch.stack([_largest_pruned(v, m).cpu() for v, m in zip(values, self.kept, strict=True)]).tolist()
+        return [int(((v != 0) & ~m).sum()) if f != 0 else 0 for v, m, f in zip(values, self.kept, flags, strict=True)]
+
+
+def _largest_pruned(value: Tensor, kept: Tensor) -> Tensor:
+    """The largest magnitude among the pruned entries of ``value`` (``nan`` if one is ``nan``), as a 0-dim float."""
+    bits = _as_bits(value)
+    if value.is_floating_point() and bits is not None and value.numel():
+        return torch.mul(bits, (~kept).view(torch.uint8)).view(value.dtype).abs_().amax().float()
+    return ((value != 0) & ~kept).any().float()
 
 
 #: PyTorch optimizers whose update of an entry depends only on that entry's weight, gradient and optimizer state,
@@ -507,7 +519,7 @@ def apply_masks_(tensors: Iterable[Tensor | None], kept: Iterable[Tensor]) -> No
 
 def _zero_counts(tensors: Iterable[Tensor]) -> list[int]:
     """Each tensor's number of entries equal to zero, with a single device synchronization."""
-    counts = [(t == 0).sum() for t in tensors]
+    counts = [t.numel() - torch.count_nonzero(t) for t in tensors]  # faster than summing `t == 0` on CPU
     return torch.stack([c.cpu() for c in counts]).tolist() if counts else []
 
 

@@ -152,7 +152,8 @@ def mean_gradients(
     for name, total, t in zip(names, partial, tensors, strict=True):
         if total is None:
             total = torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
-        total.div_(num_batches)
+        if num_batches > 1:
+            total.div_(num_batches)
         if all_reduce_mean is not None:
             total = all_reduce_mean(total)
         if not all_finite(total):

@@ -308,6 +308,10 @@ def test_count_pruned_nonzero():
     masks = MaskSet([torch.tensor([True, False, False, False]), torch.tensor([[False, True]])])
     w = [torch.tensor([5.0, float("nan"), -0.0, 2.0]), torch.tensor([[0.0, 7.0]])]
     assert masks.count_pruned_nonzero(w) == [2, 0]  # nan counts, -0.0 is zero, kept entries do not count
+    for dtype in (torch.float16, torch.bfloat16, torch.float64, torch.complex64, torch.int32):
+        values = [torch.tensor([5, 3, 0, 2]).to(dtype), torch.tensor([[1, 0]]).to(dtype)]
+        assert masks.count_pruned_nonzero(values) == [2, 1], dtype
+    assert masks.count_pruned_nonzero([torch.zeros(4), torch.zeros(1, 2)]) == [0, 0]
     with pytest.raises(ValueError, match="Got 1 tensors for 2 masks"):
         masks.count_pruned_nonzero(w[:1])
     with pytest.raises(ValueError, match=r"Tensor 1 has shape \(2,\) but its mask \(1, 2\)"):
