@@ -512,10 +512,11 @@ class SNIPPruning(Callback):
         for param, mask in zip(params, masks.kept, strict=True):
             for value in optimizer.state.get(param, {}).values():
                 if isinstance(value, Tensor) and value.shape == param.shape:  # not scalars such as Adam's `step`
-                    states.append(value)
-                    kept.append(mask)
+                    (local,) = self._local([value])
+                    states.append(local)
+                    kept.append(mask.to(local.device))  # state may live elsewhere (offloaded)
         if states:
-            MaskSet(kept).zero_(self._local(states))
+            MaskSet(kept).zero_(states)
 
     def _check_pruned_weights(self, trainer: Trainer, when: str) -> None:
         """Zero pruned weights that something besides the optimizer step set, warn, and re-zero after every step."""
