@@ -436,7 +436,8 @@ class MaskSet:
             return []
         # the largest pruned magnitude first (nan if any is nan): a vectorized multiply and max, where counting
         # booleans is several times slower on CPU; the exact count only for tensors that have one
-        flags = torch.stack([_largest_pruned(v, m).cpu() for v, m in zip(values, self.kept, strict=True)]).tolist()
+        largest = [_largest_pruned(v, m) for v, m in zip(values, self.kept, strict=True)]
+        flags = torch.stack([x.cpu() for x in largest]).tolist()
         return [int(((v != 0) & ~m).sum()) if f != 0 else 0 for v, m, f in zip(values, self.kept, flags, strict=True)]
 
 
