@@ -415,9 +415,11 @@ class MaskSet:
 
     @torch.no_grad()
     def count_pruned_nonzero(self, tensors: Iterable[Tensor]) -> list[int]:
-        """Number of pruned entries of each tensor that are not zero (``nan`` counts), with one synchronization.
+        """Number of pruned entries of each tensor that are not zero (``nan`` counts).
 
-        All zeros when the tensors respect the masks. Run occasionally (it allocates), not on every step.
+        All zeros when the tensors respect the masks, found with one device synchronization; tensors that do not
+        respect them are then counted exactly. Run occasionally (it allocates temporaries, one tensor at a time), not
+        on every step.
 
         Args:
             tensors: One tensor per mask, in the masks' order, shaped like its mask.
