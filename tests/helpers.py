@@ -95,9 +95,10 @@ def fit(
     *,
     batch_size: int = 16,
     ckpt_path: str | None = None,
+    val_data: Any = None,
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
-    """Fit quietly on CPU: no logger, no progress bar, no checkpointing unless asked."""
+    """Fit quietly on CPU: no logger, no progress bar, no checkpointing unless asked; validate on ``val_data``."""
     options: dict[str, Any] = {
         "accelerator": "cpu",
         "devices": 1,
@@ -112,7 +113,7 @@ def fit(
     options.update(trainer_kwargs)
     trainer = pl.Trainer(callbacks=callbacks, **options)
     loader = data if data is not None else DataLoader(make_data(), batch_size=batch_size)
-    trainer.fit(model, loader, ckpt_path=ckpt_path)
+    trainer.fit(model, loader, val_data, ckpt_path=ckpt_path)
     return trainer
 
 

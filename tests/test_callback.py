@@ -466,6 +466,30 @@ def test_a_write_between_checks_is_caught_at_the_end_of_training():
     assert checker.violations[4] == 0  # which zeroed it when training ended
 
 
+def test_a_write_is_caught_before_validation_sees_it():
+    class ValidationChecker(ZeroInvariantChecker):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+            self.violations.append(self._count(pl_module))
+
+    class Validated(BoringClassifier):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self(batch[0])
+
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.8)
+    checker = ValidationChecker(pruning)
+    with pytest.warns(UserWarning, match="non-zero before validation at step 4"):
+        fit(
+            Validated(),
+            [WriteToPrunedWeights(at_batch=3), pruning, checker],
+            val_data=DataLoader(make_data(), batch_size=16),
+            log_every_n_steps=50,
+        )
+    # after batch 3 the write stood (no check at step 4 of 50); validation's 4 batches saw it zeroed
+    assert checker.violations[3] > 0
+    assert checker.violations[4:8] == [0, 0, 0, 0]
+
+
 class RawBackward(BoringClassifier):
     """Manual optimization with a plain `loss.backward()`: Lightning runs no `on_after_backward`."""
 
