@@ -293,8 +293,9 @@ def bench_scoring(name: str, repeats: int) -> dict[str, Any]:
         for probe in (False, True):  # alternate: a scoring fit, then a fit that only runs the fresh-model pass
             torch.manual_seed(seed)
             fresh, logger = Module(build(), sequence), _Capture()
-            snip = SNIPPruning(sparsity=SPARSITY, log_per_layer=False, plot=False)
-            callback = FreshPass(fresh_pass) if probe else snip
+            callback = (
+                FreshPass(fresh_pass) if probe else SNIPPruning(sparsity=SPARSITY, log_per_layer=False, plot=False)
+            )
             trainer = _quiet_trainer(max_steps=1, logger=logger, callbacks=[callback])
             with SelectionTimer() as timer:
                 trainer.fit(fresh, loader)

@@ -512,7 +512,7 @@ class SNIPPruning(Callback):
         for param, mask in zip(params, masks.kept, strict=True):
             for value in optimizer.state.get(param, {}).values():
                 if isinstance(value, Tensor) and value.shape == param.shape:  # not scalars such as Adam's `step`
-                    (local,) = self._local([value])
+                    local = local_tensor(value)
                     states.append(local)
                     kept.append(mask.to(local.device))  # state may live elsewhere (offloaded)
         if states:
@@ -520,8 +520,6 @@ class SNIPPruning(Callback):
 
     def _check_pruned_weights(self, trainer: Trainer, when: str) -> None:
         """Zero pruned weights that something besides the optimizer step set, warn, and re-zero after every step."""
-        if not self._params:
-            return
         weights = list(self._local(self._params.values()))
         counts = self._mask_set.count_pruned_nonzero(weights)
         if not any(counts):
@@ -635,6 +633,7 @@ class SNIPPruning(Callback):
                     context.shapes = {name: shard.shape for name, shard in shards.items()}
                     context.take_local = lambda name, whole: shards[name].take(whole, like=local[name]).clone()
                 scores = criterion.score(context)
+        nonzero = holds_nonzero(scores.values())
         if shards is not None:
             try:
                 kept = select_masks_distributed(
@@ -644,7 +643,6 @@ class SNIPPruning(Callback):
                 raise ScoringError(
                     f"{error} Check the data and the initialization; with `precision='16-mixed'` try 'bf16-mixed'."
                 ) from None
-            nonzero = holds_nonzero(scores.values())
             counts = torch.tensor(
                 [[int(kept[n].sum()), int(z)] for n, z in zip(scores, nonzero, strict=True)], dtype=torch.int64
             )
@@ -656,7 +654,7 @@ class SNIPPruning(Callback):
             dead = [name for i, name in enumerate(scores) if not counts[i, 1]]
             packed = {name: gather_packed_mask(kept[name], shards[name]) for name in kept}  # collectives
         else:
-            dead = [name for name, nonzero in zip(scores, holds_nonzero(scores.values()), strict=True) if not nonzero]
+            dead = [name for name, z in zip(scores, nonzero, strict=True) if not z]
             kept = select_masks(scores, self.sparsity, self.scope)
         del scores
         if candidates and next(iter(local.values())).is_cuda:

@@ -222,13 +222,11 @@ def select_masks_distributed(
         return t.cpu()
 
     def tie_quotas(scores: Sequence[Tensor], key: int, ties_left: int) -> list[int]:
-        local = torch.tensor(_tie_counts(scores, key), dtype=torch.int64, device=device)
-        counts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(counts, local, group=group)  # [rank][tensor]
+        counts = all_gather_ints(_tie_counts(scores, key), group)  # [rank][tensor]
         rank, quotas = dist.get_rank(group), []
         for t in range(len(scores)):
             for r, row in enumerate(counts):
-                take = min(int(row[t]), ties_left)
+                take = min(row[t], ties_left)
                 ties_left -= take
                 if r == rank:
                     quotas.append(take)
@@ -245,6 +243,16 @@ def collective_device(group: Any = None) -> torch.device | None:
     import torch.distributed as dist
 
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+
+
+def all_gather_ints(values: Sequence[int], group: Any = None) -> list[list[int]]:
+    """Every rank's ``values`` (the same length on all ranks), in rank order. A collective."""
+    import torch.distributed as dist
+
+    local = torch.tensor(values, dtype=torch.int64, device=collective_device(group))
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    return [g.tolist() for g in gathered]
 
 
 def _tie_counts(scores: Sequence[Tensor], key: int) -> list[int]:
@@ -331,6 +339,11 @@ def unpack_mask(packed: Tensor, shape: Sequence[int]) -> Tensor:
         begin = start * 8
         out[begin : begin + bits.numel()] = bits[: max(0, min(bits.numel(), total - begin))]
     return out.reshape(tuple(shape))
+
+
+def _to_host(values: Sequence[Tensor]) -> list[Any]:
+    """0-dim tensors (on any devices) as Python numbers, with one synchronization: all are computed before a copy."""
+    return torch.stack([v.cpu() for v in values]).tolist() if values else []
 
 
 _BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -438,8 +451,7 @@ class MaskSet:
             return []
         # the largest pruned magnitude first (nan if any is nan): a vectorized multiply and max, where counting
         # booleans is several times slower on CPU; the exact count only for tensors that have one
-        largest = [_largest_pruned(v, m) for v, m in zip(values, self.kept, strict=True)]
-        flags = torch.stack([x.cpu() for x in largest]).tolist()
+        flags = _to_host([_largest_pruned(v, m) for v, m in zip(values, self.kept, strict=True)])
         return [int(((v != 0) & ~m).sum()) if f != 0 else 0 for v, m, f in zip(values, self.kept, flags, strict=True)]
 
 
@@ -492,13 +504,14 @@ def holds_nonzero(tensors: Iterable[Tensor]) -> list[bool]:
         >>> holds_nonzero([torch.zeros(3), torch.tensor([0.0, -1.0]), torch.zeros(0)])
         [False, True, False]
     """
-    flags = [
-        torch.stack(torch.aminmax(t.detach().reshape(-1))).ne(0).any()
-        if t.numel()
-        else torch.zeros((), dtype=torch.bool, device=t.device)
-        for t in tensors
-    ]
-    return torch.stack([f.cpu() for f in flags]).tolist() if flags else []
+    return _to_host(
+        [
+            torch.stack(torch.aminmax(t.detach().reshape(-1))).ne(0).any()
+            if t.numel()
+            else torch.zeros((), dtype=torch.bool, device=t.device)
+            for t in tensors
+        ]
+    )
 
 
 def apply_masks_(tensors: Iterable[Tensor | None], kept: Iterable[Tensor]) -> None:
@@ -522,8 +535,7 @@ def apply_masks_(tensors: Iterable[Tensor | None], kept: Iterable[Tensor]) -> No
 
 def _zero_counts(tensors: Iterable[Tensor]) -> list[int]:
     """Each tensor's number of entries equal to zero, with a single device synchronization."""
-    counts = [t.numel() - torch.count_nonzero(t) for t in tensors]  # faster than summing `t == 0` on CPU
-    return torch.stack([c.cpu() for c in counts]).tolist() if counts else []
+    return _to_host([t.numel() - torch.count_nonzero(t) for t in tensors])  # faster than summing `t == 0` on CPU
 
 
 def count_zeros(tensors: Iterable[Tensor]) -> int:

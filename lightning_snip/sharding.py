@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_snip.masks import collective_device, pack_mask
+from lightning_snip.masks import all_gather_ints, collective_device, pack_mask
 
 # Prefixes that FSDP's and activation checkpointing's wrappers insert into parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -165,15 +165,11 @@ def shard_layout(
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     for name, param in params.items():
         _check_placement(name, param, world_size)
-    device = collective_device(group)
-    local = torch.tensor([local_tensor(p).numel() for p in params.values()], dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(gathered, local, group=group)
-    table = torch.stack([g.cpu() for g in gathered])  # [rank, weight]
+    table = all_gather_ints([local_tensor(p).numel() for p in params.values()], group)  # [rank][weight]
     layout: dict[str, Shard] = {}
     for index, name in enumerate(params):
         shape = torch.Size(shapes[name])
-        counts = tuple(int(c) for c in table[:, index])
+        counts = tuple(row[index] for row in table)
         if sum(counts) != math.prod(shape):
             raise ShardingError(
                 f"The ranks hold {list(counts)} elements of `{name}` {tuple(shape)} ({math.prod(shape)} in all), so"
