@@ -2,59 +2,66 @@
 
 Which hook does what:
 
-- ``on_fit_start``: check the strategy; reuse masks already held (restored from a checkpoint, or from an earlier
-  ``fit``) or score the model on batches of the trainer's own train dataloader; zero the pruned weights. Under FSDP
-  and ``ModelParallelStrategy`` each rank scores and masks its own shards; the masks are selected together.
+- ``on_fit_start``: check the strategy and the model; restore masks from a checkpoint, reuse the masks of an earlier
+  ``fit`` of the same model, or score the model on batches of the trainer's own train dataloader; zero the pruned
+  weights. Under FSDP and ``ModelParallelStrategy`` each rank scores and masks its own shards; the masks are selected
+  together.
+- ``on_load_checkpoint``: restore the masks of a checkpoint written with other options (another ``state_key``).
 - ``on_train_start``: bind or score here instead for strategies that restore checkpoints after ``on_fit_start``;
   zero the optimizer state of pruned weights (restored from a checkpoint, say); install a post-step hook on every
   optimizer that re-zeros pruned weights after each step, unless the step provably left them at zero.
 - ``on_after_backward``: zero the gradients of pruned weights, so optimizer state never builds up for them.
-- ``on_train_batch_end``: log the sparsity measured from the weights, and check that every pruned weight is still
-  zero, every ``log_every_n_steps``; the check runs again before validation and when training ends.
+- ``on_train_batch_end``: on the steps Lightning logs at, log the sparsity measured from the weights and check that
+  every pruned weight is still zero; the check runs again before validation, before every checkpoint and when
+  training ends.
+- ``teardown``: under ``ddp_spawn``/``ddp_fork``, rank zero hands the masks back to the launching process.
+
+What the callback needs from Lightning's internals, for both ``lightning.pytorch`` and ``pytorch_lightning``, is in
+``_lightning.py``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import os
+import tempfile
 import time
+import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+import weakref
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    DeepSpeedStrategy,
-    FSDPStrategy,
-    ModelParallelStrategy,
-    SingleDeviceStrategy,
-    Strategy,
-    XLAStrategy,
-)
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_snip.candidates import find_candidates
+from lightning_snip import _lightning as lightning
+from lightning_snip._types import PositiveInt, Sparsity
+from lightning_snip.candidates import (
+    find_candidates,
+    other_parametrizations,
+    parameter_aliases,
+    sparse_gradient_parameters,
+    weight_norm_directions,
+)
 from lightning_snip.isolation import leave_no_trace
 from lightning_snip.masks import (
     MaskSet,
     Scope,
     TensorSparsity,
+    apply_masks_,
     count_zeros,
     format_report,
     holds_nonzero,
     keeps_zeros,
+    kept_count,
     pack_mask,
+    protect_slices_,
     select_masks,
     select_masks_distributed,
     sparsity_report,
@@ -78,6 +85,13 @@ from lightning_snip.sharding import (
     whole_shapes,
 )
 
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.callbacks import Callback as _Callback
+    from lightning.pytorch.strategies import Strategy
+else:
+    _Callback = lightning.callback_base()  # Lightning's Callback, and pytorch_lightning's when it is installed
+
 _T = TypeVar("_T", bound="Tensor | None")
 _STATE_VERSION = 2  # 1: bool masks; 2: bit-packed masks and their shapes
 _PLOT_FILE = "snip_sparsity.png"
@@ -96,135 +110,11 @@ def _check_patterns(argument: str, value: object) -> list[str] | None:
     return list(value)
 
 
-_SHARDING_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)
-
-
-def _check_strategy(strategy: Strategy) -> None:
-    supported = (SingleDeviceStrategy, DDPStrategy, *_SHARDING_STRATEGIES)
-    if isinstance(strategy, (DeepSpeedStrategy, XLAStrategy)) or not isinstance(strategy, supported):
-        raise MisconfigurationException(
-            f"`SNIPPruning` does not support `{type(strategy).__name__}`: its parameters live in buffers the masks"
-            " cannot follow (DeepSpeed ZeRO's flat partitions, XLA), and pruning nothing silently is not an option."
-            " To shard the model use `strategy='fsdp'` or `ModelParallelStrategy` with `fully_shard`; to replicate"
-            " it use `strategy='ddp'` (also 'ddp_spawn', 'ddp_fork'); or train on a single device."
-        )
-
-
-def _is_sharding(strategy: Strategy) -> bool:
-    return isinstance(strategy, _SHARDING_STRATEGIES)
-
-
 def _all_reduce_sum(strategy: Strategy, values: Tensor) -> Tensor:
     return strategy.reduce(values.to(strategy.root_device), reduce_op="sum").cpu()
 
 
-def _loss_from_output(output: object, batch_idx: int) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        if "loss" in output:
-            return output["loss"]
-        raise ScoringError(
-            f"`training_step` returned a dict without a 'loss' key (keys: {sorted(map(str, output))}) on scoring"
-            f" batch {batch_idx}. Return the loss tensor or a dict with 'loss', or use `criterion='magnitude'`."
-        )
-    raise ScoringError(
-        f"`training_step` returned {type(output).__name__} on scoring batch {batch_idx}, so SNIP has no loss to"
-        " differentiate. Return the loss tensor (or a dict with a 'loss' key), call `self.manual_backward(loss)`"
-        " with manual optimization, or use `criterion='magnitude'`."
-    )
-
-
-@contextmanager
-def _override(obj: object, **attributes: Any) -> Iterator[None]:
-    """Temporarily set instance attributes (e.g. methods), restoring the previous state on exit."""
-    missing = object()
-    saved = {name: obj.__dict__.get(name, missing) for name in attributes}
-    for name, value in attributes.items():
-        setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is missing:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, value)
-
-
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-@contextmanager
-def _training_step_losses(
-    trainer: Trainer, pl_module: LightningModule, num_batches: int, through_strategy: bool = False
-) -> Iterator[Callable[[int], Tensor]]:
-    """Yield ``loss_fn(i)``: the module's own ``training_step`` loss on the ``i``-th train batch.
-
-    Batches are drawn from a fresh iterator over the trainer's train dataloader and moved to the device through the
-    trainer's batch-transfer hooks. Inside the context ``self.log`` is a no-op, ``manual_backward`` records the loss
-    instead of stepping, and optimizer and scheduler steps do nothing, so manual optimization scores too. With
-    ``through_strategy`` the step runs through ``strategy.training_step``, so a sharded model's forward hooks (which
-    gather the parameters) run around it, as in training.
-    """
-    combined = trainer.fit_loop._combined_loader
-    if combined is None or not combined.flattened:
-        raise ScoringError(
-            "`SNIPPruning` scores with batches of the train dataloader, but the trainer has none (check"
-            " `limit_train_batches` and the `train_dataloader`). Provide training data or use `criterion='magnitude'`."
-        )
-    if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
-        raise MisconfigurationException(
-            "`SNIPPruning` cannot score a `training_step(self, dataloader_iter)`: it needs one batch per call. Use"
-            " `criterion='magnitude'` or `'random'`, or a batch-wise `training_step`."
-        )
-    pass_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
-    iterator: Iterator[Any] | None = None
-    recorded: list[Tensor] = []
-
-    def record_backward(loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        recorded.append(loss)
-
-    def loss_fn(i: int) -> Tensor:
-        nonlocal iterator
-        if iterator is None:
-            iterator = iter(CombinedLoader(combined.iterables, mode=combined._mode))
-        try:
-            batch, batch_idx, _ = next(iterator)
-        except StopIteration:
-            raise ScoringError(
-                f"`num_batches={num_batches}` but the train dataloader yielded only {i} batch(es). Lower"
-                " `num_batches` or provide more training data."
-            ) from None
-        # the same transfer path as Lightning's training loop
-        batch = trainer.precision_plugin.convert_input(batch)
-        batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
-        batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
-        recorded.clear()
-        args = (batch, batch_idx) if pass_batch_idx else (batch,)
-        if through_strategy:
-            output = trainer.strategy.training_step(*args)
-        else:
-            with trainer.precision_plugin.train_step_context():
-                output = pl_module.training_step(*args)
-        if not recorded:
-            return _loss_from_output(output, i)
-        total = recorded[0]
-        for loss in recorded[1:]:
-            total = total + loss
-        return total
-
-    with ExitStack() as stack:
-        stack.enter_context(_override(pl_module, log=_ignore, log_dict=_ignore, manual_backward=record_backward))
-        for optimizer in trainer.optimizers:
-            stack.enter_context(_override(optimizer, step=_ignore, zero_grad=_ignore))
-        for config in trainer.lr_scheduler_configs:
-            stack.enter_context(_override(config.scheduler, step=_ignore))
-        yield loss_fn
-
-
-class SNIPPruning(Callback):
+class SNIPPruning(_Callback):
     r"""Prune a network once before training with SNIP, and keep it exactly that sparse.
 
     At the start of ``fit``, every candidate weight is scored by its connection sensitivity ``|dL/dw * w|`` on
@@ -235,8 +125,9 @@ class SNIPPruning(Callback):
     weight with zero gradient and zero state at exactly zero, so after their steps the re-zeroing is skipped; every
     ``log_every_n_steps`` steps, before validation and at the end of training, pruned weights are checked, and if
     anything else wrote to them they are zeroed, with a warning, and from then on after every step. Masks travel in
-    checkpoints, so a resumed run trains with the same mask. The model itself is never changed structurally: its
-    ``state_dict`` loads into a never-pruned copy.
+    checkpoints, so a resumed run trains with the same mask whatever the new instance's options say (it warns once
+    about the options that differ) and never scores a trained network again. The model itself is never changed
+    structurally: its ``state_dict`` loads into a never-pruned copy, and every checkpoint holds the zeros.
 
     Scoring leaves no trace but the zeros: RNG streams, train/eval modes, buffers (BatchNorm statistics), ``.grad``
     and torchmetrics states are restored, and no optimizer or scheduler steps.
@@ -282,8 +173,8 @@ class SNIPPruning(Callback):
 
     def __init__(
         self,
-        sparsity: float = 0.9,
-        num_batches: int = 1,
+        sparsity: Sparsity = 0.9,
+        num_batches: PositiveInt = 1,
         criterion: CriterionName = "snip",
         scope: Scope = "global",
         include: list[str] | None = None,
@@ -322,7 +213,12 @@ class SNIPPruning(Callback):
         self.plot = plot
         self.seed = seed
 
-        self._loaded: dict[str, Tensor] | None = None  # kept masks from a checkpoint, on CPU, not yet bound
+        self._loaded: dict[str, Tensor] | None = None  # whole kept masks on CPU, not yet bound, from ...
+        self._loaded_from = "checkpoint"  # ... a checkpoint, or an "earlier fit" in spawned workers
+        self._loaded_config: dict[str, Any] | None = None  # the options those masks were made with
+        self._module: weakref.ref[nn.Module] | None = None  # the module the held masks were made for
+        self._trained_steps = 0  # steps of a checkpoint restored without masks (its weights are trained)
+        self._token, self._home_pid = uuid.uuid4().hex, os.getpid()  # where spawned workers return the masks
         self._params: dict[str, nn.Parameter] = {}  # candidates the masks are bound to
         self._kept: dict[str, Tensor] = {}  # True = kept, like each local weight, on its device (1 byte per weight)
         self._shards: dict[str, Shard] | None = None  # where each rank's part lies, when the model is sharded
@@ -340,8 +236,10 @@ class SNIPPruning(Callback):
     def masks(self) -> dict[str, Tensor]:
         """The whole masks by parameter name (``True`` = kept), as new tensors; empty before scoring.
 
-        On a sharded model every rank returns the whole masks, on CPU.
+        On a sharded model every rank returns the whole masks, on CPU. After a ``ddp_spawn`` fit the launching
+        process holds the masks its workers made.
         """
+        self._collect_from_workers()
         if self._loaded is not None:
             return {name: mask.clone() for name, mask in self._loaded.items()}
         if self._shards is not None:
@@ -377,8 +275,10 @@ class SNIPPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._collect_from_workers()
         packed, shapes = self._packed_masks()  # 1 bit per weight
-        return {"version": _STATE_VERSION, "config": self._config(), "masks": packed, "shapes": shapes}
+        config = self._loaded_config if self._loaded is not None and self._loaded_config else self._config()
+        return {"version": _STATE_VERSION, "config": config, "masks": packed, "shapes": shapes}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -401,39 +301,79 @@ class SNIPPruning(Callback):
                 raise ValueError(f"The `SNIPPruning` state lacks the 'shapes' of masks {missing}.")
             unpacked = {name: unpack_mask(packed, shapes[name]) for name, packed in masks.items()}
         config = state_dict.get("config")
-        if config is not None and config != self._config():
-            rank_zero_warn(f"`SNIPPruning` loads masks made with {config}, not this instance's {self._config()}.")
+        self._forget()
         self._loaded = unpacked or None
-        self._hold({}, {}, None, {})
+        self._loaded_from = "checkpoint"
+        self._loaded_config = dict(config) if isinstance(config, Mapping) else None
+
+    def differing_options(self) -> list[str]:
+        """The options of this instance that differ from those the held masks were restored with, as text.
+
+        Example::
+
+            >>> pruning = SNIPPruning(sparsity=0.9, num_batches=2)
+            >>> pruning.load_state_dict({"config": {**pruning._config(), "num_batches": 1}, "masks": {}})
+            >>> pruning.differing_options()
+            ['num_batches=1 (this instance: 2)']
+        """
+        if self._loaded_config is None:
+            return []
+        mine = self._config()
+        return [
+            f"{key}={self._loaded_config.get(key)!r} (this instance: {value!r})"
+            for key, value in mine.items()
+            if key in self._loaded_config and self._loaded_config[key] != value
+        ]
 
     # ------------------------------------------------------------------ hooks
 
     @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return  # Lightning passes it to `load_state_dict` next
+        ours = [
+            key
+            for key, state in states.items()
+            if isinstance(key, str) and key.startswith("SNIPPruning{") and isinstance(state, Mapping)
+        ]
+        claimed = {cb.state_key for cb in trainer.callbacks if isinstance(cb, SNIPPruning)}  # type: ignore[attr-defined]
+        free = [key for key in ours if key not in claimed]
+        if len(free) > 1:
+            raise lightning.misconfiguration(
+                trainer,
+                f"The checkpoint holds the masks of {len(free)} `SNIPPruning` callbacks ({free}) and none matches this"
+                " instance's options, so which to restore is ambiguous. Resume with callbacks configured as when"
+                " the checkpoint was written.",
+            )
+        if free:
+            self.load_state_dict(copy.deepcopy(dict(states[free[0]])))
+        else:
+            self._trained_steps = int(checkpoint.get("global_step", 0))
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        _check_strategy(trainer.strategy)
-        if self._loaded is not None or self._kept:
-            self._bind(trainer, pl_module)
-        elif not trainer.strategy.restore_checkpoint_after_setup:
-            self._score(trainer, pl_module)
+        lightning.check_strategy(trainer.strategy)
+        self._collect_from_workers()
+        self._prepare(trainer, pl_module, score=not trainer.strategy.restore_checkpoint_after_setup)
         # otherwise a checkpoint (maybe with masks) is restored after this hook: decide in `on_train_start`
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._loaded is not None:  # restored after `on_fit_start`
-            self._bind(trainer, pl_module)
-        elif not self._kept:
-            self._score(trainer, pl_module)
+        if self._loaded is not None or not self._kept:  # restored after `on_fit_start`, or not scored yet
+            self._prepare(trainer, pl_module, score=True)
         self._remove_step_hooks()
         self._rezero_every_step, self._last_checked_step = False, -1
+        # under manual optimization the callback cannot tell which backward a step's gradients came from
+        automatic = pl_module.automatic_optimization
         by_id = {id(self._params[name]): (self._params[name], mask) for name, mask in self._kept.items()}
         for optimizer in trainer.optimizers:
             pairs = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in by_id]
             if pairs:
                 params, masks = [p for p, _ in pairs], MaskSet(m for _, m in pairs)
                 self._zero_optimizer_state(optimizer, params, masks)
-                self._step_hooks.append(
-                    optimizer.register_step_post_hook(self._post_step_hook(params, masks, keeps_zeros(optimizer)))
-                )
+                keeps = automatic and keeps_zeros(optimizer)
+                self._step_hooks.append(optimizer.register_step_post_hook(self._post_step_hook(params, masks, keeps)))
         self._mask_set.zero_(self._local(self._params.values()))  # weights may have been restored since binding
 
     @override
@@ -445,17 +385,30 @@ class SNIPPruning(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step, every = trainer.global_step, int(getattr(trainer, "log_every_n_steps", 50))
-        self._log_sparsity(trainer, step, every)
-        check_every = every if every > 0 else _CHECK_EVERY_N_STEPS
-        if step % check_every == 0 and step != self._last_checked_step:
-            self._last_checked_step = step
-            self._check_pruned_weights(trainer, f"after step {step}")
+        if trainer.log_every_n_steps > 0:  # type: ignore[attr-defined]  # on the steps Lightning logs at, with its step number
+            step = lightning.logging_step(trainer)
+            if step is None or step == self._last_logged_step:
+                return
+            self._last_logged_step = step
+            self._log_sparsity(trainer, step)
+        elif trainer.global_step % _CHECK_EVERY_N_STEPS or trainer.global_step == self._last_checked_step:
+            return
+        self._last_checked_step = trainer.global_step
+        self._check_pruned_weights(trainer, f"after step {trainer.global_step}")
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._check_pruned_weights(trainer, f"before validation at step {trainer.global_step}")
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if not self._params:
+            return
+        self._check_pruned_weights(trainer, f"before saving a checkpoint at step {trainer.global_step}")
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict) and state:  # it may hold copies taken before this hook (gathered shards)
+            self._zero_pruned_entries(state, pl_module)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -464,34 +417,105 @@ class SNIPPruning(Callback):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_step_hooks()
+        returning = stage == "fit" and self._kept and trainer.is_global_zero and os.getpid() != self._home_pid
+        if returning and lightning.is_spawned_worker(trainer):  # the launching process reads it in `_collect_...`
+            torch.save(self.state_dict(), self._return_path())
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._remove_step_hooks()
 
+    def __getstate__(self) -> dict[str, Any]:
+        self._collect_from_workers()  # a second `ddp_spawn` fit gets the masks of the first
+        state = self.__dict__.copy()
+        state.update(_module=None, _step_hooks=[])
+        return state
+
     # ------------------------------------------------------------------ internals
 
-    def _log_sparsity(self, trainer: Trainer, step: int, every: int) -> None:
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule, score: bool) -> None:
+        """Bind restored masks, reuse those of an earlier fit of the same model, or (if ``score``) score."""
+        restored = self._loaded is not None and self._loaded_from == "checkpoint"
+        held = bool(self._kept) or self._loaded is not None
+        if restored or (held and self._same_model(trainer, pl_module)):
+            self._bind(trainer, pl_module)
+        elif score:
+            self._score(trainer, pl_module)
+
+    def _same_model(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Whether the held masks (of an earlier fit) belong to ``pl_module``; forget them, and say so, if not.
+
+        The same module object, or (under ``ddp_spawn``, where workers get copies) a model whose weights are zero
+        wherever the masks prune.
+        """
+        same = self._module is not None and self._module() is pl_module
+        if not same and not lightning.is_sharding(trainer.strategy):
+            whole = self.masks
+            params = {clean_name(name): p for name, p in pl_module.named_parameters()}
+            fits = all(name in params and params[name].shape == m.shape for name, m in whole.items())
+            if fits and whole:
+                weights = [params[name] for name in whole]
+                counts = MaskSet(m.to(w.device) for m, w in zip(whole.values(), weights, strict=True))
+                same = not any(counts.count_pruned_nonzero(weights))
+        kept, total = self._kept_total()
+        if same:
+            lightning.rank_zero_info(
+                trainer,
+                f"SNIPPruning: the model of the earlier fit, already pruned: training on with its masks ({kept:,} of"
+                f" {total:,} weights kept), not scoring again.",
+            )
+            return True
+        lightning.rank_zero_info(
+            trainer, "SNIPPruning: a different model from the earlier fit: its masks are dropped, this one is scored."
+        )
+        self._forget()
+        return False
+
+    def _kept_total(self) -> tuple[int, int]:
+        if self._shards is not None and self._loaded is None:
+            masks = [unpack_mask(p, self._shards[n].shape) for n, p in self._packed.items()]
+        else:
+            masks = list((self._loaded if self._loaded is not None else self._kept).values())
+        return sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+
+    def _forget(self) -> None:
+        self._loaded, self._loaded_config, self._module = None, None, None
+        self._hold({}, {}, None, {})
+
+    def _return_path(self) -> Path:
+        return Path(tempfile.gettempdir()) / f"lightning-snip-{self._home_pid}-{self._token}.pt"
+
+    def _collect_from_workers(self) -> None:
+        """In the launching process, take the masks that ``ddp_spawn``/``ddp_fork`` workers handed back."""
+        if os.getpid() != self._home_pid:
+            return
+        path = self._return_path()
+        if not path.exists():
+            return
+        state = torch.load(path, weights_only=True)
+        path.unlink()
+        self.load_state_dict(state)
+        self._loaded_from = "earlier fit"
+
+    def _log_sparsity(self, trainer: Trainer, step: int) -> None:
         sharded = self._shards is not None  # then every rank counts its shards
-        if not trainer.loggers or not (sharded or trainer.is_global_zero) or every <= 0 or not self._params:
+        if not trainer.loggers or not (sharded or trainer.is_global_zero) or not self._params:
             return
-        if step % every != 0 or step == self._last_logged_step:
-            return
-        self._last_logged_step = step
         zeros = count_zeros(self._local(self._params.values()))
         if self._shards is not None:
             zeros = int(_all_reduce_sum(trainer.strategy, torch.tensor([zeros]))[0])
             total = sum(shard.numel for shard in self._shards.values())
         else:
             total = sum(p.numel() for p in self._params.values())
-        self._log({"snip/sparsity": zeros / total}, trainer)
+        self._log({"snip/sparsity": zeros / total}, trainer, step)
 
     def _post_step_hook(self, params: list[nn.Parameter], masks: MaskSet, optimizer_keeps_zeros: bool) -> Any:
         """The optimizer post-step hook: re-zero the pruned weights, unless the step provably left them at zero.
 
-        It did when the optimizer keeps zeros (:func:`~lightning_snip.masks.keeps_zeros`) and a backward whose
-        gradients were masked ran since its previous step; a step on gradients that were not masked (a plain
-        ``loss.backward()`` under manual optimization, say) is always followed by the re-zeroing.
+        It did when the optimizer keeps zeros (:func:`~lightning_snip.masks.keeps_zeros`), optimization is automatic
+        (every backward goes through Lightning, which masks the gradients), and a masked backward ran since its
+        previous step. Under manual optimization every step is followed by the re-zeroing: a plain
+        ``loss.backward()`` may have set any optimizer's gradients.
         """
         masked_at_previous_step = self._masked_backwards
 
@@ -518,6 +542,21 @@ class SNIPPruning(Callback):
         if states:
             MaskSet(kept).zero_(states)
 
+    def _zero_pruned_entries(self, state: dict[str, Any], pl_module: LightningModule) -> None:
+        """Zero the pruned entries of a checkpoint's ``state_dict`` (every alias of a tied weight included)."""
+        aliases = parameter_aliases(pl_module)
+        for name, kept in self._kept.items():
+            for alias in aliases.get(name, [name]):
+                entry = state.get(alias)
+                if not isinstance(entry, Tensor):
+                    continue
+                local = local_tensor(entry)
+                if local.shape == kept.shape:
+                    apply_masks_([local], [kept.to(local.device)])
+                elif self._shards is not None and tuple(local.shape) == tuple(self._shards[name].shape):
+                    whole = unpack_mask(self._packed[name], self._shards[name].shape)  # a gathered full state dict
+                    apply_masks_([local], [whole.to(local.device)])
+
     def _check_pruned_weights(self, trainer: Trainer, when: str) -> None:
         """Zero pruned weights that something besides the optimizer step set, warn, and re-zero after every step."""
         weights = list(self._local(self._params.values()))
@@ -535,7 +574,7 @@ class SNIPPruning(Callback):
             " from now on they are re-zeroed after every optimizer step."
         )
         if self._shards is None:
-            rank_zero_warn(message)
+            lightning.rank_zero_warn(trainer, message)
         else:  # each rank checks its own shards
             warnings.warn(f"[rank {trainer.global_rank}] {message}", stacklevel=2)
 
@@ -562,9 +601,22 @@ class SNIPPruning(Callback):
         self._mask_set = MaskSet(kept.values())
         self._mask_set.zero_(self._local(params.values()))
 
+    def _refuse_sparse_gradients(self, trainer: Trainer, pl_module: LightningModule, names: Iterable[str]) -> None:
+        """Refuse, before any change, candidates whose gradients are sparse: masks cannot zero them in place."""
+        sparse = set(sparse_gradient_parameters(pl_module))
+        bad = [name for name in names if name in sparse]
+        if bad:
+            raise lightning.misconfiguration(
+                trainer,
+                f"`SNIPPruning` cannot prune {bad}: their module (`nn.Embedding`/`nn.EmbeddingBag` with `sparse=True`)"
+                " produces sparse gradients, which neither scoring nor the per-step masking supports. Exclude them"
+                f" (`exclude={bad!r}`) or build the module with `sparse=False`.",
+            )
+
     def _bind(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Attach held masks to the module's parameters (by name), move them to their devices, zero the weights."""
-        sharded = _is_sharding(trainer.strategy)
+        sharded = lightning.is_sharding(trainer.strategy)
+        restored = self._loaded is not None and self._loaded_from == "checkpoint"
         whole = self.masks if self._loaded is None and self._shards is not None else (self._loaded or self._kept)
         packed = self._packed_masks()[0] if sharded else {}  # the packed masks already held, when there are some
         params = {clean_name(name): p for name, p in pl_module.named_parameters()}
@@ -576,11 +628,13 @@ class SNIPPruning(Callback):
             if n in params and m.shape != shapes[n]
         ]
         if missing or mismatched:
-            raise MisconfigurationException(
+            raise lightning.misconfiguration(
+                trainer,
                 "`SNIPPruning` holds masks (from a checkpoint or an earlier fit) that do not fit this model:"
                 f" missing parameters {missing}, shape mismatches {mismatched}. Resume with the model the masks were"
-                " made for, or use a new `SNIPPruning` instance to score this model."
+                " made for, or use a new `SNIPPruning` instance to score this model.",
             )
+        self._refuse_sparse_gradients(trainer, pl_module, whole)
         bound = {n: params[n] for n in whole}
         shards = shard_layout(bound, shapes) if sharded else None
         if shards is not None:
@@ -590,19 +644,66 @@ class SNIPPruning(Callback):
             }
         else:
             kept = {n: m.to(params[n].device) for n, m in whole.items()}
+        differing = self.differing_options() if restored else []
         self._loaded = None
         self._hold(bound, kept, shards, packed)
+        self._module = weakref.ref(pl_module)
+        if not restored:
+            return
+        if differing:
+            lightning.rank_zero_warn(
+                trainer,
+                "`SNIPPruning`: the checkpoint's masks are restored as they are, although this instance's options"
+                f" differ: {', '.join(differing)}. Options only shape scoring, and a resumed run does not score; to"
+                " prune with the new options, start a fresh fit without `ckpt_path`.",
+            )
+        kept_weights, total = self._kept_total()
+        lightning.rank_zero_info(
+            trainer,
+            f"SNIPPruning: masks restored from the checkpoint, not scored again: {kept_weights:,} of {total:,} weights"
+            f" kept ({1 - kept_weights / max(total, 1):.2%} sparsity).",
+        )
 
     def _shared_seed(self, strategy: Strategy) -> int:
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
         return int(strategy.broadcast(seed, src=0))
 
+    def _candidates(self, trainer: Trainer, pl_module: LightningModule, sharded: bool) -> dict[str, nn.Parameter]:
+        """The candidates, after the checks that must pass before anything changes."""
+        shapes = whole_shapes(pl_module) if sharded else None
+        candidates = find_candidates(pl_module, self.include, self.exclude, shapes)
+        self._refuse_sparse_gradients(trainer, pl_module, candidates)
+        if sharded and any(name in candidates for name in weight_norm_directions(pl_module)):
+            raise lightning.misconfiguration(
+                trainer,
+                "`SNIPPruning` cannot keep a weight in every slice of a weight-normalized tensor when the model is"
+                " sharded. Exclude the weight-norm directions (`exclude=['*.original1', '*_v']`) or train unsharded.",
+            )
+        for name, kind in other_parametrizations(pl_module).items():
+            if name in candidates and kind != "_SpectralNorm":
+                lightning.rank_zero_warn(
+                    trainer,
+                    f"`SNIPPruning`: `{name}` is the stored tensor of a `{kind}` parametrization. It is pruned, but the"
+                    " weight the module computes from it is sparse only if the parametrization maps zeros to zeros."
+                    f" If it does not, `exclude=[{name!r}]`.",
+                )
+        if self._trained_steps:
+            lightning.rank_zero_warn(
+                trainer,
+                f"`SNIPPruning`: the checkpoint holds no `SNIPPruning` masks but weights trained for"
+                f" {self._trained_steps} steps. They are scored and pruned now, which prunes a trained network, not"
+                " one at initialization. To continue a pruned run, resume from a checkpoint written with"
+                " `SNIPPruning`; to prune at initialization, fit a freshly initialized model.",
+            )
+            self._trained_steps = 0
+        return candidates
+
     def _score(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the candidates, select the masks and zero the pruned weights; on failure the model is unchanged."""
         strategy = trainer.strategy
-        sharded = _is_sharding(strategy)
+        sharded = lightning.is_sharding(strategy)
         shapes = whole_shapes(pl_module) if sharded else None
-        candidates = find_candidates(pl_module, self.include, self.exclude, shapes)
+        candidates = self._candidates(trainer, pl_module, sharded)
         shards = shard_layout(candidates, shapes) if shapes is not None else None  # a collective
         local = {name: local_tensor(p) for name, p in candidates.items()}
         criterion = get_criterion(self.criterion)
@@ -614,7 +715,7 @@ class SNIPPruning(Callback):
             pl_module.train()
             with ExitStack() as stack:
                 loss_fn = (
-                    stack.enter_context(_training_step_losses(trainer, pl_module, self.num_batches, sharded))
+                    stack.enter_context(lightning.training_step_losses(trainer, pl_module, self.num_batches, sharded))
                     if criterion.needs_data
                     else None
                 )
@@ -655,6 +756,7 @@ class SNIPPruning(Callback):
             packed = {name: gather_packed_mask(kept[name], shards[name]) for name in kept}  # collectives
         else:
             dead = [name for name, z in zip(scores, nonzero, strict=True) if not z]
+            self._protect_weight_norm_slices(pl_module, scores)
             kept = select_masks(scores, self.sparsity, self.scope)
         del scores
         if candidates and next(iter(local.values())).is_cuda:
@@ -662,19 +764,38 @@ class SNIPPruning(Callback):
         elapsed = time.perf_counter() - start
 
         self._hold(candidates, kept, shards, packed if shards is not None else {})
+        self._module = weakref.ref(pl_module)
         self._report(trainer, dead, elapsed, rows if shards is not None else sparsity_report(self._params))
+
+    def _protect_weight_norm_slices(self, pl_module: LightningModule, scores: dict[str, Tensor]) -> None:
+        """Make selection keep a weight in every normed slice of each weight-norm direction (no ``0 / 0``)."""
+        directions = {name: dim for name, dim in weight_norm_directions(pl_module).items() if name in scores}
+        needed = {name: protect_slices_(scores[name], dim) for name, dim in directions.items()}
+        if self.scope == "global":
+            budget = kept_count(sum(s.numel() for s in scores.values()), self.sparsity)
+            short = [] if sum(needed.values()) <= budget else list(needed)
+        else:
+            short = [name for name, n in needed.items() if n > kept_count(scores[name].numel(), self.sparsity)]
+        if short:
+            raise ScoringError(
+                f"`sparsity={self.sparsity}` keeps fewer weights than the weight-normalized tensors {short} have"
+                " normed slices, and a slice pruned entirely divides by a zero norm (nan). Lower `sparsity` or"
+                " exclude them."
+            )
 
     def _report(self, trainer: Trainer, dead: list[str], elapsed: float, rows: list[TensorSparsity]) -> None:
         for name in dead:
-            rank_zero_warn(
+            lightning.rank_zero_warn(
+                trainer,
                 f"`SNIPPruning`: every {self.criterion} score of `{name}` is zero (the loss does not depend on it at"
-                " initialization); its mask is decided by tie-breaking alone. Exclude it or check the model."
+                " initialization); its mask is decided by tie-breaking alone. Exclude it or check the model.",
             )
         for row in rows:
             if row.kept == 0:
-                rank_zero_warn(
+                lightning.rank_zero_warn(
+                    trainer,
                     f"`SNIPPruning`: `{row.name}` {row.shape} is pruned entirely (layer collapse), so no signal passes"
-                    " through it. Lower `sparsity`, use `scope='layerwise'`, or `exclude` it."
+                    " through it. Lower `sparsity`, use `scope='layerwise'`, or `exclude` it.",
                 )
         kept, total = sum(r.kept for r in rows), sum(r.total for r in rows)
         metrics = {
@@ -685,34 +806,59 @@ class SNIPPruning(Callback):
         }
         if self.log_per_layer:
             metrics.update({f"snip/sparsity/{r.name}": r.sparsity for r in rows})
-        self._log(metrics, trainer)
+        self._log(metrics, trainer, trainer.global_step)
+        plotted = ""
         if self.plot:
             directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
             if trainer.is_global_zero:
-                self._plot(trainer, rows, directory)
-        rank_zero_info(
+                path = self._plot(trainer, rows, directory)
+                plotted = f"; sparsity chart: {path}" if path is not None else ""
+        lightning.rank_zero_info(
+            trainer,
             f"SNIPPruning ({self.criterion}, {self.scope}) kept {kept:,} of {total:,} weights"
-            f" ({1 - kept / total:.2%} sparsity), scored in {elapsed:.2f}s\n{format_report(rows)}"
+            f" ({1 - kept / total:.2%} sparsity), scored in {elapsed:.2f}s{plotted}\n{format_report(rows)}",
         )
 
-    def _plot(self, trainer: Trainer, rows: list[TensorSparsity], directory: Path) -> None:
+    def _plot(self, trainer: Trainer, rows: list[TensorSparsity], directory: Path) -> Path | None:
+        """Save the bar chart (and send it to TensorBoard); an optional extra, so a failure only warns."""
         global _matplotlib_hint_given
         try:
             from lightning_snip.plots import sparsity_bar_chart
 
-            figure = sparsity_bar_chart(rows, title=f"SNIP ({self.criterion}, {self.scope}): sparsity per tensor")
+            figure = sparsity_bar_chart(rows, title=f"SNIP ({self.criterion}, {self.scope}): kept weights per tensor")
         except ImportError:
             if not _matplotlib_hint_given:
                 _matplotlib_hint_given = True
-                rank_zero_info("`SNIPPruning`: `pip install matplotlib` to get a per-tensor sparsity plot.")
-            return
-        directory.mkdir(parents=True, exist_ok=True)
-        figure.savefig(directory / _PLOT_FILE, dpi=110)
+                lightning.rank_zero_info(trainer, "`SNIPPruning`: `pip install matplotlib` to get a sparsity chart.")
+            return None
+        path = directory / _PLOT_FILE
+        saved: Path | None = path
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            figure.savefig(path, dpi=110)
+        except Exception as error:  # an optional extra never stops training
+            lightning.rank_zero_warn(
+                trainer, f"`SNIPPruning`: the sparsity chart could not be saved to {path} ({error!r}); training goes on"
+            )
+            saved = None
+        tensorboard = lightning.namespace(trainer).loggers.TensorBoardLogger
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("snip/sparsity_per_tensor", figure, global_step=trainer.global_step)
+            if isinstance(logger, tensorboard):
+                try:
+                    logger.experiment.add_figure("snip/sparsity_per_tensor", figure, global_step=trainer.global_step)
+                except Exception as error:
+                    lightning.rank_zero_warn(
+                        trainer, f"`SNIPPruning`: the sparsity chart could not go to TensorBoard ({error!r})."
+                    )
+        return saved
 
-    def _log(self, metrics: dict[str, float], trainer: Trainer) -> None:
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+    def _log(self, metrics: dict[str, float], trainer: Trainer, step: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            try:
+                logger.log_metrics(metrics, step=step)
+            except Exception as error:  # an optional extra never stops training
+                lightning.rank_zero_warn(
+                    trainer, f"`SNIPPruning`: {type(logger).__name__} could not log {sorted(metrics)[:3]}: {error!r}."
+                )

@@ -52,7 +52,7 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _is_default_candidate(name_aliases: list[str], ndim: int, param: nn.Parameter, norm_ids: set[int]) -> bool:
-    if ndim < 2 or id(param) in norm_ids:
+    if ndim < 2 or id(param) in norm_ids:  # norm_ids: normalization layers and weight-norm gains
         return False
     return not any("bias" in alias.rsplit(".", 1)[-1] for alias in name_aliases)
 
@@ -76,10 +76,11 @@ def find_candidates(
     """Select the parameters to prune.
 
     By default every trainable parameter with ``ndim >= 2`` is a candidate (Linear, ConvNd, RNN/LSTM/GRU matrices,
-    Embedding, MultiheadAttention projections), except biases (any name containing ``bias``) and the parameters of
-    normalization layers. ``include`` replaces that default by shell-style glob patterns over parameter names and may
-    name any trainable parameter, biases too; ``exclude`` removes matches. A tied parameter is one candidate, kept
-    under its canonical name, and matches a pattern when any of its names does.
+    Embedding, MultiheadAttention projections), except biases (any name containing ``bias``), the parameters of
+    normalization layers, and the gains ``g`` of weight normalization (whose direction ``v`` is a candidate; see
+    :func:`weight_norm_directions`). ``include`` replaces that default by shell-style glob patterns over parameter
+    names and may name any trainable parameter, biases too; ``exclude`` removes matches. A tied parameter is one
+    candidate, kept under its canonical name, and matches a pattern when any of its names does.
 
     Args:
         model: The model whose parameters are selected.
@@ -110,6 +111,7 @@ def find_candidates(
     _check_patterns("exclude", exclude or [], all_names)
 
     norm_ids = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
+    norm_ids |= {id(gain) for gain, _, _ in _weight_norms(model)}
 
     def matches(names: list[str], patterns: Sequence[str]) -> bool:
         return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
@@ -135,3 +137,81 @@ def find_candidates(
             f" layers. Adjust `include`/`exclude`. Parameters: {listed or 'none'}"
         )
     return candidates
+
+
+def _weight_norms(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter, int | None]]:
+    """``(gain g, direction v, dim)`` of every weight normalization in ``model``, old and new API.
+
+    ``dim`` is the dimension whose slices are normalized separately; ``None`` means the whole tensor at once.
+    """
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found = []
+    for module in model.modules():
+        parametrizations = getattr(module, "parametrizations", None)
+        for plist in (parametrizations or {}).values():
+            if len(plist) == 1 and isinstance(plist[0], _WeightNorm):
+                found.append((plist.original0, plist.original1, plist[0].dim))
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                found.append((getattr(module, f"{hook.name}_g"), getattr(module, f"{hook.name}_v"), hook.dim))
+    return [(g, v, None if dim is None or dim == -1 else dim) for g, v, dim in found]
+
+
+def weight_norm_directions(model: nn.Module) -> dict[str, int | None]:
+    """The direction ``v`` of every weight normalization, by canonical name, with the dimension it is normed along.
+
+    Weight normalization computes ``w = g * v / ||v||`` with one norm per slice of ``v`` along ``dim``. A slice of
+    ``v`` pruned entirely has norm zero and turns ``w`` into ``0 / 0 = nan``, so selection keeps at least the
+    best-scored weight of every slice (:func:`~lightning_snip.masks.protect_slices_`).
+
+    Args:
+        model: The model to inspect.
+
+    Returns:
+        ``{name of v: dim}``; ``dim`` is ``None`` when the whole tensor is normed at once.
+
+    Example::
+
+        >>> from torch.nn.utils.parametrizations import weight_norm
+        >>> weight_norm_directions(nn.Sequential(weight_norm(nn.Linear(4, 3))))
+        {'0.parametrizations.weight.original1': 0}
+    """
+    directions = {id(v): dim for _, v, dim in _weight_norms(model)}
+    return {name: directions[id(p)] for name, p in _canonical_parameters(model).items() if id(p) in directions}
+
+
+def other_parametrizations(model: nn.Module) -> dict[str, str]:
+    """Stored tensors of parametrizations other than weight normalization, by canonical name, with the type's name.
+
+    The module computes its weight from such a tensor; pruning the stored tensor makes the computed weight sparse
+    only when the parametrization maps zeros to zeros (spectral normalization does; an orthogonal map does not).
+    """
+    from torch.nn.utils.parametrizations import _WeightNorm
+
+    kinds: dict[int, str] = {}
+    for module in model.modules():
+        for plist in (getattr(module, "parametrizations", None) or {}).values():
+            if len(plist) == 1 and isinstance(plist[0], _WeightNorm):
+                continue
+            kind = " -> ".join(type(p).__name__ for p in plist)
+            for param in plist.parameters(recurse=False):
+                kinds[id(param)] = kind
+    return {name: kinds[id(p)] for name, p in _canonical_parameters(model).items() if id(p) in kinds}
+
+
+def sparse_gradient_parameters(model: nn.Module) -> list[str]:
+    """Canonical names of the parameters that get sparse gradients (``nn.Embedding(sparse=True)``, ``EmbeddingBag``).
+
+    Example::
+
+        >>> sparse_gradient_parameters(nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2)))
+        ['0.weight']
+    """
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+    return [name for name, p in _canonical_parameters(model).items() if id(p) in ids]
+
+
+def _canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {clean_name(name): param for name, param in model.named_parameters()}

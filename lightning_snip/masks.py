@@ -293,6 +293,41 @@ def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "
     return _select(scores, {name: s.numel() for name, s in scores.items()}, sparsity, scope)
 
 
+def protect_slices_(scores: Tensor, dim: int | None) -> int:
+    """Raise the best score of every slice along ``dim`` above all others, so selection keeps it; in place.
+
+    Used where pruning a whole slice would break the model (weight normalization divides each slice by its norm).
+    The raised score is the largest finite float32, so the exact count still holds: the slices' best weights are
+    kept first and the rest of the budget goes by score, as before. Ties go to the earlier position.
+
+    Args:
+        scores: Finite scores of one tensor.
+        dim: The dimension whose slices each keep one weight; ``None`` for the whole tensor as one slice.
+
+    Returns:
+        The number of slices, that is of weights now certain to be kept.
+
+    Example::
+
+        >>> s = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+        >>> protect_slices_(s, 0), (s == torch.finfo(torch.float32).max).tolist()
+        (2, [[False, True], [True, False]])
+    """
+    if scores.numel() == 0:
+        return 0
+    top = torch.finfo(torch.float32).max
+    if dim is None:
+        scores.view(-1)[int(scores.reshape(-1).argmax())] = top
+        return 1
+    view = scores.movedim(dim, 0)
+    best = view.reshape(view.shape[0], -1).argmax(dim=1)
+    index = [torch.arange(view.shape[0], device=scores.device)]
+    if view.ndim > 1:
+        index += list(torch.unravel_index(best, view.shape[1:]))
+    view[tuple(index)] = top
+    return int(view.shape[0])
+
+
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 

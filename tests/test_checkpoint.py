@@ -113,8 +113,9 @@ def test_state_dict_round_trip_older_format_and_validation():
         pruning.load_state_dict({"version": 2, "masks": {"w": torch.ones(1, dtype=torch.uint8)}, "shapes": {"w": [9]}})
     with pytest.raises(ValueError, match="got version 3"):
         pruning.load_state_dict({"version": 3, "masks": {}})
-    with pytest.warns(UserWarning, match="loads masks made with"):
-        SNIPPruning(sparsity=0.9).load_state_dict({"config": {"sparsity": 0.5}, "masks": masks})
+    other = SNIPPruning(sparsity=0.9)
+    other.load_state_dict({"config": {"sparsity": 0.5}, "masks": masks})  # said at fit start, with the trainer
+    assert other.differing_options() == ["sparsity=0.5 (this instance: 0.9)"]
 
 
 def test_masks_that_do_not_fit_the_model_are_refused(tmp_path):

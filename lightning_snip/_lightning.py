@@ -1,0 +1,273 @@
+"""What the callback needs from Lightning's internals, in one place to audit on each Lightning release.
+
+Both namespaces work: ``lightning.pytorch`` and the standalone ``pytorch_lightning`` package hold the same classes
+under different module paths, so everything that compares classes or calls Lightning's helpers resolves the
+namespace from the trainer it is given (:func:`namespace`), never from an import at the top of a file.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from functools import cache
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_snip.scoring import ScoringError
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.strategies import Strategy
+
+_NAMESPACES = {"lightning.pytorch": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+
+
+@cache
+def _import(name: str) -> ModuleType:
+    module = importlib.import_module(name)
+    for sub in ("callbacks", "loggers", "strategies", "utilities", "utilities.exceptions"):
+        importlib.import_module(f"{name}.{sub}")
+    return module
+
+
+def namespace(obj: object) -> ModuleType:
+    """The Lightning package ``obj`` (a trainer, a strategy) belongs to: ``lightning.pytorch`` or ``pytorch_lightning``.
+
+    Subclasses defined elsewhere are resolved through their bases.
+    """
+    for cls in type(obj).__mro__:
+        module = cls.__module__
+        for prefix, name in _NAMESPACES.items():
+            if module == prefix or module.startswith(prefix + "."):
+                return _import(name)
+    return _import("lightning.pytorch")
+
+
+def callback_base() -> type:
+    """``Callback`` of ``lightning.pytorch``, combined with ``pytorch_lightning``'s when that package is installed.
+
+    The callback then passes the ``isinstance`` checks of both trainers and of both LightningCLIs.
+    """
+    from lightning.pytorch.callbacks import Callback
+
+    try:
+        from pytorch_lightning.callbacks import Callback as StandaloneCallback
+    except ImportError:
+        return Callback
+    return type("Callback", (Callback, StandaloneCallback), {"__module__": __name__})
+
+
+def misconfiguration(trainer: object, message: str) -> Exception:
+    """Lightning's ``MisconfigurationException`` of the trainer's own namespace."""
+    return namespace(trainer).utilities.exceptions.MisconfigurationException(message)
+
+
+def rank_zero_info(trainer: object, message: str) -> None:
+    """Print ``message`` on rank zero only, through the trainer's own namespace (which knows the rank)."""
+    namespace(trainer).utilities.rank_zero_info(message)
+
+
+def rank_zero_warn(trainer: object, message: str) -> None:
+    """Warn on rank zero only, through the trainer's own namespace."""
+    namespace(trainer).utilities.rank_zero_warn(message, stacklevel=2)
+
+
+def is_sharding(strategy: Strategy) -> bool:
+    """Whether the strategy shards parameters across ranks (FSDP, ``ModelParallelStrategy``)."""
+    strategies = namespace(strategy).strategies
+    return isinstance(strategy, (strategies.FSDPStrategy, strategies.ModelParallelStrategy))
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse strategies whose parameters the masks cannot follow, naming the one used and the alternatives.
+
+    Raises:
+        MisconfigurationException: For DeepSpeed, XLA, or any strategy the callback does not know.
+    """
+    strategies = namespace(strategy).strategies
+    if isinstance(strategy, strategies.DeepSpeedStrategy):  # a DDPStrategy subclass
+        why = "DeepSpeed ZeRO keeps parameters in flat partitions that the masks cannot follow"
+    elif isinstance(strategy, strategies.XLAStrategy):
+        why = "XLA's lazy tensors are not supported by the mask enforcement"
+    elif is_sharding(strategy) or isinstance(strategy, (strategies.SingleDeviceStrategy, strategies.DDPStrategy)):
+        return
+    else:
+        why = "it is not one of the strategies the callback is known to keep sparse"
+    name = type(strategy).__name__
+    raise misconfiguration(
+        strategy,
+        f"`SNIPPruning` does not support `{name}`: {why}, and pruning nothing silently is not an option. To shard the"
+        " model use `strategy='fsdp'` or `ModelParallelStrategy` with `fully_shard`; to replicate it use"
+        " `strategy='ddp'` (also 'ddp_spawn', 'ddp_fork'); or train on a single device.",
+    )
+
+
+def is_spawned_worker(trainer: Trainer) -> bool:
+    """Whether this process is a worker that ``ddp_spawn``/``ddp_fork`` launched (its results go back by pickle)."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if launcher is None:
+        return False
+    launchers = importlib.import_module(f"{namespace(trainer).__name__}.strategies.launchers.multiprocessing")
+    return isinstance(launcher, launchers._MultiProcessingLauncher)
+
+
+def logging_step(trainer: Trainer) -> int | None:
+    """The step Lightning logs the current training batch's metrics at, or ``None`` when it logs none for it.
+
+    The same rule as Lightning's own ``self.log`` in ``training_step``: every ``log_every_n_steps`` optimizer steps
+    (never during gradient accumulation), at ``step = batches that stepped``.
+    """
+    loop = trainer.fit_loop
+    if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
+        return None
+    if not trainer._logger_connector.should_update_logs:
+        return None
+    return int(loop.epoch_loop._batches_that_stepped)
+
+
+def _loss_from_output(output: object, batch_idx: int) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "loss" in output:
+            return output["loss"]
+        raise ScoringError(
+            f"`training_step` returned a dict without a 'loss' key (keys: {sorted(map(str, output))}) on scoring"
+            f" batch {batch_idx}. Return the loss tensor or a dict with 'loss', or use `criterion='magnitude'`."
+        )
+    raise ScoringError(
+        f"`training_step` returned {type(output).__name__} on scoring batch {batch_idx}, so SNIP has no loss to"
+        " differentiate. Return the loss tensor (or a dict with a 'loss' key), call `self.manual_backward(loss)`"
+        " with manual optimization, or use `criterion='magnitude'`."
+    )
+
+
+@contextmanager
+def _override(obj: object, **attributes: Any) -> Iterator[None]:
+    """Temporarily set instance attributes (e.g. methods), restoring the previous state on exit."""
+    missing = object()
+    saved = {name: obj.__dict__.get(name, missing) for name in attributes}
+    for name, value in attributes.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is missing:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _generators(loader: DataLoader) -> list[torch.Generator]:
+    """The random generators a loader draws from besides the global one: its own, its samplers'."""
+    found: list[torch.Generator] = []
+    for owner in (loader, loader.sampler, loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+def _private_loader(loader: DataLoader, stack: ExitStack) -> DataLoader:
+    """A loader for scoring that leaves ``loader``'s iterator and generators as training will find them.
+
+    A loader with persistent workers keeps one iterator for its whole life: scoring through it would consume and
+    reorder the batches of the first epoch, so scoring uses a shallow copy with workers of its own. Generators that
+    the loader or its samplers own are restored on exit.
+    """
+    for generator in _generators(loader):
+        stack.callback(generator.set_state, generator.get_state())
+    if not (loader.persistent_workers and loader.num_workers > 0):
+        return loader  # `iter` builds a fresh iterator every time
+    private = copy.copy(loader)
+    private.__dict__["_iterator"] = None
+    private.__dict__["persistent_workers"] = False  # its workers end with its iterator
+    return private
+
+
+@contextmanager
+def training_step_losses(
+    trainer: Trainer, pl_module: LightningModule, num_batches: int, through_strategy: bool = False
+) -> Iterator[Callable[[int], Tensor]]:
+    """Yield ``loss_fn(i)``: the module's own ``training_step`` loss on the ``i``-th train batch.
+
+    Batches are drawn from a fresh iterator over the trainer's train dataloader (never the one training uses; see
+    :func:`_private_loader`) and moved to the device through the trainer's batch-transfer hooks. Inside the context
+    ``self.log`` is a no-op, ``manual_backward`` records the loss instead of stepping, and optimizer and scheduler
+    steps do nothing, so manual optimization scores too. With ``through_strategy`` the step runs through
+    ``strategy.training_step``, so a sharded model's forward hooks (which gather the parameters) run around it, as in
+    training.
+    """
+    combined = trainer.fit_loop._combined_loader
+    if combined is None or not combined.flattened:
+        raise ScoringError(
+            "`SNIPPruning` scores with batches of the train dataloader, but the trainer has none (check"
+            " `limit_train_batches` and the `train_dataloader`). Provide training data or use `criterion='magnitude'`."
+        )
+    if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
+        raise misconfiguration(
+            trainer,
+            "`SNIPPruning` cannot score a `training_step(self, dataloader_iter)`: it needs one batch per call. Use"
+            " `criterion='magnitude'` or `'random'`, or a batch-wise `training_step`.",
+        )
+    pass_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+    iterator: Iterator[Any] | None = None
+    recorded: list[Tensor] = []
+
+    def record_backward(loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        recorded.append(loss)
+
+    with ExitStack() as stack:
+        iterables = apply_to_collection(combined.iterables, DataLoader, _private_loader, stack)
+
+        def loss_fn(i: int) -> Tensor:
+            nonlocal iterator
+            if iterator is None:
+                iterator = iter(type(combined)(iterables, mode=combined._mode))
+            try:
+                batch, batch_idx, _ = next(iterator)
+            except StopIteration:
+                raise ScoringError(
+                    f"`num_batches={num_batches}` but the train dataloader yielded only {i} batch(es). Lower"
+                    " `num_batches` or provide more training data."
+                ) from None
+            # the same transfer path as Lightning's training loop
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+            recorded.clear()
+            args = (batch, batch_idx) if pass_batch_idx else (batch,)
+            if through_strategy:
+                output = trainer.strategy.training_step(*args)
+            else:
+                with trainer.precision_plugin.train_step_context():
+                    output = pl_module.training_step(*args)
+            if not recorded:
+                return _loss_from_output(output, i)
+            total = recorded[0]
+            for loss in recorded[1:]:
+                total = total + loss
+            return total
+
+        stack.enter_context(_override(pl_module, log=_ignore, log_dict=_ignore, manual_backward=record_backward))
+        for optimizer in trainer.optimizers:
+            stack.enter_context(_override(optimizer, step=_ignore, zero_grad=_ignore))
+        for config in trainer.lr_scheduler_configs:
+            stack.enter_context(_override(config.scheduler, step=_ignore))
+        try:
+            yield loss_fn
+        finally:
+            iterator = None  # ends the workers of a private loader's iterator
