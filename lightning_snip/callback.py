@@ -215,7 +215,7 @@ class SNIPPruning(_Callback):
 
         self._loaded: dict[str, Tensor] | None = None  # whole kept masks on CPU, not yet bound, from ...
         self._loaded_from = "checkpoint"  # ... a checkpoint, or an "earlier fit" in spawned workers
-        self._loaded_config: dict[str, Any] | None = None  # the options those masks were made with
+        self._masks_config: dict[str, Any] | None = None  # the options the held masks were made with, if not these
         self._module: weakref.ref[nn.Module] | None = None  # the module the held masks were made for
         self._trained_steps = 0  # steps of a checkpoint restored without masks (its weights are trained)
         self._token, self._home_pid = uuid.uuid4().hex, os.getpid()  # where spawned workers return the masks
@@ -277,7 +277,7 @@ class SNIPPruning(_Callback):
     def state_dict(self) -> dict[str, Any]:
         self._collect_from_workers()
         packed, shapes = self._packed_masks()  # 1 bit per weight
-        config = self._loaded_config if self._loaded is not None and self._loaded_config else self._config()
+        config = self._masks_config or self._config()
         return {"version": _STATE_VERSION, "config": config, "masks": packed, "shapes": shapes}
 
     @override
@@ -304,7 +304,7 @@ class SNIPPruning(_Callback):
         self._forget()
         self._loaded = unpacked or None
         self._loaded_from = "checkpoint"
-        self._loaded_config = dict(config) if isinstance(config, Mapping) else None
+        self._masks_config = dict(config) if isinstance(config, Mapping) else None
 
     def differing_options(self) -> list[str]:
         """The options of this instance that differ from those the held masks were restored with, as text.
@@ -316,13 +316,13 @@ class SNIPPruning(_Callback):
             >>> pruning.differing_options()
             ['num_batches=1 (this instance: 2)']
         """
-        if self._loaded_config is None:
+        if self._masks_config is None:
             return []
         mine = self._config()
         return [
-            f"{key}={self._loaded_config.get(key)!r} (this instance: {value!r})"
+            f"{key}={self._masks_config.get(key)!r} (this instance: {value!r})"
             for key, value in mine.items()
-            if key in self._loaded_config and self._loaded_config[key] != value
+            if key in self._masks_config and self._masks_config[key] != value
         ]
 
     # ------------------------------------------------------------------ hooks
@@ -479,7 +479,7 @@ class SNIPPruning(_Callback):
         return sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
 
     def _forget(self) -> None:
-        self._loaded, self._loaded_config, self._module = None, None, None
+        self._loaded, self._masks_config, self._module = None, None, None
         self._hold({}, {}, None, {})
 
     def _return_path(self) -> Path:
@@ -764,7 +764,7 @@ class SNIPPruning(_Callback):
         elapsed = time.perf_counter() - start
 
         self._hold(candidates, kept, shards, packed if shards is not None else {})
-        self._module = weakref.ref(pl_module)
+        self._module, self._masks_config = weakref.ref(pl_module), None
         self._report(trainer, dead, elapsed, rows if shards is not None else sparsity_report(self._params))
 
     def _protect_weight_norm_slices(self, pl_module: LightningModule, scores: dict[str, Tensor]) -> None:
