@@ -57,13 +57,14 @@ def test_restore_after_setup_without_masks_scores_at_train_start(tmp_path):
     fit(BoringClassifier(), [checkpoint], enable_checkpointing=True)  # a dense checkpoint
     pruning = SNIPPruning(sparsity=0.8)
     checker = ZeroInvariantChecker(pruning)
-    fit(
-        BoringClassifier(),
-        [pruning, checker],
-        ckpt_path=str(tmp_path / "last.ckpt"),
-        max_epochs=2,
-        strategy=LateRestoreStrategy(torch.device("cpu")),
-    )
+    with pytest.warns(UserWarning, match="no `SNIPPruning` masks but weights trained for 4 steps"):
+        fit(
+            BoringClassifier(),
+            [pruning, checker],
+            ckpt_path=str(tmp_path / "last.ckpt"),
+            max_epochs=2,
+            strategy=LateRestoreStrategy(torch.device("cpu")),
+        )
     assert len(pruning.masks) == 2
     assert checker.violations == [0] * 5
 
@@ -149,7 +150,8 @@ def test_pruning_from_a_dense_checkpoint_zeroes_the_restored_momentum_of_pruned_
     pruning = SNIPPruning(sparsity=0.8)
     checker = ZeroInvariantChecker(pruning)
     model = BoringClassifier(optimizer="sgd", lr=0.1, momentum=0.9)
-    trainer = fit(model, [pruning, checker], ckpt_path=str(tmp_path / "last.ckpt"), max_epochs=2)
+    with pytest.warns(UserWarning, match="no `SNIPPruning` masks but weights trained for 4 steps"):
+        trainer = fit(model, [pruning, checker], ckpt_path=str(tmp_path / "last.ckpt"), max_epochs=2)
     # SGD skips the weight re-zeroing, so a restored momentum would have moved the pruned weights
     assert checker.violations == [0] * 5
     params = dict(model.named_parameters())

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test runs the example in a new process
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -1,13 +1,16 @@
 """DDP on CPU (gloo): every rank holds the mask of single-process scoring over the union of their batches."""
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import BoringClassifier, FixedOrder, ddp_rank_main, fit, free_port, make_data, spawn_and_wait
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_snip import SNIPPruning
+from lightning_snip.masks import kept_count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["snip", "random"], ids=["snip", "random"])
 def test_ddp_ranks_agree_and_match_single_process_union(tmp_path, criterion):
     spawn_and_wait(ddp_rank_main, (2, free_port(), str(tmp_path), criterion), nprocs=2)
@@ -32,3 +35,24 @@ def test_ddp_ranks_agree_and_match_single_process_union(tmp_path, criterion):
     fit(model, [single], loader, precision="64-true", max_steps=1)
     for name, mask in single.masks.items():
         assert torch.equal(mask, ranks[0]["masks"][name]), f"DDP mask of {name} differs from single-process scoring"
+
+
+def _no_scoring(*args) -> None:
+    raise AssertionError("the trained model was scored again")
+
+
+@pytest.mark.slow
+def test_ddp_spawn_hands_the_masks_back_and_a_second_fit_trains_on_with_them(tmp_path):
+    pl.seed_everything(0)
+    model = BoringClassifier(dropout=0.0)
+    pruning = SNIPPruning(sparsity=0.8)
+    fit(model, [pruning], DataLoader(make_data(32), batch_size=4), strategy="ddp_spawn", devices=2)
+    masks = pruning.masks  # made in the workers, read in this process
+    assert sum(int(m.sum()) for m in masks.values()) == kept_count(640, 0.8)
+    params = dict(model.named_parameters())
+    assert all(int((params[n][~m] != 0).sum()) == 0 for n, m in masks.items())  # the weights came back pruned
+    assert all(int((params[n][m] != 0).sum()) == int(m.sum()) for n, m in masks.items())
+    pruning._score = _no_scoring  # pickled to the workers of the second fit
+    fit(model, [pruning], DataLoader(make_data(32), batch_size=4), strategy="ddp_spawn", devices=2, max_epochs=2)
+    assert all(torch.equal(masks[n], m) for n, m in pruning.masks.items())
+    assert all(int((params[n][~m] != 0).sum()) == 0 for n, m in masks.items())

@@ -6,6 +6,8 @@ from helpers import distributed_selection_rank_main, free_port, shard_bounds, sh
 
 from lightning_snip import select_masks
 
+pytestmark = pytest.mark.slow  # several processes
+
 
 @pytest.mark.parametrize("world_size", [2, 3], ids=["2-ranks", "3-ranks"])
 def test_sharded_selection_equals_single_process(tmp_path, world_size):

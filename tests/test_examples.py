@@ -22,6 +22,8 @@ import reproduce_mnist  # noqa: E402
 import train  # noqa: E402
 from datamodules import CIFAR10DataModule, MNISTDataModule  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the examples train real models on real digits
+
 
 def _write_fake_cifar10(root: Path, per_batch: int = 8) -> None:
     folder = root / "cifar-10-batches-py"

@@ -217,6 +217,7 @@ def test_radix_select_matches_a_stable_sort(monkeypatch, chunk, kind):
         assert all(torch.equal(got[n], expected[n]) for n in scores), sparsity
 
 
+@pytest.mark.slow
 def test_selection_past_two_to_the_31_elements(monkeypatch):
     import lightning_snip.masks as masks_module
 

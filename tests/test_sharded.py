@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_snip import SNIPPruning
 from lightning_snip.masks import unpack_mask
 
+pytestmark = pytest.mark.slow  # several processes
+
 
 def _single_process_masks(criterion: str) -> dict[str, torch.Tensor]:
     # Lightning gives each rank a shuffled DistributedSampler (seed 0, epoch 0); its first 8 indices are the rank's

@@ -1,9 +1,12 @@
 """Shard layouts on plain ``torch.distributed`` gloo processes: slices, DTensors, FSDP1 shapes and refusals."""
 
+import pytest
 import torch
 from helpers import free_port, sharding_rank_main, spawn_and_wait
 
 from lightning_snip.masks import unpack_mask
+
+pytestmark = pytest.mark.slow  # several processes
 
 
 def test_layouts_gathering_and_refusals(tmp_path):
