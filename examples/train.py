@@ -7,6 +7,7 @@ python examples/train.py fit --config examples/configs/lenet300_snip.yaml --trai
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the example modules, also when imported from elsewhere
@@ -17,6 +18,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_snip import SNIPPruning, find_candidates, sparsity_report
+
+# harmless on a small CPU machine, and not the example's business
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
 
 
 def summary(trainer: pl.Trainer, model: pl.LightningModule, test_error: float) -> str:
@@ -35,14 +40,29 @@ def summary(trainer: pl.Trainer, model: pl.LightningModule, test_error: float) -
     )
 
 
+def where(trainer: pl.Trainer) -> str:
+    """Where this run's logs, metrics, sparsity chart and checkpoints went."""
+    lines = []
+    for logger in trainer.loggers:
+        kind = type(logger).__name__
+        lines.append(f"  {kind}: {logger.log_dir}" + (" (metrics.csv)" if kind == "CSVLogger" else ""))
+    chart = Path(trainer.log_dir or trainer.default_root_dir) / "snip_sparsity.png"
+    if chart.exists():
+        lines.append(f"  sparsity chart: {chart}")
+    checkpoint = trainer.checkpoint_callback
+    lines.append(f"  checkpoints: {checkpoint.dirpath}" if checkpoint else "  checkpoints: none (enable_checkpointing)")
+    return "\n".join(["Where things went:", *(lines if trainer.loggers else ["  loggers: none", *lines])])
+
+
 class TrainThenTestCLI(LightningCLI):
-    """After ``fit``, test the trained model and print a one-line result."""
+    """After ``fit``, test the trained model and print a one-line result, then where the logs and files are."""
 
     def after_fit(self) -> None:
         if self.trainer.interrupted:
             return
         results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         rank_zero_info(summary(self.trainer, self.model, results[0]["test_error"]))
+        rank_zero_info(where(self.trainer))
 
 
 def main(args: list[str] | None = None) -> TrainThenTestCLI:

@@ -11,14 +11,17 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def sparsity_bar_chart(rows: Sequence[TensorSparsity], title: str = "SNIP: sparsity per tensor") -> Figure:
-    """A bar chart of each tensor's sparsity, in parameter order, with the overall sparsity as a line.
+def sparsity_bar_chart(rows: Sequence[TensorSparsity], title: str = "SNIP: kept weights per tensor") -> Figure:
+    """A bar chart of the fraction of weights each tensor keeps, on a log scale, each bar labelled.
 
+    At 98-99% sparsity every tensor's sparsity reads "almost 100%" on a linear axis; the kept fraction on a log axis
+    (1% and 2% are as far apart as 10% and 20%) and a label per bar (kept count and percentage) tell the tensors
+    apart. A dashed line marks the overall kept fraction; a tensor pruned entirely is drawn at the axis floor in red.
     Uses :class:`matplotlib.figure.Figure` directly (no pyplot state), so it is safe in scripts and servers.
 
     Args:
         rows: Per-tensor sparsity, as from :func:`~lightning_snip.masks.sparsity_report`.
-        title: The figure title. Defaults to ``"SNIP: sparsity per tensor"``.
+        title: The figure title. Defaults to ``"SNIP: kept weights per tensor"``.
 
     Returns:
         The figure.
@@ -28,15 +31,25 @@ def sparsity_bar_chart(rows: Sequence[TensorSparsity], title: str = "SNIP: spars
     """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(min(4 + 0.3 * len(rows), 24), 4.5), layout="constrained")
+    fractions = [r.kept / r.total if r.total else 0.0 for r in rows]
+    positive = [f for f in fractions if f > 0]
+    floor = min([*positive, 1.0]) / 3
+    fig = Figure(figsize=(min(4 + 0.45 * len(rows), 24), 5), layout="constrained")
     ax = fig.add_subplot()
     positions = list(range(len(rows)))
-    ax.bar(positions, [100 * r.sparsity for r in rows], color="tab:blue")
+    heights = [f if f > 0 else floor for f in fractions]
+    colors = ["tab:blue" if f > 0 else "tab:red" for f in fractions]
+    bars = ax.bar(positions, heights, color=colors)
+    labels = [f"{r.kept:,}\n{f:.2%}" if f > 0 else "0\ncollapsed" for r, f in zip(rows, fractions, strict=True)]
+    ax.bar_label(bars, labels, fontsize=6, padding=2)
+    ax.set_yscale("log")
+    ax.set_ylim(floor / 1.5, 3.0)
     kept, total = sum(r.kept for r in rows), sum(r.total for r in rows)
-    ax.axhline(100 * (1 - kept / total) if total else 0.0, color="black", linestyle="--", label="overall")
+    if total and kept:
+        ax.axhline(kept / total, color="black", linestyle="--", label=f"overall: {kept / total:.2%} kept")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.yaxis.set_major_formatter(lambda value, _: f"{value:.3g}".rstrip("0").rstrip(".") if value < 1 else "1")
     ax.set_xticks(positions, [f"{r.name}\n{tuple(r.shape)}" for r in rows], rotation=90, fontsize=7)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("sparsity (%)")
+    ax.set_ylabel("fraction of weights kept (log scale)")
     ax.set_title(title)
-    ax.legend(loc="lower right")
     return fig

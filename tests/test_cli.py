@@ -1,12 +1,11 @@
 """The LightningCLI path end to end: `fit --config <yaml>` from examples/ naming `lightning_snip.SNIPPruning`."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow  # each test runs the example in a new process
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -30,6 +29,7 @@ def _run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
 
 
+@pytest.mark.slow  # a new process
 def test_yaml_config_runs_fit_and_logs_sparsity(tmp_path):
     result = _run(tmp_path, "--trainer.callbacks.init_args.sparsity=0.9")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -44,7 +44,32 @@ def test_yaml_config_runs_fit_and_logs_sparsity(tmp_path):
     assert "snip/sparsity/net.1.weight" in header  # LeNet-300-100: Flatten, then the first Linear
 
 
+@pytest.mark.slow  # a new process
 def test_bad_yaml_value_is_rejected_at_parse_time(tmp_path):
     result = _run(tmp_path, "--trainer.callbacks.init_args.criterion=grasp")
     assert result.returncode != 0
     assert "criterion" in result.stderr
+
+
+OUT_OF_RANGE = {
+    "sparsity-1.5": ("sparsity=1.5", r'"sparsity":\s+Not of type Sparsity: 1.5 does not conform to restriction v>=0.0'),
+    "sparsity-95": ("sparsity=95", r'"sparsity":\s+Not of type Sparsity: 95'),
+    "sparsity-negative": ("sparsity=-0.1", r'"sparsity":\s+Not of type Sparsity: -0.1'),
+    "num_batches-0": ("num_batches=0", r'"num_batches":\s+Not of type PositiveInt'),
+}
+
+
+@pytest.mark.parametrize(("override", "message"), OUT_OF_RANGE.values(), ids=OUT_OF_RANGE.keys())
+def test_out_of_range_values_are_rejected_while_the_config_is_parsed(tmp_path, monkeypatch, capsys, override, message):
+    sys.path.insert(0, str(EXAMPLES))
+    import train
+
+    built = []
+    monkeypatch.setattr(train.TrainThenTestCLI, "instantiate_classes", lambda self: built.append(self))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["fit", "--config", str(EXAMPLES / "configs/lenet300_snip.yaml"), f"--trainer.callbacks.{override}"])
+    assert exit_info.value.code == 2
+    assert not built  # nothing was instantiated: rejected by the parser, not by `__init__`
+    error = capsys.readouterr().err
+    assert re.search(message, error), error[-2000:]
+    assert "Traceback" not in error
