@@ -37,13 +37,10 @@ def test_magnitude_and_random():
     layer, _ = _golden_layer()
     context = ScoringContext(weights={"w": layer.weight}, generator=torch.Generator().manual_seed(3))
     assert get_criterion("magnitude").score(context)["w"].tolist() == [[1.0, 2.0], [3.0, 0.5]]
-    first = get_criterion("random").score(context)["w"]
-    again = get_criterion("random").score(
-        ScoringContext(weights={"w": layer.weight}, generator=torch.Generator().manual_seed(3))
-    )["w"]
-    assert torch.equal(first, again)
-    assert first.shape == (2, 2)
-    assert ((first >= 0) & (first < 1)).all()
+    drawn = get_criterion("random").score(context)["w"]
+    assert torch.equal(drawn, torch.rand(2, 2, generator=torch.Generator().manual_seed(3)))  # from `generator` only
+    other = ScoringContext(weights={"w": layer.weight}, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(get_criterion("random").score(other)["w"], drawn)
 
 
 def test_several_batches_average_raw_gradients_like_one_large_batch():

@@ -1,0 +1,160 @@
+"""Tests whose expectations are worked out independently of the package, each planted against one realistic bug."""
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import BoringClassifier, ZeroInvariantChecker, fit, make_data
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_snip import SNIPPruning, select_masks
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _top_k_masks(scores: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
+    """The reference rule, by a stable sort of all scores: the ``keep`` highest; ties to the earlier position."""
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    order = torch.sort(flat, descending=True, stable=True).indices[:keep]
+    kept = torch.zeros_like(flat, dtype=torch.bool)
+    kept[order] = True
+    masks, start = {}, 0
+    for name, s in scores.items():
+        masks[name] = kept[start : start + s.numel()].view(s.shape)
+        start += s.numel()
+    return masks
+
+
+class BatchNormNet(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _reference_snip(model: BatchNormNet, x: torch.Tensor, y: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(model).train(train)
+    weights = {"net.0.weight": model.net[0].weight, "net.3.weight": model.net[3].weight}
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model.net(x), y), list(weights.values()))
+    return {name: (g * w).abs().detach() for (name, w), g in zip(weights.items(), grads, strict=True)}
+
+
+def test_scoring_runs_in_train_mode_even_when_the_module_is_in_eval_mode():
+    torch.manual_seed(0)
+    model = BatchNormNet().eval()  # e.g. left in eval mode by an earlier validation
+    data = make_data(64)
+    x, y = data.tensors[0][:16], data.tensors[1][:16]
+    in_train = _top_k_masks(_reference_snip(model, x, y, train=True), keep=128)
+    in_eval = _top_k_masks(_reference_snip(model, x, y, train=False), keep=128)
+    assert any(not torch.equal(in_train[n], in_eval[n]) for n in in_train)  # the mode matters for this model
+    pruning = SNIPPruning(sparsity=0.8)
+    fit(model, [pruning], DataLoader(data, batch_size=16))
+    assert pruning.masks.keys() == in_train.keys()
+    assert all(torch.equal(pruning.masks[n], in_train[n]) for n in in_train)
+
+
+def test_the_seed_of_the_random_criterion_decides_the_mask():
+    def masks(seed: int, global_seed: int) -> dict[str, torch.Tensor]:
+        pl.seed_everything(global_seed)
+        pruning = SNIPPruning(sparsity=0.75, criterion="random", seed=seed)
+        torch.manual_seed(0)
+        fit(BoringClassifier(), [pruning])
+        return pruning.masks
+
+    # the reference: one generator seeded with `seed`, one uniform draw per candidate in parameter order
+    generator = torch.Generator().manual_seed(3)
+    draws = {
+        name: torch.rand(shape, generator=generator)
+        for name, shape in (("net.0.weight", (32, 16)), ("net.4.weight", (4, 32)))
+    }
+    expected = _top_k_masks(draws, keep=160)
+    first, other_global = masks(3, 0), masks(3, 1)
+    for name in expected:
+        assert torch.equal(first[name], expected[name])
+        assert torch.equal(other_global[name], expected[name])  # the global stream plays no part
+    assert any(not torch.equal(masks(4, 0)[n], expected[n]) for n in expected)
+
+
+def test_layerwise_golden_case_that_differs_from_global_selection():
+    # worked out by hand: a = [[9, 1], [2, 7]], b = [0.5, 0.4], sparsity 0.5
+    # global: keep 3 of 6 -> 9, 7, 2 (all in a); layerwise: 2 of a (9, 7) and 1 of b (0.5)
+    scores = {"a": torch.tensor([[9.0, 1.0], [2.0, 7.0]]), "b": torch.tensor([0.5, 0.4])}
+    layerwise = select_masks(scores, 0.5, "layerwise")
+    assert layerwise["a"].tolist() == [[True, False], [False, True]]
+    assert layerwise["b"].tolist() == [True, False]
+    global_ = select_masks(scores, 0.5, "global")
+    assert global_["a"].tolist() == [[True, False], [True, True]]
+    assert global_["b"].tolist() == [False, False]
+
+
+def _fixture_masks() -> dict[str, torch.Tensor]:
+    """The masks the committed checkpoint fixtures hold, from a rule independent of the package's packing."""
+    return {
+        "net.0.weight": (torch.arange(32 * 16) % 3 == 0).view(32, 16),
+        "net.4.weight": (torch.arange(4 * 32) % 5 < 2).view(4, 32),
+    }
+
+
+@pytest.mark.parametrize("version", [1, 2], ids=["version-1-bool", "version-2-packed"])
+def test_committed_checkpoint_states_still_load_to_the_right_masks(version):
+    state = torch.load(FIXTURES / f"snip_state_v{version}.pt", weights_only=True)
+    assert state.get("version", 1) == version
+    if version == 2:  # the format itself: most significant bit first, row-major, 1 bit per weight
+        assert state["masks"]["net.0.weight"][:2].tolist() == [0b10010010, 0b01001001]
+        assert state["masks"]["net.4.weight"][:2].tolist() == [0b11000110, 0b00110001]
+    pruning = SNIPPruning()
+    pruning.load_state_dict(state)
+    expected = _fixture_masks()
+    assert pruning.masks.keys() == expected.keys()
+    assert all(torch.equal(pruning.masks[n], expected[n]) for n in expected)
+
+
+class WritesWeightsAtFitStart(BoringClassifier):
+    """The module's own `on_fit_start` (after the callbacks') sets every weight to 1."""
+
+    def on_fit_start(self) -> None:
+        with torch.no_grad():
+            for p in self.parameters():
+                p.fill_(1.0)
+
+
+class FirstBatchWeights(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def test_weights_written_between_binding_and_the_first_step_are_zero_when_training_starts():
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.8)
+    first = FirstBatchWeights()
+    fit(WritesWeightsAtFitStart(), [pruning, first])
+    for name, kept in pruning.masks.items():
+        assert int((first.weights[name][~kept] != 0).sum()) == 0
+        assert bool((first.weights[name][kept] == 1.0).all())
+
+
+def test_kept_weights_train_and_pruned_ones_do_not():
+    pl.seed_everything(0)
+    model = BoringClassifier(optimizer="sgd", lr=0.1, momentum=0.9)
+    pruning = SNIPPruning(sparsity=0.8)
+    first = FirstBatchWeights()
+    checker = ZeroInvariantChecker(pruning)
+    fit(model, [pruning, first, checker], max_epochs=2)
+    assert checker.violations == [0] * 9
+    params = dict(model.named_parameters())
+    for name, kept in pruning.masks.items():
+        moved = params[name].detach() != first.weights[name]
+        # a kept weight into or out of a unit that never fires (all its inputs pruned) gets no gradient; most move
+        assert float(moved[kept].float().mean()) > 0.75, f"kept weights of {name} did not train"
+        assert not bool(moved[~kept].any())
