@@ -133,12 +133,51 @@ def _set_rank_environment(rank: int, world_size: int, port: int) -> None:
     )
 
 
+RECORDED_GRADIENTS: dict[str, torch.Tensor] = {}
+
+
+def register_recording_snip() -> str:
+    """Register (once per process) SNIP that also records the mean gradients it scored with; return its name."""
+    from lightning_snip import Criterion, available_criteria, register_criterion
+
+    if "snip_recorded" not in available_criteria():
+
+        @register_criterion("snip_recorded")
+        class RecordedSNIP(Criterion):
+            needs_data = True
+
+            def score(self, context):
+                grads = context.mean_gradients()
+                RECORDED_GRADIENTS.update({n: g.detach().clone() for n, g in grads.items()})
+                return {n: (g * context.weights[n].detach()).abs() for n, g in grads.items()}
+
+    return "snip_recorded"
+
+
+def union_mean_gradients(order: list[int], batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """The reference: the loss gradient of BoringClassifier (seed 0, float64, train mode, no dropout) on each batch of
+    ``make_data(32)`` taken in ``order``, averaged over the batches with plain autograd."""
+    torch.manual_seed(0)
+    model = BoringClassifier(dropout=0.0).double().train()
+    x, y = make_data(32).tensors
+    weights = [model.net[0].weight, model.net[4].weight]
+    total = [torch.zeros_like(w) for w in weights]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in batches:
+        loss = nn.functional.cross_entropy(model(x[batch].double()), y[batch])
+        for t, g in zip(total, torch.autograd.grad(loss, weights), strict=True):
+            t += g
+    return {"net.0.weight": total[0] / len(batches), "net.4.weight": total[1] / len(batches)}
+
+
 def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion: str) -> None:
     """One DDP rank, launched by the test itself (Lightning sees LOCAL_RANK and does not launch)."""
 
     _set_rank_environment(rank, world_size, port)
-    torch.manual_seed(0)  # identical init on every rank (DDP would broadcast rank 0's anyway)
+    # every rank seeded differently: DDP broadcasts rank 0's weights, the callback must share the random seed
+    torch.manual_seed(rank)
     model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
+    criterion = register_recording_snip() if criterion == "snip" else criterion
     pruning = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion)
     checker = ZeroInvariantChecker(pruning)
     loader = DataLoader(make_data(32), batch_size=4)  # Lightning adds a DistributedSampler: 4 batches per rank
@@ -148,6 +187,7 @@ def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion
             "masks": pruning.masks,
             "violations": checker.violations,
             "weights": {k: v.detach().clone() for k, v in model.named_parameters()},
+            "gradients": dict(RECORDED_GRADIENTS),
         },
         f"{out_dir}/rank{rank}.pt",
     )
@@ -315,8 +355,11 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
         assert checker.grads_at_train_start == 0
         return checker.violations
 
+    criterion = register_recording_snip() if criterion == "snip" else criterion
     first = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion, seed=7)
     violations = run(first, epochs=1)
+    # this rank's slice of each mean gradient, with where it starts in the whole weight's flattening
+    gradients = {n: (first._shards[n].start, g.reshape(-1)) for n, g in RECORDED_GRADIENTS.items()}
     resumed = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion, seed=7)
 
     def no_scoring(*args: Any) -> None:
@@ -331,6 +374,7 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
             "violations": violations,
             "resumed_violations": resumed_violations,
             "state": first.state_dict(),
+            "gradients": gradients,
         },
         f"{out_dir}/rank{rank}.pt",
     )

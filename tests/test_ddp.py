@@ -3,7 +3,16 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import BoringClassifier, FixedOrder, ddp_rank_main, fit, free_port, make_data, spawn_and_wait
+from helpers import (
+    BoringClassifier,
+    FixedOrder,
+    ddp_rank_main,
+    fit,
+    free_port,
+    make_data,
+    spawn_and_wait,
+    union_mean_gradients,
+)
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_snip import SNIPPruning
@@ -35,6 +44,12 @@ def test_ddp_ranks_agree_and_match_single_process_union(tmp_path, criterion):
     fit(model, [single], loader, precision="64-true", max_steps=1)
     for name, mask in single.masks.items():
         assert torch.equal(mask, ranks[0]["masks"][name]), f"DDP mask of {name} differs from single-process scoring"
+    # the values custom criteria read: the mean over all 4 batches (not a sum over ranks), worked out with autograd
+    expected = union_mean_gradients(order)
+    for rank in ranks:
+        assert rank["gradients"].keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(rank["gradients"][name], grad, rtol=1e-9, atol=1e-12)
 
 
 def _no_scoring(*args) -> None:

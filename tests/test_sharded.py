@@ -9,7 +9,16 @@ import csv
 
 import pytest
 import torch
-from helpers import BoringClassifier, FixedOrder, fit, free_port, make_data, sharded_rank_main, spawn_and_wait
+from helpers import (
+    BoringClassifier,
+    FixedOrder,
+    fit,
+    free_port,
+    make_data,
+    sharded_rank_main,
+    spawn_and_wait,
+    union_mean_gradients,
+)
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_snip import SNIPPruning
@@ -18,11 +27,15 @@ from lightning_snip.masks import unpack_mask
 pytestmark = pytest.mark.slow  # several processes
 
 
-def _single_process_masks(criterion: str) -> dict[str, torch.Tensor]:
+def _scoring_order() -> list[int]:
     # Lightning gives each rank a shuffled DistributedSampler (seed 0, epoch 0); its first 8 indices are the rank's
     # two scoring batches of 4
     dataset = make_data(32)
-    order = [i for r in range(2) for i in list(DistributedSampler(dataset, num_replicas=2, rank=r, seed=0))[:8]]
+    return [i for r in range(2) for i in list(DistributedSampler(dataset, num_replicas=2, rank=r, seed=0))[:8]]
+
+
+def _single_process_masks(criterion: str) -> dict[str, torch.Tensor]:
+    dataset, order = make_data(32), _scoring_order()
     torch.manual_seed(0)
     model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
     single = SNIPPruning(sparsity=0.8, num_batches=4, criterion=criterion, seed=7)
@@ -48,6 +61,15 @@ def test_sharded_masks_equal_single_process_and_survive_resume(tmp_path, strateg
             state = rank["state"]
             assert torch.equal(unpack_mask(state["masks"][name], state["shapes"][name]), mask)
         assert rank["violations"] == [0] * 4
+        if criterion == "snip":  # the mean gradients' values, reassembled from the two ranks' slices
+            for name, grad in union_mean_gradients(_scoring_order()).items():
+                whole = torch.full((grad.numel(),), float("nan"), dtype=grad.dtype)
+                for other in ranks:
+                    start, part = other["gradients"][name]
+                    whole[start : start + part.numel()] = part
+                # Lightning's FSDP precision plugin computes in float32 under "32-true": float32 tolerances
+                tolerance = {"rtol": 1e-4, "atol": 1e-6} if strategy == "fsdp" else {"rtol": 1e-9, "atol": 1e-12}
+                torch.testing.assert_close(whole.view(grad.shape), grad, **tolerance)
         assert rank["resumed_violations"] == [0] * 4  # the second epoch only
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as handle:
         logged = [float(row["snip/sparsity"]) for row in csv.DictReader(handle) if row.get("snip/sparsity")]
