@@ -23,6 +23,14 @@ def test_sharded_selection_equals_single_process(tmp_path, world_size):
     for setting in ranks[0]:
         scope, sparsity = setting.split("-")
         expected = select_masks(full, float(sparsity), scope)
+        groups = [list(full)] if scope == "global" else [[name] for name in full]
+        for group in groups:  # an independent reference: a stable descending sort, ties to the earlier position
+            flat = torch.cat([full[name].reshape(-1) for name in group])
+            keep = flat.numel() - round(float(sparsity) * flat.numel())
+            reference = torch.zeros_like(flat, dtype=torch.bool)
+            reference[torch.sort(flat, descending=True, stable=True).indices[:keep]] = True
+            joined = torch.cat([ranks[r][setting][name] for name in group for r in range(world_size)])
+            assert torch.equal(joined, reference), f"{setting} {group}: not the stable-sort top {keep}"
         for name in full:
             joined = torch.cat([ranks[r][setting][name] for r in range(world_size)])
             assert torch.equal(joined, expected[name].reshape(-1)), f"{setting} {name}"

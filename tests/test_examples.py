@@ -1,7 +1,10 @@
 """The examples: every YAML config runs, the MNIST datamodule's two sources, the reproduction script, the plots."""
 
+import json
 import logging
 import pickle
+import re
+import statistics
 import struct
 import sys
 from pathlib import Path
@@ -14,6 +17,7 @@ from helpers import BoringClassifier, fit
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_snip import SNIPPruning
+from lightning_snip.masks import kept_count
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -72,11 +76,29 @@ def test_every_config_parses_and_runs(config, tmp_path, monkeypatch, caplog):
     ]
     with caplog.at_level(logging.INFO):
         cli = train.main(args)
-    assert "RESULT" in caplog.text
     pruning = [cb for cb in cli.trainer.callbacks if isinstance(cb, SNIPPruning)]
     assert len(pruning) == (0 if "dense" in config else 1)
+    # the numbers the RESULT line prints, checked against the trained model itself
+    result = re.search(
+        r"RESULT \S+ \((.+?)\): test error (\d+\.\d\d)%; sparsity (\d+\.\d\d)% \(([\d,]+) of ([\d,]+) weights kept\)",
+        caplog.text,
+    )
+    assert result, caplog.text[-2000:]
+    how, error, sparsity = result.group(1), float(result.group(2)), float(result.group(3))
+    kept, total = (int(result.group(i).replace(",", "")) for i in (4, 5))
+    assert 0.0 <= error <= 100.0
+    weights = dict(cli.model.named_parameters())
+    names = list(pruning[0].masks) if pruning else [n for n, p in weights.items() if p.ndim >= 2 and "bn" not in n]
+    assert total == sum(weights[n].numel() for n in names)
+    assert kept == sum(int((weights[n] != 0).sum()) for n in names)
+    assert sparsity == pytest.approx(100 * (1 - kept / total), abs=0.005)
     if pruning:
-        assert f"sparsity {pruning[0].sparsity:.2%}" in caplog.text
+        assert how == f"snip pruning at {pruning[0].sparsity:.0%}"
+        assert kept == kept_count(total, pruning[0].sparsity)
+    else:
+        assert how == "dense"
+        assert kept == total
+    assert "Where things went:" in caplog.text
 
 
 def test_command_line_overrides_the_callback(tmp_path, monkeypatch):
@@ -152,7 +174,16 @@ def test_reproduction_quick_path(tmp_path, capsys):
         assert 0 <= r.test_error <= 100
         assert r.achieved_sparsity == pytest.approx(r.sparsity, abs=1e-3) or r.criterion == "dense"
     table = (out / "results.md").read_text()
-    assert "| LeNet-300-100 | dense |" in table
+    saved = json.loads((out / "results.json").read_text())
+    assert sorted((r["criterion"], r["sparsity"], r["seed"]) for r in saved) == sorted(
+        (r.criterion, r.sparsity, r.seed) for r in runs
+    )
+    for criterion, sparsity in (("snip", 0.9), ("snip", 0.98)):  # each cell is the mean ± sd of its runs
+        errors = [r.test_error for r in runs if (r.criterion, r.sparsity) == (criterion, sparsity)]
+        mean, sd = statistics.mean(errors), statistics.stdev(errors)
+        assert f"{mean:.2f} ± {sd:.2f}" in table.split("| snip |")[1].split("\n")[0]
+    dense = [r.test_error for r in runs if r.criterion == "dense"]
+    assert f"| LeNet-300-100 | dense | {statistics.mean(dense):.2f} ± {statistics.stdev(dense):.2f} |" in table
     assert "*paper (SNIP, full MNIST)* | 1.7 | \u2013 | 2.4 |" in table
     assert " ± " in table
     for picture in ("error_vs_sparsity.png", "lenet300_first_layer_kept_per_pixel.png"):
