@@ -1,13 +1,14 @@
 """SNIP (single-shot network pruning at initialization) as a PyTorch Lightning callback."""
 
 from lightning_snip.callback import SNIPPruning
-from lightning_snip.candidates import find_candidates
+from lightning_snip.candidates import find_candidates, sparse_gradient_parameters, weight_norm_directions
 from lightning_snip.masks import (
     ZERO_PRESERVING_OPTIMIZERS,
     MaskSet,
     apply_masks_,
     keeps_zeros,
     pack_mask,
+    protect_slices_,
     select_masks,
     select_masks_distributed,
     sparsity_report,
@@ -39,9 +40,12 @@ __all__ = [
     "keeps_zeros",
     "mean_gradients",
     "pack_mask",
+    "protect_slices_",
     "register_criterion",
     "select_masks",
     "select_masks_distributed",
+    "sparse_gradient_parameters",
     "sparsity_report",
     "unpack_mask",
+    "weight_norm_directions",
 ]

@@ -551,6 +551,8 @@ class SNIPPruning(_Callback):
                 if not isinstance(entry, Tensor):
                     continue
                 local = local_tensor(entry)
+                if local.data_ptr() == local_tensor(self._params[name]).data_ptr():
+                    continue  # the parameter itself, zeroed by the check above
                 if local.shape == kept.shape:
                     apply_masks_([local], [kept.to(local.device)])
                 elif self._shards is not None and tuple(local.shape) == tuple(self._shards[name].shape):
