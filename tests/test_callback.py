@@ -372,6 +372,16 @@ def test_golden_masks_through_the_callback():
     fit(GoldenModule(), [layerwise], loader)
     assert layerwise.masks["first.weight"].tolist() == [[True, True], [False, False]]
     assert layerwise.masks["second.weight"].tolist() == [[True, False]]
+    # Sparsity 0.34, where the scopes differ. Global: prune round(2.04) = 2 of 6, keep 8, 6, 2, 2.
+    # Layerwise: first prunes round(1.36) = 1 of 4 (keeps 8, 2, 1.5); second prunes round(0.68) = 1 of 2 (keeps 6).
+    global_ = SNIPPruning(sparsity=0.34)
+    fit(GoldenModule(), [global_], loader)
+    assert global_.masks["first.weight"].tolist() == [[True, True], [False, False]]
+    assert global_.masks["second.weight"].tolist() == [[True, True]]
+    layerwise = SNIPPruning(sparsity=0.34, scope="layerwise")
+    fit(GoldenModule(), [layerwise], loader)
+    assert layerwise.masks["first.weight"].tolist() == [[True, True], [True, False]]
+    assert layerwise.masks["second.weight"].tolist() == [[True, False]]
 
 
 class DriftingSGD(torch.optim.Optimizer):
