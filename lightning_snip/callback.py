@@ -122,9 +122,10 @@ class SNIPPruning(_Callback):
     ``training_step``); the top ``1 - sparsity`` fraction is kept and the rest set to zero. Pruned weights get zero
     gradients after every backward and are re-zeroed after every optimizer step. PyTorch's elementwise optimizers
     (SGD, Adam, AdamW and the others in :data:`~lightning_snip.masks.ZERO_PRESERVING_OPTIMIZERS`) provably leave a
-    weight with zero gradient and zero state at exactly zero, so after their steps the re-zeroing is skipped; every
-    ``log_every_n_steps`` steps, before validation and at the end of training, pruned weights are checked, and if
-    anything else wrote to them they are zeroed, with a warning, and from then on after every step. Masks travel in
+    weight with zero gradient and zero state at exactly zero, so after their steps the re-zeroing is skipped (under
+    automatic optimization; manual optimization re-zeros after every step). On the steps Lightning logs at, before
+    validation, before every checkpoint and at the end of training, pruned weights are checked, and if anything else
+    wrote to them they are zeroed, with a warning, and from then on after every step. Masks travel in
     checkpoints, so a resumed run trains with the same mask whatever the new instance's options say (it warns once
     about the options that differ) and never scores a trained network again. The model itself is never changed
     structurally: its ``state_dict`` loads into a never-pruned copy, and every checkpoint holds the zeros.
