@@ -473,10 +473,7 @@ class SNIPPruning(_Callback):
         return False
 
     def _kept_total(self) -> tuple[int, int]:
-        if self._shards is not None and self._loaded is None:
-            masks = [unpack_mask(p, self._shards[n].shape) for n, p in self._packed.items()]
-        else:
-            masks = list((self._loaded if self._loaded is not None else self._kept).values())
+        masks = self.masks.values()
         return sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
 
     def _forget(self) -> None:
@@ -671,12 +668,13 @@ class SNIPPruning(_Callback):
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
         return int(strategy.broadcast(seed, src=0))
 
-    def _candidates(self, trainer: Trainer, pl_module: LightningModule, sharded: bool) -> dict[str, nn.Parameter]:
-        """The candidates, after the checks that must pass before anything changes."""
-        shapes = whole_shapes(pl_module) if sharded else None
+    def _candidates(
+        self, trainer: Trainer, pl_module: LightningModule, shapes: dict[str, torch.Size] | None
+    ) -> dict[str, nn.Parameter]:
+        """The candidates (``shapes``: whole shapes of a sharded model), after the checks due before any change."""
         candidates = find_candidates(pl_module, self.include, self.exclude, shapes)
         self._refuse_sparse_gradients(trainer, pl_module, candidates)
-        if sharded and any(name in candidates for name in weight_norm_directions(pl_module)):
+        if shapes is not None and any(name in candidates for name in weight_norm_directions(pl_module)):
             raise lightning.misconfiguration(
                 trainer,
                 "`SNIPPruning` cannot keep a weight in every slice of a weight-normalized tensor when the model is"
@@ -706,7 +704,7 @@ class SNIPPruning(_Callback):
         strategy = trainer.strategy
         sharded = lightning.is_sharding(strategy)
         shapes = whole_shapes(pl_module) if sharded else None
-        candidates = self._candidates(trainer, pl_module, sharded)
+        candidates = self._candidates(trainer, pl_module, shapes)
         shards = shard_layout(candidates, shapes) if shapes is not None else None  # a collective
         local = {name: local_tensor(p) for name, p in candidates.items()}
         criterion = get_criterion(self.criterion)
