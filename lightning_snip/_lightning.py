@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
     from lightning.pytorch.strategies import Strategy
 
-_NAMESPACES = {"lightning.pytorch": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+_NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
 
 @cache
@@ -45,8 +45,8 @@ def namespace(obj: object) -> ModuleType:
     """
     for cls in type(obj).__mro__:
         module = cls.__module__
-        for prefix, name in _NAMESPACES.items():
-            if module == prefix or module.startswith(prefix + "."):
+        for name in _NAMESPACES:
+            if module == name or module.startswith(name + "."):
                 return _import(name)
     return _import("lightning.pytorch")
 

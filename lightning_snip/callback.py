@@ -43,6 +43,7 @@ from typing_extensions import override
 from lightning_snip import _lightning as lightning
 from lightning_snip._types import PositiveInt, Sparsity
 from lightning_snip.candidates import (
+    canonical_parameters,
     find_candidates,
     other_parametrizations,
     parameter_aliases,
@@ -77,7 +78,6 @@ from lightning_snip.scoring import (
 )
 from lightning_snip.sharding import (
     Shard,
-    clean_name,
     gather_packed_mask,
     local_tensor,
     restore_flat_grads,
@@ -452,14 +452,14 @@ class SNIPPruning(_Callback):
         same = self._module is not None and self._module() is pl_module
         if not same and not lightning.is_sharding(trainer.strategy):
             whole = self.masks
-            params = {clean_name(name): p for name, p in pl_module.named_parameters()}
+            params = canonical_parameters(pl_module)
             fits = all(name in params and params[name].shape == m.shape for name, m in whole.items())
             if fits and whole:
                 weights = [params[name] for name in whole]
-                counts = MaskSet(m.to(w.device) for m, w in zip(whole.values(), weights, strict=True))
-                same = not any(counts.count_pruned_nonzero(weights))
-        kept, total = self._kept_total()
+                held = MaskSet(m.to(w.device) for m, w in zip(whole.values(), weights, strict=True))
+                same = not any(held.count_pruned_nonzero(weights))
         if same:
+            kept, total = self._kept_total()
             lightning.rank_zero_info(
                 trainer,
                 f"SNIPPruning: the model of the earlier fit, already pruned: training on with its masks ({kept:,} of"
@@ -619,7 +619,7 @@ class SNIPPruning(_Callback):
         restored = self._loaded is not None and self._loaded_from == "checkpoint"
         whole = self.masks if self._loaded is None and self._shards is not None else (self._loaded or self._kept)
         packed = self._packed_masks()[0] if sharded else {}  # the packed masks already held, when there are some
-        params = {clean_name(name): p for name, p in pl_module.named_parameters()}
+        params = canonical_parameters(pl_module)
         shapes = whole_shapes(pl_module) if sharded else {name: p.shape for name, p in params.items()}
         missing = [n for n in whole if n not in params]
         mismatched = [

@@ -104,7 +104,7 @@ def find_candidates(
         ['0.weight', '0.bias', '2.weight', '2.bias']
     """
     aliases = parameter_aliases(model)
-    params = {clean_name(name): param for name, param in model.named_parameters()}
+    params = canonical_parameters(model)
     shapes = shapes or {}
     all_names = [alias for names in aliases.values() for alias in names]
     _check_patterns("include", include or [], all_names)
@@ -144,14 +144,13 @@ def _weight_norms(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter, in
 
     ``dim`` is the dimension whose slices are normalized separately; ``None`` means the whole tensor at once.
     """
-    from torch.nn.utils.parametrizations import _WeightNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     found = []
     for module in model.modules():
         parametrizations = getattr(module, "parametrizations", None)
         for plist in (parametrizations or {}).values():
-            if len(plist) == 1 and isinstance(plist[0], _WeightNorm):
+            if _is_weight_norm(plist):
                 found.append((plist.original0, plist.original1, plist[0].dim))
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, WeightNorm):
@@ -179,7 +178,7 @@ def weight_norm_directions(model: nn.Module) -> dict[str, int | None]:
         {'0.parametrizations.weight.original1': 0}
     """
     directions = {id(v): dim for _, v, dim in _weight_norms(model)}
-    return {name: directions[id(p)] for name, p in _canonical_parameters(model).items() if id(p) in directions}
+    return {name: directions[id(p)] for name, p in canonical_parameters(model).items() if id(p) in directions}
 
 
 def other_parametrizations(model: nn.Module) -> dict[str, str]:
@@ -188,17 +187,15 @@ def other_parametrizations(model: nn.Module) -> dict[str, str]:
     The module computes its weight from such a tensor; pruning the stored tensor makes the computed weight sparse
     only when the parametrization maps zeros to zeros (spectral normalization does; an orthogonal map does not).
     """
-    from torch.nn.utils.parametrizations import _WeightNorm
-
     kinds: dict[int, str] = {}
     for module in model.modules():
         for plist in (getattr(module, "parametrizations", None) or {}).values():
-            if len(plist) == 1 and isinstance(plist[0], _WeightNorm):
+            if _is_weight_norm(plist):
                 continue
             kind = " -> ".join(type(p).__name__ for p in plist)
             for param in plist.parameters(recurse=False):
                 kinds[id(param)] = kind
-    return {name: kinds[id(p)] for name, p in _canonical_parameters(model).items() if id(p) in kinds}
+    return {name: kinds[id(p)] for name, p in canonical_parameters(model).items() if id(p) in kinds}
 
 
 def sparse_gradient_parameters(model: nn.Module) -> list[str]:
@@ -210,8 +207,16 @@ def sparse_gradient_parameters(model: nn.Module) -> list[str]:
         ['0.weight']
     """
     ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
-    return [name for name, p in _canonical_parameters(model).items() if id(p) in ids]
+    return [name for name, p in canonical_parameters(model).items() if id(p) in ids]
 
 
-def _canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``named_parameters()`` by canonical name (wrapper prefixes removed; a tied parameter once)."""
     return {clean_name(name): param for name, param in model.named_parameters()}
+
+
+def _is_weight_norm(plist: nn.ModuleList) -> bool:
+    """Whether a ``ParametrizationList`` is exactly one weight normalization."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+
+    return len(plist) == 1 and isinstance(plist[0], _WeightNorm)
