@@ -2,6 +2,14 @@
 
 from lightning_snip.callback import SNIPPruning
 from lightning_snip.candidates import find_candidates, sparse_gradient_parameters, weight_norm_directions
+from lightning_snip.compress import (
+    CompressedStateError,
+    compress_state_dict,
+    decompress_state_dict,
+    load_compressed,
+    save_compressed,
+)
+from lightning_snip.inference import SparseLinear, densify, sparsify
 from lightning_snip.masks import (
     ZERO_PRESERVING_OPTIMIZERS,
     MaskSet,
@@ -11,6 +19,7 @@ from lightning_snip.masks import (
     protect_slices_,
     select_masks,
     select_masks_distributed,
+    select_n_m_masks,
     sparsity_report,
     unpack_mask,
 )
@@ -28,23 +37,32 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ZERO_PRESERVING_OPTIMIZERS",
+    "CompressedStateError",
     "Criterion",
     "MaskSet",
     "SNIPPruning",
     "ScoringContext",
     "ScoringError",
+    "SparseLinear",
     "apply_masks_",
     "available_criteria",
+    "compress_state_dict",
+    "decompress_state_dict",
+    "densify",
     "find_candidates",
     "get_criterion",
     "keeps_zeros",
+    "load_compressed",
     "mean_gradients",
     "pack_mask",
     "protect_slices_",
     "register_criterion",
+    "save_compressed",
     "select_masks",
     "select_masks_distributed",
+    "select_n_m_masks",
     "sparse_gradient_parameters",
+    "sparsify",
     "sparsity_report",
     "unpack_mask",
     "weight_norm_directions",

@@ -1,18 +1,39 @@
 """Argument types that LightningCLI checks while it parses a config, before anything is built.
 
 With jsonargparse installed (LightningCLI's parser), ``Sparsity`` and ``PositiveInt`` are its restricted number
-types, so ``--trainer.callbacks.init_args.sparsity=1.5`` is rejected at parse time with a one-line message. Without
-it they are plain ``float`` and ``int``; ``SNIPPruning.__init__`` validates the values either way.
+types and ``ScopeName`` a registered string type, so ``--trainer.callbacks.init_args.sparsity=1.5`` or
+``scope=4:2`` is rejected at parse time with a one-line message. Without it they are plain ``float``, ``int`` and
+``str``; ``SNIPPruning.__init__`` validates the values either way.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lightning_snip.masks import parse_n_m
+
 if TYPE_CHECKING:
     Sparsity = float
     PositiveInt = int
+    ScopeName = str
 else:
+
+    class ScopeName(str):
+        """``"global"``, ``"layerwise"`` or ``"N:M"`` with integers ``0 < N < M``; checked when made."""
+
+        __slots__ = ()
+
+        def __new__(cls, value: str) -> ScopeName:
+            parse_n_m(value)
+            return super().__new__(cls, value)
+
+    try:
+        from jsonargparse.typing import register_type
+    except ImportError:
+        pass
+    else:
+        register_type(ScopeName, str, ScopeName)
+
     try:
         from jsonargparse.typing import PositiveInt, restricted_number_type
     except ImportError:  # the core package does not need jsonargparse

@@ -41,7 +41,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_snip import _lightning as lightning
-from lightning_snip._types import PositiveInt, Sparsity
+from lightning_snip._types import PositiveInt, ScopeName, Sparsity
 from lightning_snip.candidates import (
     canonical_parameters,
     find_candidates,
@@ -50,18 +50,22 @@ from lightning_snip.candidates import (
     sparse_gradient_parameters,
     weight_norm_directions,
 )
+from lightning_snip.compress import save_compressed
 from lightning_snip.isolation import leave_no_trace
 from lightning_snip.masks import (
     MaskSet,
     Scope,
     TensorSparsity,
     apply_masks_,
+    check_n_m_sparsity,
     count_zeros,
     format_report,
     holds_nonzero,
     keeps_zeros,
     kept_count,
+    n_m_unfit,
     pack_mask,
+    parse_n_m,
     protect_slices_,
     select_masks,
     select_masks_distributed,
@@ -79,6 +83,7 @@ from lightning_snip.scoring import (
 from lightning_snip.sharding import (
     Shard,
     gather_packed_mask,
+    is_dtensor,
     local_tensor,
     restore_flat_grads,
     shard_layout,
@@ -95,6 +100,7 @@ else:
 _T = TypeVar("_T", bound="Tensor | None")
 _STATE_VERSION = 2  # 1: bool masks; 2: bit-packed masks and their shapes
 _PLOT_FILE = "snip_sparsity.png"
+_COMPRESSED_FILE = "snip_compressed.pt"
 _CHECK_EVERY_N_STEPS = 50  # how often pruned weights are checked when `log_every_n_steps` is 0
 _matplotlib_hint_given = False
 
@@ -140,7 +146,12 @@ class SNIPPruning(_Callback):
         criterion: ``"snip"`` (``|dL/dw * w|``), or the paper's baselines ``"magnitude"`` (``|w|``) and
             ``"random"``; the last two draw no data. Defaults to ``"snip"``.
         scope: ``"global"`` ranks all candidates together; ``"layerwise"`` prunes each tensor to ``sparsity`` on its
-            own. Defaults to ``"global"``.
+            own; ``"N:M"`` (e.g. ``"2:4"``) keeps the ``N`` highest scores in every group of ``M`` consecutive weights
+            along each candidate's reduction dimension (the weight viewed as ``(shape[0], -1)``: ``in_features`` of a
+            linear layer, ``in_channels * kernel elements`` of a convolution), ties to the earlier position; then
+            ``sparsity`` must be ``1 - N/M``, and a candidate whose reduction dimension is not a multiple of ``M``
+            stays dense (one warning names them). N:M is refused on sharded models (FSDP, ``ModelParallelStrategy``).
+            Defaults to ``"global"``.
         include: Glob patterns over ``named_parameters()`` names choosing the candidates; any trainable parameter,
             biases too. Defaults to ``None``: every trainable parameter with ``ndim >= 2`` outside normalization
             layers, biases excluded.
@@ -150,6 +161,11 @@ class SNIPPruning(_Callback):
             directory and, with a TensorBoard logger, log it as a figure. Needs matplotlib. Defaults to ``True``.
         seed: Seed for the ``"random"`` criterion. Defaults to ``None``: drawn from torch's global generator (so
             ``seed_everything`` makes it reproducible) and shared by all ranks.
+        save_compressed: At the end of training, write the trained model's weights compressed
+            (:func:`~lightning_snip.compress.compress_state_dict`) to ``snip_compressed.pt`` in the trainer's log
+            directory, and log its size (``snip/compressed_bytes``) and how many times smaller it is than the dense
+            tensors (``snip/compression_ratio``). Read it back with :func:`~lightning_snip.compress.load_compressed`.
+            Defaults to ``False``.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -177,12 +193,13 @@ class SNIPPruning(_Callback):
         sparsity: Sparsity = 0.9,
         num_batches: PositiveInt = 1,
         criterion: CriterionName = "snip",
-        scope: Scope = "global",
+        scope: ScopeName = "global",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         log_per_layer: bool = True,
         plot: bool = True,
         seed: int | None = None,
+        save_compressed: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
@@ -196,8 +213,8 @@ class SNIPPruning(_Callback):
             raise ValueError(f"`num_batches` must be an integer >= 1, got {num_batches!r}. Use e.g. 1.")
         if criterion not in available_criteria():
             raise ValueError(f"`criterion` must be one of {available_criteria()}, got {criterion!r}.")
-        if scope not in ("global", "layerwise"):
-            raise ValueError(f"`scope` must be 'global' or 'layerwise', got {scope!r}.")
+        parse_n_m(scope)  # a ValueError that says what is allowed
+        check_n_m_sparsity(scope, float(sparsity))
         if not isinstance(log_per_layer, bool):
             raise TypeError(f"`log_per_layer` must be True or False, got {log_per_layer!r}.")
         if not isinstance(plot, bool):
@@ -207,12 +224,15 @@ class SNIPPruning(_Callback):
         self.sparsity = float(sparsity)
         self.num_batches = num_batches
         self.criterion = criterion
-        self.scope: Scope = scope
+        self.scope: Scope = str(scope)
         self.include = _check_patterns("include", include)
         self.exclude = _check_patterns("exclude", exclude)
         self.log_per_layer = log_per_layer
         self.plot = plot
+        if not isinstance(save_compressed, bool):
+            raise TypeError(f"`save_compressed` must be True or False, got {save_compressed!r}.")
         self.seed = seed
+        self.save_compressed = save_compressed
 
         self._loaded: dict[str, Tensor] | None = None  # whole kept masks on CPU, not yet bound, from ...
         self._loaded_from = "checkpoint"  # ... a checkpoint, or an "earlier fit" in spawned workers
@@ -414,6 +434,8 @@ class SNIPPruning(_Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_pruned_weights(trainer, "at the end of training")
+        if self.save_compressed:
+            self._write_compressed(trainer)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -494,6 +516,31 @@ class SNIPPruning(_Callback):
         path.unlink()
         self.load_state_dict(state)
         self._loaded_from = "earlier fit"
+
+    def _write_compressed(self, trainer: Trainer) -> None:
+        """Write the trained weights compressed next to the logs; an optional extra, so a failure only warns."""
+        state = trainer.strategy.lightning_module_state_dict()  # a collective on sharded strategies
+        state = {k: v.full_tensor() if is_dtensor(v) else v for k, v in state.items()}  # collectives, in key order
+        directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
+        path = directory / _COMPRESSED_FILE
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            size = save_compressed(state, path)
+        except Exception as error:
+            lightning.rank_zero_warn(
+                trainer, f"`SNIPPruning`: the compressed weights could not be written to {path} ({error!r})."
+            )
+            return
+        dense = sum(v.nbytes for v in state.values() if isinstance(v, Tensor))
+        ratio = dense / size if size else 0.0
+        self._log({"snip/compressed_bytes": float(size), "snip/compression_ratio": ratio}, trainer, trainer.global_step)
+        lightning.rank_zero_info(
+            trainer,
+            f"SNIPPruning: compressed weights written to {path}: {size / 1e6:.2f} MB, {ratio:.1f}x smaller than the"
+            f" dense tensors ({dense / 1e6:.2f} MB). Load with `lightning_snip.load_compressed(path)`.",
+        )
 
     def _log_sparsity(self, trainer: Trainer, step: int) -> None:
         sharded = self._shards is not None  # then every rank counts its shards
@@ -674,6 +721,22 @@ class SNIPPruning(_Callback):
         """The candidates (``shapes``: whole shapes of a sharded model), after the checks due before any change."""
         candidates = find_candidates(pl_module, self.include, self.exclude, shapes)
         self._refuse_sparse_gradients(trainer, pl_module, candidates)
+        n_m = parse_n_m(self.scope)
+        if n_m is not None and shapes is not None:
+            raise lightning.misconfiguration(
+                trainer,
+                f"`SNIPPruning(scope={self.scope!r})` cannot select N:M masks on a sharded model: a shard may split a"
+                " group of weights. Use DDP (masks are the same on every rank), or `scope='global'`/'layerwise'.",
+            )
+        if n_m is not None:
+            unfit = n_m_unfit({name: p.shape for name, p in candidates.items()}, n_m[1])
+            if unfit:
+                lightning.rank_zero_warn(
+                    trainer,
+                    f"`SNIPPruning(scope={self.scope!r})`: the reduction dimension of {unfit} is not a multiple of"
+                    f" {n_m[1]}, so they stay dense; the logged sparsity is what was achieved. `exclude` them to"
+                    " silence this.",
+                )
         if shapes is not None and any(name in candidates for name in weight_norm_directions(pl_module)):
             raise lightning.misconfiguration(
                 trainer,
@@ -771,6 +834,15 @@ class SNIPPruning(_Callback):
     def _protect_weight_norm_slices(self, pl_module: LightningModule, scores: dict[str, Tensor]) -> None:
         """Make selection keep a weight in every normed slice of each weight-norm direction (no ``0 / 0``)."""
         directions = {name: dim for name, dim in weight_norm_directions(pl_module).items() if name in scores}
+        if parse_n_m(self.scope) is not None:  # every row keeps N of each M; slices along other dims may not
+            across = [name for name, dim in directions.items() if dim not in (0, None)]
+            if across:
+                raise ScoringError(
+                    f"`scope={self.scope!r}` keeps weights in every row but may prune a whole slice of the"
+                    f" weight-normalized tensors {across} (normed along another dimension), which divides by a zero"
+                    " norm. Exclude them, or use `scope='global'`."
+                )
+            return
         needed = {name: protect_slices_(scores[name], dim) for name, dim in directions.items()}
         if self.scope == "global":
             budget = kept_count(sum(s.numel() for s in scores.values()), self.sparsity)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-Scope = Literal["global", "layerwise"]
+Scope = str
+"""``"global"``, ``"layerwise"``, or ``"N:M"`` (e.g. ``"2:4"``): see :func:`select_masks`."""
 _T = TypeVar("_T", bound="Tensor | None")
 
 
@@ -175,7 +176,10 @@ def _select(
     elif scope == "layerwise":
         groups = [[name] for name in names]
     else:
-        raise ValueError(f"`scope` must be 'global' or 'layerwise', got {scope!r}.")
+        n_m = parse_n_m(scope)
+        if n_m is not None:
+            raise ValueError(f"`scope={scope!r}` selects within each tensor's rows; it cannot be used here.")
+        raise ValueError(f"`scope` must be 'global', 'layerwise' or 'N:M', got {scope!r}.")
     masks: dict[str, Tensor] = {}
     for group in groups:
         total = sum(numels[name] for name in group)
@@ -203,7 +207,8 @@ def select_masks_distributed(
         local_scores: This rank's slice of each tensor's scores.
         global_numels: Each tensor's total number of elements over all ranks.
         sparsity: Fraction of weights to prune, in ``[0, 1)``.
-        scope: ``"global"`` or ``"layerwise"``. Defaults to ``"global"``.
+        scope: ``"global"`` or ``"layerwise"`` (``"N:M"`` selects within rows, which shards may split). Defaults to
+            ``"global"``.
         group: The process group. Defaults to ``None`` (the default group).
 
     Returns:
@@ -259,11 +264,104 @@ def _tie_counts(scores: Sequence[Tensor], key: int) -> list[int]:
     return [sum(int((_sort_keys(chunk) == key).sum()) for _, chunk in _chunks(s)) for s in scores]
 
 
+def parse_n_m(scope: str) -> tuple[int, int] | None:
+    """``(N, M)`` for an ``"N:M"`` scope, ``None`` for ``"global"`` and ``"layerwise"``.
+
+    Raises:
+        ValueError: If ``scope`` is none of these, or ``N`` and ``M`` are not integers with ``0 < N < M``.
+
+    Example::
+
+        >>> parse_n_m("2:4"), parse_n_m("global")
+        ((2, 4), None)
+    """
+    if scope in ("global", "layerwise"):
+        return None
+    if not isinstance(scope, str):
+        raise ValueError(f"`scope` must be 'global', 'layerwise' or 'N:M' (e.g. '2:4'), got {scope!r}.")
+    parts = scope.split(":")
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]):
+        raise ValueError(
+            f"`scope` must be 'global', 'layerwise' or 'N:M' with integers 0 < N < M (keep N of every M consecutive"
+            f" weights, e.g. '2:4'), got {scope!r}."
+        )
+    return int(parts[0]), int(parts[1])
+
+
+def check_n_m_sparsity(scope: str, sparsity: float) -> None:
+    """Check that an ``"N:M"`` scope comes with ``sparsity == 1 - N/M`` (to within float rounding).
+
+    Raises:
+        ValueError: If it does not, saying which ``sparsity`` to use.
+    """
+    n_m = parse_n_m(scope)
+    if n_m is not None and not math.isclose(sparsity, 1 - n_m[0] / n_m[1], rel_tol=1e-9, abs_tol=1e-12):
+        raise ValueError(
+            f"`scope={scope!r}` keeps {n_m[0]} of every {n_m[1]} weights, so `sparsity` must be 1 - {n_m[0]}/{n_m[1]} ="
+            f" {1 - n_m[0] / n_m[1]!r}; got {sparsity!r}."
+        )
+
+
+def n_m_rows(shape: Sequence[int]) -> tuple[int, int]:
+    """The ``(rows, reduction)`` view N:M groups run along: ``(shape[0], -1)``, a 1-D tensor as one row.
+
+    ``nn.Linear``: ``(out_features, in_features)``; a convolution: ``(out_channels, in_channels * kernel elements)``.
+    """
+    rows = shape[0] if len(shape) > 1 else 1
+    return rows, math.prod(shape) // rows if rows else 0
+
+
+def n_m_unfit(shapes: Mapping[str, Sequence[int]], m: int) -> list[str]:
+    """The tensors whose reduction dimension (see :func:`n_m_rows`) is not a multiple of ``m``: N:M leaves them dense.
+
+    Example::
+
+        >>> n_m_unfit({"fc1": (300, 784), "fc3": (10, 100), "bias": (10,)}, 8)
+        ['fc3', 'bias']
+    """
+    return [name for name, shape in shapes.items() if n_m_rows(shape)[1] % m]
+
+
+def select_n_m_masks(scores: Mapping[str, Tensor], n: int, m: int) -> dict[str, Tensor]:
+    """Keep the ``n`` highest of every ``m`` consecutive scores along each tensor's rows (see :func:`n_m_rows`).
+
+    Ties go to the earlier position; scores are compared as float32, like :func:`select_masks`. A tensor whose
+    reduction dimension is not a multiple of ``m`` (:func:`n_m_unfit`) is kept whole.
+
+    Raises:
+        ValueError: If a score is not finite.
+
+    Example::
+
+        >>> select_n_m_masks({"w": torch.tensor([[1.0, 3.0, 3.0, 2.0, 0.0, 0.0, 5.0, 0.0]])}, 2, 4)["w"].int()
+        tensor([[0, 1, 1, 0, 1, 0, 1, 0]], dtype=torch.int32)
+    """
+    masks = {}
+    for name, s in scores.items():
+        if not all_finite(s):
+            raise ValueError(f"The scores of `{name}` are not all finite; masks cannot be selected from them.")
+        rows, width = n_m_rows(tuple(s.shape))
+        if width % m:
+            masks[name] = torch.ones_like(s, dtype=torch.bool)
+            continue
+        flat = s.detach().reshape(rows, width)
+        kept = torch.zeros((rows, width), dtype=torch.bool, device=s.device)
+        step = max(1, _CHUNK // max(width, 1))
+        for start in range(0, rows, step):
+            groups = _sort_keys(flat[start : start + step].reshape(-1)).view(-1, width // m, m)
+            order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
+            kept[start : start + step].view(-1, width // m, m).scatter_(-1, order, True)
+        masks[name] = kept.view(s.shape)
+    return masks
+
+
 def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "global") -> dict[str, Tensor]:
     """Keep the highest scores so that exactly ``round(sparsity * N)`` weights are pruned.
 
     ``scope="global"`` ranks all scores together (N is the total number of weights); ``"layerwise"`` applies the same
-    count rule to each tensor on its own. Equal scores at the threshold are resolved deterministically: the weight
+    count rule to each tensor on its own; ``"N:M"`` keeps the ``N`` best of every ``M`` consecutive weights along each
+    tensor's rows (:func:`select_n_m_masks`; then ``sparsity`` must be ``1 - N/M``, and a tensor whose rows are not a
+    multiple of ``M`` long is kept whole). Equal scores at the threshold are resolved deterministically: the weight
     that comes first (tensor order of ``scores``, then row-major position) is kept. Scores are compared as float32.
     The threshold is found exactly by a radix select over per-chunk histograms, so the extra memory is a small
     constant (no concatenation of all scores) and any number of weights works, also past ``2**31``.
@@ -271,13 +369,13 @@ def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "
     Args:
         scores: Non-negative, finite scores by name, shaped like their weights.
         sparsity: Fraction of weights to prune, in ``[0, 1)``.
-        scope: ``"global"`` or ``"layerwise"``. Defaults to ``"global"``.
+        scope: ``"global"``, ``"layerwise"`` or ``"N:M"``. Defaults to ``"global"``.
 
     Returns:
         Bool masks by name (``True`` = kept), on the scores' devices.
 
     Raises:
-        ValueError: If a score is not finite.
+        ValueError: If a score is not finite, or ``scope`` is malformed or does not fit ``sparsity``.
 
     Example::
 
@@ -287,6 +385,10 @@ def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "
         >>> select_masks(scores, sparsity=0.5, scope="layerwise")["b"]
         tensor([ True, False, False])
     """
+    n_m = parse_n_m(scope)
+    if n_m is not None:
+        check_n_m_sparsity(scope, sparsity)
+        return select_n_m_masks(scores, *n_m)
     for name, s in scores.items():
         if not all_finite(s):
             raise ValueError(f"The scores of `{name}` are not all finite; masks cannot be selected from them.")

@@ -246,7 +246,7 @@ BAD_ARGUMENTS = {
     "num-batches-zero": ({"num_batches": 0}, ValueError, r"`num_batches` must be an integer >= 1, got 0"),
     "num-batches-float": ({"num_batches": 2.0}, ValueError, r"`num_batches` must be an integer >= 1, got 2\.0"),
     "criterion": ({"criterion": "grasp"}, ValueError, r"`criterion` must be one of \['magnitude', 'random', 'snip'\]"),
-    "scope": ({"scope": "local"}, ValueError, r"`scope` must be 'global' or 'layerwise', got 'local'"),
+    "scope": ({"scope": "local"}, ValueError, r"`scope` must be 'global', 'layerwise' or 'N:M' .*got 'local'"),
     "include-string": ({"include": "*.weight"}, TypeError, r"`include` must be a list .* got '\*\.weight'"),
     "exclude-int": ({"exclude": [1]}, TypeError, r"`exclude` must be a list .* got \[1\]"),
     "exclude-empty-pattern": ({"exclude": [""]}, TypeError, r"`exclude` must be a list of non-empty"),
