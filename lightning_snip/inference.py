@@ -357,7 +357,7 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
         replaced[id(layer)] = choice
         log.info("sparsify: %s -> %s (%s)", name, "dense" if choice is None else f"sparse {choice.kernel}", why)
     for parent in list(result.modules()):
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):  # every occurrence of a shared layer
             sparse = replaced.get(id(child))
             if sparse is not None:
                 setattr(parent, child_name, sparse)
