@@ -170,7 +170,7 @@ def union_mean_gradients(order: list[int], batch_size: int = 4) -> dict[str, tor
     return {"net.0.weight": total[0] / len(batches), "net.4.weight": total[1] / len(batches)}
 
 
-def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion: str) -> None:
+def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion: str, scope: str = "global") -> None:
     """One DDP rank, launched by the test itself (Lightning sees LOCAL_RANK and does not launch)."""
 
     _set_rank_environment(rank, world_size, port)
@@ -178,7 +178,7 @@ def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion
     torch.manual_seed(rank)
     model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
     criterion = register_recording_snip() if criterion == "snip" else criterion
-    pruning = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion)
+    pruning = SNIPPruning(sparsity=0.5 if scope == "2:4" else 0.8, num_batches=2, criterion=criterion, scope=scope)
     checker = ZeroInvariantChecker(pruning)
     loader = DataLoader(make_data(32), batch_size=4)  # Lightning adds a DistributedSampler: 4 batches per rank
     fit(model, [pruning, checker], loader, strategy="ddp", devices=world_size, precision="64-true", max_epochs=2)
@@ -330,7 +330,7 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
 
     _set_rank_environment(rank, world_size, port)
 
-    def run(pruning: SNIPPruning, epochs: int, ckpt_path: str | None = None) -> list[int]:
+    def run(pruning: SNIPPruning, epochs: int, ckpt_path: str | None = None, logged: bool = True) -> list[int]:
         torch.manual_seed(0)  # identical init on every rank, and equal to the single-process reference
         if strategy == "fsdp":
             model: BoringClassifier = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05).double()
@@ -349,7 +349,7 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
             max_epochs=epochs,
             ckpt_path=ckpt_path,
             enable_checkpointing=True,
-            logger=CSVLogger(out_dir, name="logs", version=0),
+            logger=CSVLogger(out_dir, name="logs", version=0) if logged else False,
             log_every_n_steps=1,
         )
         assert checker.grads_at_train_start == 0
@@ -360,13 +360,18 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
     violations = run(first, epochs=1)
     # this rank's slice of each mean gradient, with where it starts in the whole weight's flattening
     gradients = {n: (first._shards[n].start, g.reshape(-1)) for n, g in RECORDED_GRADIENTS.items()}
-    resumed = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion, seed=7)
+    resumed = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion, seed=7, save_compressed=True)
 
     def no_scoring(*args: Any) -> None:
         raise AssertionError("the resumed run scored again")
 
     resumed._score = no_scoring  # type: ignore[method-assign]
     resumed_violations = run(resumed, epochs=2, ckpt_path=f"{out_dir}/ckpt/last.ckpt")
+    try:
+        run(SNIPPruning(sparsity=0.5, scope="2:4"), epochs=1, logged=False)
+        n_m_error = ""
+    except Exception as error:  # every rank refuses, before any collective
+        n_m_error = str(error)
     torch.save(
         {
             "masks": first.masks,
@@ -375,6 +380,7 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
             "resumed_violations": resumed_violations,
             "state": first.state_dict(),
             "gradients": gradients,
+            "n_m_error": n_m_error,
         },
         f"{out_dir}/rank{rank}.pt",
     )

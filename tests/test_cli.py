@@ -56,6 +56,8 @@ OUT_OF_RANGE = {
     "sparsity-95": ("sparsity=95", r'"sparsity":\s+Not of type Sparsity: 95'),
     "sparsity-negative": ("sparsity=-0.1", r'"sparsity":\s+Not of type Sparsity: -0.1'),
     "num_batches-0": ("num_batches=0", r'"num_batches":\s+Not of type PositiveInt'),
+    "scope-4:2": ("scope=4:2", r"\"scope\":\s+Not of type ScopeName: `scope` must be .*0 < N < M.*got '4:2'"),
+    "scope-two:four": ("scope=two:four", r"\"scope\":\s+Not of type ScopeName: .*got 'two:four'"),
 }
 
 

@@ -20,9 +20,13 @@ from lightning_snip.masks import kept_count
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("criterion", ["snip", "random"], ids=["snip", "random"])
-def test_ddp_ranks_agree_and_match_single_process_union(tmp_path, criterion):
-    spawn_and_wait(ddp_rank_main, (2, free_port(), str(tmp_path), criterion), nprocs=2)
+@pytest.mark.parametrize(
+    ("criterion", "scope"),
+    [("snip", "global"), ("random", "global"), ("snip", "2:4")],
+    ids=["snip", "random", "snip-2:4"],
+)
+def test_ddp_ranks_agree_and_match_single_process_union(tmp_path, criterion, scope):
+    spawn_and_wait(ddp_rank_main, (2, free_port(), str(tmp_path), criterion, scope), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, mask in ranks[0]["masks"].items():
         assert torch.equal(mask, ranks[1]["masks"][name]), f"ranks disagree on {name}"
@@ -39,11 +43,13 @@ def test_ddp_ranks_agree_and_match_single_process_union(tmp_path, criterion):
     order = [i for r in range(2) for i in list(DistributedSampler(dataset, num_replicas=2, rank=r, seed=0))[:8]]
     torch.manual_seed(0)
     model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
-    single = SNIPPruning(sparsity=0.8, num_batches=4)
+    single = SNIPPruning(sparsity=0.5 if scope == "2:4" else 0.8, num_batches=4, scope=scope)
     loader = DataLoader(dataset, batch_size=4, sampler=FixedOrder(order))
     fit(model, [single], loader, precision="64-true", max_steps=1)
     for name, mask in single.masks.items():
         assert torch.equal(mask, ranks[0]["masks"][name]), f"DDP mask of {name} differs from single-process scoring"
+        if scope == "2:4":
+            assert bool((mask.view(mask.shape[0], -1, 4).sum(-1) == 2).all()), f"{name} is not 2:4"
     # the values custom criteria read: the mean over all 4 batches (not a sum over ranks), worked out with autograd
     expected = union_mean_gradients(order)
     for rank in ranks:
