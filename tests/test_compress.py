@@ -35,7 +35,8 @@ def _assert_identical(restored: dict, original: dict) -> None:
             assert restored[key] == value, key
             continue
         got = restored[key]
-        assert got.dtype == value.dtype and got.shape == value.shape, key
+        assert got.dtype == value.dtype, key
+        assert got.shape == value.shape, key
         assert torch.equal(_bits(got.contiguous()), _bits(value.contiguous())), f"{key} differs bit for bit"
 
 
@@ -75,7 +76,9 @@ def test_round_trip_is_bit_identical_through_a_file_read_with_weights_only(tmp_p
     state = _odd_values_state()
     compressed = compress_state_dict(state)
     forms = {key: entry["form"] for key, entry in compressed["entries"].items()}
-    assert forms["w"] == "csr" and forms["all_zero"] == "csr" and forms["half"] == "csr"
+    assert forms["w"] == "csr"
+    assert forms["all_zero"] == "csr"
+    assert forms["half"] == "csr"
     assert forms["dense"] == forms["bias"] == forms["scalar"] == forms["count"] == forms["flags"] == "dense"
     assert forms["int_sparse"] == "dense"  # only floating-point tensors are compressed
     assert forms["step"] == "value"

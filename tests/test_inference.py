@@ -33,8 +33,10 @@ def test_the_rule_decides_without_an_example_and_the_outputs_match():
     model = _mlp().train()
     fast = sparsify(model)
     assert [type(m).__name__ for m in fast] == ["SparseLinear", "ReLU", "Linear", "ReLU", "Linear"]
-    assert fast[0].weight.layout == torch.sparse_csr and fast[0].kernel == "csr"
-    assert model.training and not fast.training  # a copy, in eval mode; the model is untouched
+    assert fast[0].weight.layout == torch.sparse_csr
+    assert fast[0].kernel == "csr"
+    assert model.training
+    assert not fast.training
     assert type(model[0]) is nn.Linear
     for shape in [(1, 1024), (64, 1024), (3, 5, 1024)]:
         x = torch.randn(shape)
@@ -66,13 +68,16 @@ def test_convolutions_subclasses_and_other_dtypes_stay_as_they_were():
     sub = _prune_(_ScaledLinear(1024, 1024), 0.99)
     half = _prune_(nn.Linear(1024, 1024), 0.99).to(torch.bfloat16)  # no CPU sparse kernel for bfloat16
     fast = sparsify(nn.ModuleDict({"conv": conv, "sub": sub, "bf16": half}))
-    assert type(fast["conv"]) is nn.Conv2d and type(fast["sub"]) is _ScaledLinear and type(fast["bf16"]) is nn.Linear
+    assert type(fast["conv"]) is nn.Conv2d
+    assert type(fast["sub"]) is _ScaledLinear
+    assert type(fast["bf16"]) is nn.Linear
 
 
 def test_a_shared_layer_is_replaced_once_everywhere():
     shared = _prune_(nn.Linear(1024, 1024), 0.99)
     fast = sparsify(nn.Sequential(shared, nn.ReLU(), shared))
-    assert isinstance(fast[0], SparseLinear) and fast[0] is fast[2]
+    assert isinstance(fast[0], SparseLinear)
+    assert fast[0] is fast[2]
 
 
 def test_the_example_input_measures_each_layer_on_the_shapes_it_sees(monkeypatch, caplog):
@@ -89,7 +94,8 @@ def test_the_example_input_measures_each_layer_on_the_shapes_it_sees(monkeypatch
     assert seen == {512: (7, 1024), 300: (7, 512)}  # the dense last layer has nothing to skip
     assert [type(m).__name__ for m in fast] == ["Linear", "ReLU", "SparseLinear", "ReLU", "Linear"]
     assert "0 -> dense (97.0% zeros, sparse csr measured at 1.30x the dense time)" in caplog.text
-    assert "2 -> sparse csr" in caplog.text and "4 -> dense (0.0% zeros, nothing to skip)" in caplog.text
+    assert "2 -> sparse csr" in caplog.text
+    assert "4 -> dense (0.0% zeros, nothing to skip)" in caplog.text
 
 
 def test_real_measurements_keep_a_big_very_sparse_layer_sparse_and_a_small_one_at_batch_1_dense():
@@ -111,7 +117,8 @@ def test_a_layer_the_example_does_not_reach_stays_dense():
             return self.used(x)
 
     fast = sparsify(Branchy(), example_input=(torch.randn(64, 2048),))
-    assert isinstance(fast.used, SparseLinear) and type(fast.unused) is nn.Linear
+    assert isinstance(fast.used, SparseLinear)
+    assert type(fast.unused) is nn.Linear
 
 
 def test_a_backward_through_a_sparse_layer_raises_a_clear_error():
@@ -128,7 +135,8 @@ def test_densify_gives_back_the_ordinary_trainable_model():
     back = densify(sparsify(model))
     assert all(type(m) is type(n) for m, n in zip(back, model, strict=True))
     for (name, p), q in zip(back.named_parameters(), model.parameters(), strict=True):
-        assert torch.equal(p, q) and p.requires_grad, name
+        assert torch.equal(p, q), name
+        assert p.requires_grad, name
     back(torch.randn(2, 1024)).sum().backward()
     assert back[0].weight.grad is not None
     assert isinstance(SparseLinear(model[0]).to_linear(), nn.Linear)
@@ -152,13 +160,14 @@ def test_state_dicts_cross_between_the_sparse_and_the_dense_model():
 
 def test_moves_and_casts():
     fast = sparsify(_mlp()).to(torch.float64)
-    assert fast[0].weight.dtype == torch.float64 and fast[0].weight.layout == torch.sparse_csr
+    assert fast[0].weight.dtype == torch.float64
+    assert fast[0].weight.layout == torch.sparse_csr
     x = torch.randn(3, 1024, dtype=torch.float64)
     torch.testing.assert_close(fast(x), _mlp().double()(x))
     fast.half()
     with pytest.raises(RuntimeError, match=r"holds a torch.float16 weight on cpu.*densify"):
         fast(x.half())
-    with pytest.raises(TypeError, match="got a torch.float32 input for its torch.float64 weight"):
+    with pytest.raises(TypeError, match=r"got a torch\.float32 input for its torch\.float64 weight"):
         sparsify(_mlp()).double()(torch.randn(2, 1024))
 
 
@@ -167,7 +176,8 @@ def test_a_transformer_layer_in_eval_mode_takes_the_standard_path_with_the_same_
     layer = nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True).eval()
     _prune_(layer.linear1, 0.97), _prune_(layer.linear2, 0.97)
     fast = sparsify(layer)
-    assert isinstance(fast.linear1, SparseLinear) and isinstance(fast.linear2, SparseLinear)
+    assert isinstance(fast.linear1, SparseLinear)
+    assert isinstance(fast.linear2, SparseLinear)
     x = torch.randn(2, 10, 256)
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), layer(x), rtol=1e-4, atol=1e-5)
@@ -194,9 +204,9 @@ def test_a_model_pruned_by_the_callback_runs_sparse():
 
 
 def test_bad_input_is_refused():
-    with pytest.raises(TypeError, match="`model` must be an `nn.Module`, got dict"):
+    with pytest.raises(TypeError, match=r"`model` must be an `nn\.Module`, got dict"):
         sparsify({})
-    with pytest.raises(TypeError, match="`model` must be an `nn.Module`"):
+    with pytest.raises(TypeError, match=r"`model` must be an `nn\.Module`"):
         densify(3)
     with pytest.raises(ValueError, match="`kernel` must be 'csr' or '2:4', got 'coo'"):
         SparseLinear(nn.Linear(4, 4), kernel="coo")
@@ -221,7 +231,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_csr_on_cuda_matches_dense():
     model = _mlp().cuda()
     fast = sparsify(model)
-    assert isinstance(fast[0], SparseLinear) and fast[0].weight.is_cuda
+    assert isinstance(fast[0], SparseLinear)
+    assert fast[0].weight.is_cuda
     x = torch.randn(8, 1024, device="cuda")
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)

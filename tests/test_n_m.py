@@ -74,7 +74,8 @@ def test_sparsity_must_equal_one_minus_n_over_m():
     with pytest.raises(ValueError, match=r"must be 1 - 1/3 = 0.666"):
         SNIPPruning(sparsity=0.67, scope="1:3")
     assert SNIPPruning(sparsity=1 - 1 / 3, scope="1:3").scope == "1:3"
-    assert parse_n_m("2:4") == (2, 4) and parse_n_m("layerwise") is None
+    assert parse_n_m("2:4") == (2, 4)
+    assert parse_n_m("layerwise") is None
     with pytest.raises(ValueError, match="must be 1 - 2/4"):
         select_masks({"w": torch.ones(1, 4)}, 0.6, scope="2:4")
 
@@ -122,7 +123,8 @@ def test_the_logged_sparsity_is_what_was_achieved(tmp_path):
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as handle:
         logged = [float(r["snip/sparsity"]) for r in csv.DictReader(handle) if r.get("snip/sparsity")]
     achieved = 64 / (32 * 18 + 4 * 32)  # half of net.4.weight's 128 weights; net.0.weight dense
-    assert logged and all(math.isclose(v, achieved) for v in logged)
+    assert logged
+    assert all(math.isclose(v, achieved) for v in logged)
 
 
 def test_masks_stay_n_m_through_a_checkpoint_resume(tmp_path, monkeypatch):
