@@ -7,7 +7,8 @@ Plain PyTorch, no Lightning. Each floating-point tensor is stored in the smalles
   (``uint8``, ``int16``, ``int32`` or ``int64``) that hold its column count and its number of nonzeros;
 - ``"dense"``: the tensor as it is, when neither form is smaller (or it is not floating point).
 
-"Zero" means all bits zero: ``-0.0``, ``nan`` and ``inf`` are values like any other, so decompression is bit-identical.
+Zeros are not stored; where some are ``-0.0`` (as multiplying a negative weight by a zero mask leaves them), one bit
+per zero records its sign. ``nan`` and ``inf`` are values like any other, so decompression is bit-identical.
 Every entry carries the CRC-32 of its tensor's bytes, checked after decompression, so a damaged entry is an error
 that names its key, never a wrong tensor. The compressed dict holds only tensors and plain Python values:
 ``torch.save`` it and read it back with ``torch.load(path, weights_only=True)``.
@@ -74,18 +75,24 @@ def _compress_tensor(t: Tensor) -> dict[str, Any]:
     t = t.detach().cpu()
     entry: dict[str, Any] = {"shape": list(t.shape), "crc32": _crc32(t)}
     if _is_compressible(t) and t.numel():
-        nonzero = _bits(t).reshape(-1) != 0
+        flat = t.reshape(-1)
+        nonzero = flat != 0  # `nan` is not zero; -0.0 is, and its sign is kept apart
         nnz = int(nonzero.sum())
+        negative_zeros = ~nonzero & flat.signbit()
+        signs = pack_mask(negative_zeros[~nonzero]) if bool(negative_zeros.any()) else None
         size = t.element_size()
         rows, cols = _as_rows(tuple(t.shape))
         crow_dtype, col_dtype = _index_dtype(nnz), _index_dtype(max(cols - 1, 0))
+        extra = 0 if signs is None else signs.numel() + _RECORD_BYTES
         costs = {
             "dense": t.numel() * size,
-            "bitmask": (t.numel() + 7) // 8 + nnz * size + _RECORD_BYTES,
-            "csr": (rows + 1) * crow_dtype.itemsize + nnz * (col_dtype.itemsize + size) + 2 * _RECORD_BYTES,
+            "bitmask": (t.numel() + 7) // 8 + nnz * size + _RECORD_BYTES + extra,
+            "csr": (rows + 1) * crow_dtype.itemsize + nnz * (col_dtype.itemsize + size) + 2 * _RECORD_BYTES + extra,
         }
         form = min(costs, key=lambda k: costs[k])  # ties keep the earlier, simpler form
-        values = t.reshape(-1)[nonzero].clone()
+        if signs is not None:
+            entry["zero_signs"] = signs  # one bit per zero: set where it is -0.0
+        values = flat[nonzero].clone()
         if form == "bitmask":
             return {**entry, "form": "bitmask", "mask": pack_mask(nonzero), "values": values}
         if form == "csr":
@@ -100,6 +107,7 @@ def _compress_tensor(t: Tensor) -> dict[str, Any]:
                 "col_indices": cols_of.to(col_dtype),
                 "values": values,
             }
+        entry.pop("zero_signs", None)
     if t.layout == torch.strided and t.untyped_storage().nbytes() != t.nbytes:
         t = t.clone()  # a view saves its whole storage: keep only its own bytes
     return {**entry, "form": "dense", "tensor": t}
@@ -128,7 +136,7 @@ def compress_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         >>> w[0, :3] = torch.tensor([1.0, -0.0, 2.0])
         >>> packed = compress_state_dict({"w": w, "step": 3})
         >>> packed["entries"]["w"]["form"], packed["entries"]["w"]["values"]
-        ('csr', tensor([1., -0., 2.]))
+        ('csr', tensor([1., 2.]))
         >>> restored = decompress_state_dict(packed)
         >>> torch.equal(restored["w"], w) and torch.equal(restored["w"].signbit(), w.signbit()), restored["step"]
         (True, 3)
@@ -221,6 +229,14 @@ def _decompress_tensor(key: str, entry: Mapping[str, Any]) -> Tensor:
             raise _fail(key, f"it has {values.numel()} values for {int(nonzero.sum())} nonzero positions")
         out = torch.zeros(total, dtype=values.dtype)
         out[nonzero] = values
+        if "zero_signs" in entry:
+            zeros = total - values.numel()
+            packed_signs = _tensor_field(entry, key, "zero_signs", (torch.uint8,))
+            if packed_signs.numel() != (zeros + 7) // 8:
+                raise _fail(key, f"its zero signs have {packed_signs.numel()} bytes for {zeros} zeros")
+            negative = torch.zeros(total, dtype=torch.bool)
+            negative[~nonzero] = unpack_mask(packed_signs, (zeros,))
+            out[negative] = -0.0
         out = out.reshape(shape)
     else:
         raise _fail(key, f"its form is {form!r}")

@@ -88,6 +88,20 @@ def test_round_trip_is_bit_identical_through_a_file_read_with_weights_only(tmp_p
     _assert_identical(load_compressed(tmp_path / "d.pt"), state)
 
 
+def test_zeros_left_by_multiplying_with_a_mask_keep_their_signs_and_still_compress():
+    w = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    keep = torch.rand(512, 512, generator=torch.Generator().manual_seed(1)) < 0.05
+    pruned = w * keep  # -0.0 wherever a negative weight was pruned
+    assert int(pruned.signbit().logical_and(pruned == 0).sum()) > 100_000
+    compressed = compress_state_dict({"w": pruned})
+    entry = compressed["entries"]["w"]
+    assert entry["form"] == "csr"
+    assert entry["zero_signs"].numel() == (int((pruned == 0).sum()) + 7) // 8
+    assert _file_bytes({"w": pruned}) / _file_bytes(compressed) > 8  # a bit per zero, still far smaller than dense
+    _assert_identical(decompress_state_dict(compressed), {"w": pruned})
+    assert "zero_signs" not in compress_state_dict({"w": pruned.abs()})["entries"]["w"]  # +0.0 only: no sign map
+
+
 def test_the_smallest_form_and_the_narrowest_index_dtypes_are_chosen():
     entries = compress_state_dict(
         {
@@ -151,7 +165,10 @@ def test_the_4096_mlp_file_is_10x_smaller_at_95_percent_and_30x_at_99():
 
 
 def _damage(entry_key: str, change) -> dict:
-    compressed = compress_state_dict({"ok": torch.randn(3), "w": _sparse((64, 64), 0.97), "m": _sparse((64, 64), 0.8)})
+    signed = _sparse((64, 64), 0.0) * (torch.rand(64, 64, generator=torch.Generator().manual_seed(2)) < 0.1)
+    compressed = compress_state_dict(
+        {"ok": torch.randn(3), "w": _sparse((64, 64), 0.97), "m": _sparse((64, 64), 0.8), "s": signed}
+    )
     change(compressed["entries"][entry_key])
     return compressed
 
@@ -181,6 +198,8 @@ DAMAGE = {
     "mask-truncated": ("m", lambda e: e.update(mask=e["mask"][:-1]), r"'m'.*mask has 511 bytes"),
     "mask-bit-flipped": ("m", lambda e: e["mask"].__setitem__(0, e["mask"][0] ^ 1), r"'m'"),
     "shape": ("w", lambda e: e.update(shape=[64, -1]), r"'w'.*shape"),
+    "zero-signs-truncated": ("s", lambda e: e.update(zero_signs=e["zero_signs"][:-1]), r"'s'.*zero signs have"),
+    "zero-sign-flipped": ("s", lambda e: e["zero_signs"].__setitem__(3, e["zero_signs"][3] ^ 8), r"'s'.*checksum"),
     "form": ("ok", lambda e: e.update(form="zip"), r"'ok'.*form"),
     "dense-tensor": ("ok", lambda e: e.update(tensor=torch.randn(4)), r"'ok'.*shape"),
     "values-not-a-tensor": ("w", lambda e: e.update(values=[1.0]), r"'w'.*'values' is list"),
