@@ -1,6 +1,7 @@
 """What the zeros pay: file sizes and inference latency of pruned models, dense against compressed and sparsified.
 
-For each network and sparsity pattern, every ``nn.Linear`` weight is pruned to the pattern (``select_masks`` with
+For each network and sparsity pattern, every weight ``SNIPPruning`` prunes by default (``find_candidates``: weights
+with two or more dimensions outside normalization layers) is pruned to the pattern, layer by layer (``select_masks`` with
 ``scope="layerwise"`` on random scores for the unstructured levels, ``select_n_m_masks`` for 2:4, zeroed with
 ``apply_masks_`` as ``SNIPPruning`` does; the kernels' speed depends on how many zeros each layer has, not on which
 weights they are). Then:
@@ -12,8 +13,9 @@ weights they are). Then:
   gives the median per-call time of each and the ratio of the medians, with the lowest and highest per-round ratio.
 
 Networks: LeNet-300-100 (MNIST shapes), an MLP 4096-4096-4096-1000 with biases, and one ``nn.TransformerEncoderLayer``
-(d_model 1024, 16 heads, feed-forward 4096, batch-first, sequences of 16 tokens; its attention projections are not
-``nn.Linear`` modules and stay dense). Batches of 1 and 64, one thread and all threads.
+(d_model 1024, 16 heads, feed-forward 4096, batch-first, sequences of 16 tokens; its attention projections are
+pruned, which shrinks the file, but are not ``nn.Linear`` modules, so they compute dense). Batches of 1 and 64, one
+thread and all threads.
 
     python benchmarks/sparse_inference.py                        # everything, Markdown to stdout, JSON to --json
     python benchmarks/sparse_inference.py --networks mlp4096 --patterns 0.95 0.98 --batches 64 --threads 1
@@ -39,7 +41,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from models import lenet_300_100
 
-from lightning_snip import SparseLinear, apply_masks_, compress_state_dict, select_masks, select_n_m_masks, sparsify
+from lightning_snip import (
+    SparseLinear,
+    apply_masks_,
+    compress_state_dict,
+    find_candidates,
+    select_masks,
+    select_n_m_masks,
+    sparsify,
+)
 
 PATTERNS = ("0.9", "0.95", "0.98", "0.99", "2:4")
 SEQUENCE = 16  # tokens per sequence for the Transformer layer
@@ -61,10 +71,10 @@ NETWORKS: dict[str, tuple[str, Callable[[], nn.Module], Callable[[int], torch.Te
 
 
 def pruned(build: Callable[[], nn.Module], pattern: str, seed: int = 0) -> nn.Module:
-    """The network with every ``nn.Linear`` weight pruned to ``pattern`` (exact counts, random positions)."""
+    """The network with every weight ``SNIPPruning`` would prune cut to ``pattern`` (exact counts, random positions)."""
     torch.manual_seed(seed)
     model = build().eval()
-    weights = {name: m.weight for name, m in model.named_modules() if type(m) is nn.Linear}
+    weights = find_candidates(model)  # every weight with ndim >= 2 outside norms: attention projections too
     g = torch.Generator().manual_seed(seed)
     scores = {name: torch.rand(w.shape, generator=g) for name, w in weights.items()}
     if pattern == "2:4":

@@ -5,6 +5,7 @@ sparsity, and a heat map of how many first-layer connections of LeNet-300-100 ea
     python examples/reproduce_mnist.py --quick      # 1 seed, SNIP and random at 90% and 98%, 2 epochs
     python examples/reproduce_mnist.py              # 3 seeds, every method and sparsity, full schedule
     python examples/reproduce_mnist.py --out examples/results/mnist   # rewrite the committed results
+    python examples/reproduce_mnist.py --n-m        # LeNet-5-Caffe: 2:4 SNIP, magnitude, random; unstructured 50%
 
 Results go to results/mnist-quick or results/mnist unless --out says otherwise, so a trial run never overwrites the
 committed table under examples/results/mnist. Measured times on 2 CPU cores are in the README.
@@ -44,6 +45,15 @@ LR = {"lenet300": 0.1, "lenet5": 0.05}
 NONE = "\u2013"  # an en dash marks cells the paper does not report
 
 
+# The N:M study: (criterion, sparsity, scope) per column; 2:4 keeps 2 of every 4 consecutive inputs of each weight row.
+N_M_COLUMNS = [
+    ("snip", 0.5, "2:4"),
+    ("magnitude", 0.5, "2:4"),
+    ("random", 0.5, "2:4"),
+    ("snip", 0.5, "global"),
+]
+
+
 @dataclass
 class Run:
     arch: str
@@ -54,10 +64,12 @@ class Run:
     achieved_sparsity: float
     collapsed: list[str]
     seconds: float
+    scope: str = "global"
+    dense_tensors: list[str] | None = None  # candidates N:M left dense (their rows are not a multiple of M long)
 
 
 def train_and_test(
-    arch: str, criterion: str, sparsity: float, seed: int, epochs: int, data: MNISTDataModule
+    arch: str, criterion: str, sparsity: float, seed: int, epochs: int, data: MNISTDataModule, scope: str = "global"
 ) -> tuple[Run, dict[str, torch.Tensor]]:
     """One run: seed, build, (prune), train, test; returns the result and the masks (empty when dense)."""
     start = time.perf_counter()
@@ -66,7 +78,7 @@ def train_and_test(
         arch=arch, lr=LR[arch], lr_milestones=[round(0.6 * epochs), round(0.85 * epochs)], weight_decay=5e-4
     )
     pruning = (
-        SNIPPruning(sparsity=sparsity, criterion=criterion, log_per_layer=False, plot=False)
+        SNIPPruning(sparsity=sparsity, criterion=criterion, scope=scope, log_per_layer=False, plot=False)
         if criterion != "dense"
         else None
     )
@@ -84,6 +96,7 @@ def train_and_test(
         warnings.simplefilter("always", UserWarning)
         trainer.fit(model, datamodule=data)
     collapsed = sorted({str(w.message).split("`")[3] for w in caught if "layer collapse" in str(w.message)})
+    unfit = [str(w.message).split("[")[1].split("]")[0] for w in caught if "is not a multiple of" in str(w.message)]
     error = trainer.test(model, datamodule=data, verbose=False)[0]["test_error"]
     masks = pruning.masks if pruning else {}
     if masks:
@@ -91,7 +104,9 @@ def train_and_test(
         achieved = count_zeros(params[n] for n in masks) / sum(m.numel() for m in masks.values())
     else:
         achieved = 0.0
-    run = Run(arch, criterion, sparsity, seed, 100 * error, achieved, collapsed, time.perf_counter() - start)
+    run = Run(
+        arch, criterion, sparsity, seed, 100 * error, achieved, collapsed, time.perf_counter() - start, scope, unfit
+    )
     return run, masks
 
 
@@ -130,6 +145,35 @@ def markdown_table(runs: list[Run], sparsities: list[float], criteria: list[str]
         + f"\n\nTest error in %, mean ± standard deviation over {seeds} seed(s). Data: {source}."
         + ' "collapsed": runs in which at least one layer was pruned entirely.'
     )
+
+
+def n_m_table(runs: list[Run], source: str) -> str:
+    """The N:M study: test error (%) per column, with the sparsity each run achieved."""
+    header = "| network | dense | " + " | ".join(_n_m_label(c, sp, sc) for c, sp, sc in N_M_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (2 + len(N_M_COLUMNS))]
+    for arch in dict.fromkeys(r.arch for r in runs):
+        dense = _cell([r.test_error for r in runs if r.arch == arch and r.criterion == "dense"])
+        cells, achieved = [], []
+        for criterion, sparsity, scope in N_M_COLUMNS:
+            group = [
+                r for r in runs if (r.arch, r.criterion, r.sparsity, r.scope) == (arch, criterion, sparsity, scope)
+            ]
+            cells.append(_cell([r.test_error for r in group]))
+            achieved.append(f"{statistics.mean(r.achieved_sparsity for r in group):.2%}" if group else "")
+        lines.append(f"| {ARCH_NAMES[arch]} | {dense} | " + " | ".join(cells) + " |")
+        lines.append("| *achieved sparsity* | | " + " | ".join(achieved) + " |")
+    unfit = sorted({t for r in runs if r.dense_tensors for t in r.dense_tensors})
+    seeds = len({r.seed for r in runs})
+    note = f" Left dense by 2:4 (rows not a multiple of 4 long): {', '.join(unfit)}." if unfit else ""
+    return (
+        "\n".join(lines) + f"\n\nTest error in %, mean ± standard deviation over {seeds} seed(s). Data: {source}."
+        " 2:4 keeps the 2 highest scores in every 4 consecutive inputs of each weight row (a convolution's row: its"
+        " in_channels x kernel elements); unstructured 50% ranks all weights together." + note
+    )
+
+
+def _n_m_label(criterion: str, sparsity: float, scope: str) -> str:
+    return f"{criterion} 2:4" if scope != "global" else f"{criterion} unstructured {sparsity:.0%}"
 
 
 def plot_errors(runs: list[Run], sparsities: list[float], criteria: list[str], path: Path) -> None:
@@ -193,11 +237,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="number of seeds (default 3; 1 with --quick)")
     parser.add_argument("--sparsities", type=float, nargs="+", help="default 0.9 0.95 0.98 0.99")
     parser.add_argument("--criteria", nargs="+", help="default snip random magnitude (snip random with --quick)")
-    parser.add_argument("--archs", nargs="+", default=["lenet300", "lenet5"], choices=sorted(ARCH_NAMES))
+    parser.add_argument(
+        "--archs", nargs="+", choices=sorted(ARCH_NAMES), help="default: both (LeNet-5-Caffe with --n-m)"
+    )
     parser.add_argument(
         "--epochs",
         type=int,
         help="epochs for every network (default: 30 for LeNet-300-100, 15 for LeNet-5-Caffe; 2 and 1 with --quick)",
+    )
+    parser.add_argument(
+        "--n-m",
+        action="store_true",
+        help="run the N:M study instead: LeNet-5-Caffe dense, 2:4 with snip, magnitude and random, and unstructured"
+        " snip at 50%%; writes results_n_m.md and results_n_m.json",
     )
     parser.add_argument("--data-dir", default="data", help="where torchvision's MNIST files are, if anywhere")
     parser.add_argument(
@@ -206,6 +258,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " is examples/results/mnist)",
     )
     args = parser.parse_args(argv)
+    args.archs_given = args.archs is not None
+    args.archs = args.archs or ["lenet300", "lenet5"]
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.criteria = args.criteria or (QUICK_CRITERIA if args.quick else ["snip", "random", "magnitude"])
     args.out = args.out or ("results/mnist-quick" if args.quick else "results/mnist")
@@ -233,6 +287,8 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     data = MNISTDataModule(data_dir=args.data_dir)
     data.setup("fit")
     print(f"Data: {data.source}", flush=True)
+    if args.n_m:
+        return _n_m_study(args, data, out)
 
     plan = [
         (arch, criterion, sparsity, seed)
@@ -268,6 +324,28 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
         " lenet300_first_layer_kept_per_pixel.png",
         flush=True,
     )
+    return runs
+
+
+def _n_m_study(args: argparse.Namespace, data: MNISTDataModule, out: Path) -> list[Run]:
+    archs = args.archs if args.archs_given else ["lenet5"]
+    plan = [
+        (arch, criterion, sparsity, scope, seed)
+        for arch in archs
+        for criterion, sparsity, scope in [("dense", 0.0, "global"), *N_M_COLUMNS]
+        for seed in range(args.seeds)
+    ]
+    runs = []
+    for i, (arch, criterion, sparsity, scope, seed) in enumerate(plan, 1):
+        epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)[arch]
+        run, _ = train_and_test(arch, criterion, sparsity, seed, epochs, data, scope)
+        runs.append(run)
+        label = "dense" if criterion == "dense" else _n_m_label(criterion, sparsity, scope)
+        print(f"[{i}/{len(plan)}] {ARCH_NAMES[arch]} {label} seed {seed}: test error {run.test_error:.2f}%", flush=True)
+    table = n_m_table(runs, data.source.split(" (")[0])
+    (out / "results_n_m.md").write_text(table + "\n")
+    (out / "results_n_m.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
+    print("\n" + table + f"\n\nWrote {out}/results_n_m.md and results_n_m.json", flush=True)
     return runs
 
 

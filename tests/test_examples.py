@@ -192,6 +192,35 @@ def test_reproduction_quick_path(tmp_path, capsys):
     assert "[1/6] LeNet-300-100 dense seed 0" in printed
 
 
+def test_reproduction_n_m_study(tmp_path, capsys):
+    out = tmp_path / "out"
+    runs = reproduce_mnist.main(["--n-m", "--quick", "--seeds", "2", "--data-dir", str(tmp_path), "--out", str(out)])
+    assert {(r.arch, r.criterion, r.scope) for r in runs} == {
+        ("lenet5", "dense", "global"),
+        ("lenet5", "snip", "2:4"),
+        ("lenet5", "magnitude", "2:4"),
+        ("lenet5", "random", "2:4"),
+        ("lenet5", "snip", "global"),
+    }
+    assert len(runs) == 2 * 5
+    for r in runs:
+        if r.scope == "2:4":  # conv1's rows hold 1 x 5 x 5 = 25 inputs: left dense, the rest exactly half
+            assert r.dense_tensors == ["'net.0.weight'"]
+            assert r.achieved_sparsity == pytest.approx(0.5 * (1 - 500 / 430500), abs=1e-6)
+        elif r.criterion != "dense":
+            assert r.achieved_sparsity == pytest.approx(0.5, abs=1e-6)
+    table = (out / "results_n_m.md").read_text()
+    saved = json.loads((out / "results_n_m.json").read_text())
+    assert len(saved) == len(runs)
+    row = next(line for line in table.splitlines() if line.startswith("| LeNet-5-Caffe |"))
+    for criterion, scope in (("snip", "2:4"), ("random", "2:4"), ("snip", "global")):
+        errors = [r.test_error for r in runs if (r.criterion, r.scope) == (criterion, scope)]
+        assert f"{statistics.mean(errors):.2f} ± {statistics.stdev(errors):.2f}" in row
+    assert "| network | dense | snip 2:4 | magnitude 2:4 | random 2:4 | snip unstructured 50% |" in table
+    assert "Left dense by 2:4 (rows not a multiple of 4 long): 'net.0.weight'" in table
+    assert "[10/10] LeNet-5-Caffe snip unstructured 50% seed 1" in capsys.readouterr().out
+
+
 def test_sparsity_plot_saved_and_sent_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
