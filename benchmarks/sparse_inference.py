@@ -1,9 +1,9 @@
 """What the zeros pay: file sizes and inference latency of pruned models, dense against compressed and sparsified.
 
 For each network and sparsity pattern, every weight ``SNIPPruning`` prunes by default (``find_candidates``: weights
-with two or more dimensions outside normalization layers) is pruned to the pattern, layer by layer (``select_masks`` with
-``scope="layerwise"`` on random scores for the unstructured levels, ``select_n_m_masks`` for 2:4, zeroed with
-``apply_masks_`` as ``SNIPPruning`` does; the kernels' speed depends on how many zeros each layer has, not on which
+with two or more dimensions outside normalization layers) is pruned to the pattern, layer by layer: ``select_masks``
+with ``scope="layerwise"`` on random scores for the unstructured levels, ``select_n_m_masks`` for 2:4, zeroed with
+``apply_masks_`` as ``SNIPPruning`` does (the kernels' speed depends on how many zeros each layer has, not on which
 weights they are). Then:
 
 - **size**: the whole ``torch.save`` file of the dense ``state_dict`` against that of ``compress_state_dict``;
