@@ -19,6 +19,7 @@ thread and all threads.
 
     python benchmarks/sparse_inference.py                        # everything, Markdown to stdout, JSON to --json
     python benchmarks/sparse_inference.py --networks mlp4096 --patterns 0.95 0.98 --batches 64 --threads 1
+    python benchmarks/sparse_inference.py --device cuda --dtype float16   # on a CUDA GPU
 """
 
 from __future__ import annotations
@@ -91,23 +92,32 @@ def file_bytes(obj: Any) -> int:
     return buffer.tell()
 
 
-def _block(fn: Callable[[], Any], calls: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _block(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
+    _sync(device)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    _sync(device)
     return (time.perf_counter() - start) / calls
 
 
-def interleaved(dense: Callable[[], Any], sparse: Callable[[], Any], rounds: int) -> dict[str, float]:
+def interleaved(
+    dense: Callable[[], Any], sparse: Callable[[], Any], rounds: int, device: torch.device
+) -> dict[str, float]:
     """Median per-call seconds of each, the ratio of medians and the spread of per-round ratios."""
     with torch.inference_mode():
         dense(), sparse()  # warm-up
-        once = _block(dense, 1)
+        once = _block(dense, 1, device)
         calls = max(1, min(200, int(0.005 / max(once, 1e-7))))  # blocks of about 5 ms or more
         dense_times, sparse_times = [], []
         for _ in range(rounds):
-            dense_times.append(_block(dense, calls))
-            sparse_times.append(_block(sparse, calls))
+            dense_times.append(_block(dense, calls, device))
+            sparse_times.append(_block(sparse, calls, device))
     ratios = [d / s for d, s in zip(dense_times, sparse_times, strict=True)]
     return {
         "dense_ms": statistics.median(dense_times) * 1e3,
@@ -121,8 +131,11 @@ def interleaved(dense: Callable[[], Any], sparse: Callable[[], Any], rounds: int
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     all_threads = torch.get_num_threads()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     results: dict[str, Any] = {
         "machine": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": args.dtype,
             "processor": platform.processor() or platform.machine(),
             "threads_available": all_threads,
             "torch": torch.__version__,
@@ -136,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         title, build, make_input = NETWORKS[key]
         dense_size = file_bytes(pruned(build, "0.9").state_dict())  # the dense file does not depend on the zeros
         for pattern in args.patterns:
-            model = pruned(build, pattern)
+            model = pruned(build, pattern).to(device, dtype)
             compressed = file_bytes(compress_state_dict(model.state_dict()))
             results["sizes"].append(
                 {"network": title, "pattern": pattern, "dense_bytes": dense_size, "compressed_bytes": compressed}
@@ -145,11 +158,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for threads in args.threads:
                 torch.set_num_threads(all_threads if threads == 0 else threads)
                 for batch in args.batches:
-                    x = make_input(batch)
+                    x = make_input(batch).to(device, dtype)
                     fast = sparsify(model, example_input=x)
                     sparse_layers = sum(isinstance(m, SparseLinear) for m in fast.modules())
                     linears = sum(type(m) is nn.Linear for m in model.modules())
-                    timing = interleaved(lambda: model(x), lambda: fast(x), args.rounds)  # noqa: B023
+                    timing = interleaved(lambda: model(x), lambda: fast(x), args.rounds, device)  # noqa: B023
                     row = {
                         "network": title,
                         "pattern": pattern,
@@ -201,6 +214,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 0], help="0 means all threads (default: 1 0)")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per measurement")
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (GPU paths: cuSPARSE CSR, 2:4 semi-structured)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     args = parser.parse_args(argv)
     if args.rounds < 1 or any(b < 1 for b in args.batches) or any(t < 0 for t in args.threads):
