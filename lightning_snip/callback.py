@@ -116,6 +116,15 @@ def _check_patterns(argument: str, value: object) -> list[str] | None:
     return list(value)
 
 
+def _whole(value: Any) -> Any:
+    """A ``DTensor`` gathered whole (a collective), waited for on every rank; anything else as it is."""
+    if not is_dtensor(value):
+        return value
+    whole = value.full_tensor()
+    wait = getattr(whole, "wait", None)  # an unwaited async collective aborts the process at exit
+    return wait() if callable(wait) else whole
+
+
 def _all_reduce_sum(strategy: Strategy, values: Tensor) -> Tensor:
     return strategy.reduce(values.to(strategy.root_device), reduce_op="sum").cpu()
 
@@ -520,7 +529,7 @@ class SNIPPruning(_Callback):
     def _write_compressed(self, trainer: Trainer) -> None:
         """Write the trained weights compressed next to the logs; an optional extra, so a failure only warns."""
         state = trainer.strategy.lightning_module_state_dict()  # a collective on sharded strategies
-        state = {k: v.full_tensor() if is_dtensor(v) else v for k, v in state.items()}  # collectives, in key order
+        state = {k: _whole(v) for k, v in state.items()}  # collectives on every rank, in key order
         directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return

@@ -22,7 +22,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -183,12 +183,30 @@ class SparseLinear(nn.Module):
         return self._product(x, self.bias)
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> SparseLinear:
-        if self.kernel == "2:4":  # rebuilt from the dense weight: 2:4 where it still suits, else CSR
-            moved = fn(self.dense_weight())
-            self.kernel = "2:4" if _semi_structured_ok(moved) else "csr"
-            self.weight = self._convert(moved) if self.kernel == "2:4" else _csr(moved)
+        if self.kernel != "2:4":
             return super()._apply(fn, recurse)
-        return super()._apply(fn, recurse)
+        # a 2:4 weight is rebuilt from its dense values: 2:4 where it still suits, else CSR
+        moved = fn(self.dense_weight())
+        self.kernel = "2:4" if _semi_structured_ok(moved) else "csr"
+        rebuilt = self._convert(moved) if self.kernel == "2:4" else _csr(moved)
+        del self._buffers["weight"]  # `fn` is applied to the bias alone
+        super()._apply(fn, recurse)
+        self.register_buffer("weight", rebuilt, persistent=False)
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SparseLinear:
+        # sparse tensors have no storage for `copy.deepcopy` to copy: everything else is copied, the weight cloned
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        weight = cast(Tensor, self._buffers["weight"])
+        self._buffers["weight"] = None
+        try:
+            state = copy.deepcopy(self.__dict__, memo)
+        finally:
+            self._buffers["weight"] = weight
+        state["_buffers"]["weight"] = weight.clone() if self.kernel == "csr" else self._convert(self.dense_weight())
+        clone.__dict__.update(state)
+        return clone
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -367,11 +367,6 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
 
     resumed._score = no_scoring  # type: ignore[method-assign]
     resumed_violations = run(resumed, epochs=2, ckpt_path=f"{out_dir}/ckpt/last.ckpt")
-    try:
-        run(SNIPPruning(sparsity=0.5, scope="2:4"), epochs=1, logged=False)
-        n_m_error = ""
-    except Exception as error:  # every rank refuses, before any collective
-        n_m_error = str(error)
     torch.save(
         {
             "masks": first.masks,
@@ -380,7 +375,6 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
             "resumed_violations": resumed_violations,
             "state": first.state_dict(),
             "gradients": gradients,
-            "n_m_error": n_m_error,
         },
         f"{out_dir}/rank{rank}.pt",
     )

@@ -1,5 +1,6 @@
 """`sparsify`/`densify`: sparse kernels where they are faster, the same outputs, inference only, and back."""
 
+import copy
 import logging
 
 import pytest
@@ -156,6 +157,19 @@ def test_state_dicts_cross_between_the_sparse_and_the_dense_model():
     assert torch.equal(fast[0].dense_weight(), changed[0].weight)
     with pytest.raises(RuntimeError, match="Missing key"):
         fast.load_state_dict({k: v for k, v in changed.state_dict().items() if k != "0.weight"})
+
+
+def test_copies_and_pickles(tmp_path):
+    fast = sparsify(_mlp())
+    x = torch.randn(3, 1024)
+    twin = copy.deepcopy(fast)
+    assert twin[0] is not fast[0]
+    assert twin[0].weight.layout == torch.sparse_csr
+    torch.testing.assert_close(twin(x), fast(x))
+    assert isinstance(sparsify(fast)[0], SparseLinear)  # sparsifying again copies and keeps the sparse layer
+    torch.save(fast, tmp_path / "fast.pt")
+    loaded = torch.load(tmp_path / "fast.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), fast(x))
 
 
 def test_moves_and_casts():

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import BoringClassifier, fit, make_data
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.utils import parametrizations
@@ -164,3 +165,16 @@ def test_weight_norm_along_rows_trains_with_n_m():
     fit(model, [pruning], max_epochs=2)
     _assert_n_m(pruning.masks, 2, 4)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_sharded_models_are_refused_at_fit_start_before_any_change(monkeypatch):
+    import lightning_snip._lightning as lightning_glue
+
+    monkeypatch.setattr(lightning_glue, "is_sharding", lambda strategy: True)  # what FSDP/fully_shard report
+    model = BoringClassifier(dropout=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        MisconfigurationException, match=r"cannot select N:M masks on a sharded model: a shard may split a group"
+    ):
+        fit(model, [SNIPPruning(sparsity=0.5, scope="2:4", plot=False)])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
