@@ -531,15 +531,19 @@ class SNIPPruning(_Callback):
         state = trainer.strategy.lightning_module_state_dict()  # a collective on sharded strategies
         state = {k: _whole(v) for k, v in state.items()}  # collectives on every rank, in key order
         directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        path, size, failure = directory / _COMPRESSED_FILE, 0, None
+        if trainer.is_global_zero:
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                size = save_compressed(state, path)
+            except Exception as error:
+                failure = error
+        trainer.strategy.barrier("snip_compressed")  # every rank leaves once the file is there
         if not trainer.is_global_zero:
             return
-        path = directory / _COMPRESSED_FILE
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            size = save_compressed(state, path)
-        except Exception as error:
+        if failure is not None:
             lightning.rank_zero_warn(
-                trainer, f"`SNIPPruning`: the compressed weights could not be written to {path} ({error!r})."
+                trainer, f"`SNIPPruning`: the compressed weights could not be written to {path} ({failure!r})."
             )
             return
         dense = sum(v.nbytes for v in state.values() if isinstance(v, Tensor))
