@@ -116,15 +116,6 @@ def _check_patterns(argument: str, value: object) -> list[str] | None:
     return list(value)
 
 
-def _whole(value: Any) -> Any:
-    """A ``DTensor`` gathered whole (a collective), waited for on every rank; anything else as it is."""
-    if not is_dtensor(value):
-        return value
-    whole = value.full_tensor()
-    wait = getattr(whole, "wait", None)  # an unwaited async collective aborts the process at exit
-    return wait() if callable(wait) else whole
-
-
 def _all_reduce_sum(strategy: Strategy, values: Tensor) -> Tensor:
     return strategy.reduce(values.to(strategy.root_device), reduce_op="sum").cpu()
 
@@ -529,7 +520,11 @@ class SNIPPruning(_Callback):
     def _write_compressed(self, trainer: Trainer) -> None:
         """Write the trained weights compressed next to the logs; an optional extra, so a failure only warns."""
         state = trainer.strategy.lightning_module_state_dict()  # a collective on sharded strategies
-        state = {k: _whole(v) for k, v in state.items()}  # collectives on every rank, in key order
+        if any(is_dtensor(v) for v in state.values()):  # `fully_shard` shards: gathered whole on rank zero
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(cast(nn.Module, trainer.strategy.model), options=options)
         directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         path, size, failure = directory / _COMPRESSED_FILE, 0, None
         if trainer.is_global_zero:

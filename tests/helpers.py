@@ -378,6 +378,11 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
         },
         f"{out_dir}/rank{rank}.pt",
     )
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave together: no rank exits while another still talks to it
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def sharding_rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
