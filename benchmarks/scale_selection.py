@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from lightning_snip import ScoringContext, get_criterion, select_masks
-from lightning_snip.masks import kept_count, pack_mask
+from lightning_snip.packing import pack_mask
+from lightning_snip.selection import kept_count
 
 GIB = 2**30
 

@@ -33,7 +33,7 @@ from classifier import ImageClassifier
 from datamodules import MNISTDataModule
 
 from lightning_snip import SNIPPruning
-from lightning_snip.masks import count_zeros
+from lightning_snip.enforcement import count_zeros
 
 ARCH_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}
 # Test error (%) reported by Lee et al. (2019), Table 1 / Figure 1, on full MNIST.

@@ -9,20 +9,10 @@ from lightning_snip.compress import (
     load_compressed,
     save_compressed,
 )
+from lightning_snip.enforcement import ZERO_PRESERVING_OPTIMIZERS, MaskSet, apply_masks_, keeps_zeros
 from lightning_snip.inference import SparseLinear, densify, sparsify
-from lightning_snip.masks import (
-    ZERO_PRESERVING_OPTIMIZERS,
-    MaskSet,
-    apply_masks_,
-    keeps_zeros,
-    pack_mask,
-    protect_slices_,
-    select_masks,
-    select_masks_distributed,
-    select_n_m_masks,
-    sparsity_report,
-    unpack_mask,
-)
+from lightning_snip.packing import pack_mask, unpack_mask
+from lightning_snip.report import sparsity_report
 from lightning_snip.scoring import (
     Criterion,
     ScoringContext,
@@ -32,6 +22,7 @@ from lightning_snip.scoring import (
     mean_gradients,
     register_criterion,
 )
+from lightning_snip.selection import protect_slices_, select_masks, select_masks_distributed, select_n_m_masks
 
 __version__ = "0.1.0"
 

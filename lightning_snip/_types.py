@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lightning_snip.masks import parse_n_m
+from lightning_snip.selection import parse_n_m
 
 if TYPE_CHECKING:
     Sparsity = float

@@ -51,27 +51,10 @@ from lightning_snip.candidates import (
     weight_norm_directions,
 )
 from lightning_snip.compress import save_compressed
+from lightning_snip.enforcement import MaskSet, apply_masks_, count_zeros, holds_nonzero, keeps_zeros
 from lightning_snip.isolation import leave_no_trace
-from lightning_snip.masks import (
-    MaskSet,
-    Scope,
-    TensorSparsity,
-    apply_masks_,
-    check_n_m_sparsity,
-    count_zeros,
-    format_report,
-    holds_nonzero,
-    keeps_zeros,
-    kept_count,
-    n_m_unfit,
-    pack_mask,
-    parse_n_m,
-    protect_slices_,
-    select_masks,
-    select_masks_distributed,
-    sparsity_report,
-    unpack_mask,
-)
+from lightning_snip.packing import pack_mask, unpack_mask
+from lightning_snip.report import TensorSparsity, format_report, sparsity_report
 from lightning_snip.scoring import (
     CriterionName,
     ScoringContext,
@@ -79,6 +62,16 @@ from lightning_snip.scoring import (
     available_criteria,
     backward_mean_gradients,
     get_criterion,
+)
+from lightning_snip.selection import (
+    Scope,
+    check_n_m_sparsity,
+    kept_count,
+    n_m_unfit,
+    parse_n_m,
+    protect_slices_,
+    select_masks,
+    select_masks_distributed,
 )
 from lightning_snip.sharding import (
     Shard,
@@ -127,7 +120,7 @@ class SNIPPruning(_Callback):
     ``num_batches`` batches of the trainer's own train dataloader (the loss comes from the module's
     ``training_step``); the top ``1 - sparsity`` fraction is kept and the rest set to zero. Pruned weights get zero
     gradients after every backward and are re-zeroed after every optimizer step. PyTorch's elementwise optimizers
-    (SGD, Adam, AdamW and the others in :data:`~lightning_snip.masks.ZERO_PRESERVING_OPTIMIZERS`) provably leave a
+    (SGD, Adam, AdamW and the others in :data:`~lightning_snip.enforcement.ZERO_PRESERVING_OPTIMIZERS`) provably leave a
     weight with zero gradient and zero state at exactly zero, so after their steps the re-zeroing is skipped (under
     automatic optimization; manual optimization re-zeros after every step). On the steps Lightning logs at, before
     validation, before every checkpoint and at the end of training, pruned weights are checked, and if anything else
@@ -565,9 +558,9 @@ class SNIPPruning(_Callback):
     def _post_step_hook(self, params: list[nn.Parameter], masks: MaskSet, optimizer_keeps_zeros: bool) -> Any:
         """The optimizer post-step hook: re-zero the pruned weights, unless the step provably left them at zero.
 
-        It did when the optimizer keeps zeros (:func:`~lightning_snip.masks.keeps_zeros`), optimization is automatic
-        (every backward goes through Lightning, which masks the gradients), and a masked backward ran since its
-        previous step. Under manual optimization every step is followed by the re-zeroing: a plain
+        It did when the optimizer keeps zeros (:func:`~lightning_snip.enforcement.keeps_zeros`), optimization is
+        automatic (every backward goes through Lightning, which masks the gradients), and a masked backward ran since
+        its previous step. Under manual optimization every step is followed by the re-zeroing: a plain
         ``loss.backward()`` may have set any optimizer's gradients.
         """
         masked_at_previous_step = self._masked_backwards

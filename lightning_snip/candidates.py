@@ -163,7 +163,7 @@ def weight_norm_directions(model: nn.Module) -> dict[str, int | None]:
 
     Weight normalization computes ``w = g * v / ||v||`` with one norm per slice of ``v`` along ``dim``. A slice of
     ``v`` pruned entirely has norm zero and turns ``w`` into ``0 / 0 = nan``, so selection keeps at least the
-    best-scored weight of every slice (:func:`~lightning_snip.masks.protect_slices_`).
+    best-scored weight of every slice (:func:`~lightning_snip.selection.protect_slices_`).
 
     Args:
         model: The model to inspect.

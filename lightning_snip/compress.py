@@ -26,7 +26,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from lightning_snip.masks import pack_mask, unpack_mask
+from lightning_snip.packing import pack_mask, unpack_mask
 
 FORMAT = "lightning_snip.compressed_state_dict"
 VERSION = 1

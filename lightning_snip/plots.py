@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from lightning_snip.masks import TensorSparsity
+from lightning_snip.report import TensorSparsity
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -20,7 +20,7 @@ def sparsity_bar_chart(rows: Sequence[TensorSparsity], title: str = "SNIP: kept 
     Uses :class:`matplotlib.figure.Figure` directly (no pyplot state), so it is safe in scripts and servers.
 
     Args:
-        rows: Per-tensor sparsity, as from :func:`~lightning_snip.masks.sparsity_report`.
+        rows: Per-tensor sparsity, as from :func:`~lightning_snip.report.sparsity_report`.
         title: The figure title. Defaults to ``"SNIP: kept weights per tensor"``.
 
     Returns:

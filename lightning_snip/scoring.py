@@ -1,11 +1,11 @@
-"""Connection-sensitivity scores and the registry of pruning criteria.
+"""What every pruning criterion is given and returns, the gradients they share, and the registry of criteria.
 
 Plain PyTorch, no Lightning. A criterion turns a :class:`ScoringContext` (the candidate weights, a way to compute the
-loss on scoring batches, and a random generator) into one non-negative score tensor per candidate; higher means more
-important. :func:`~lightning_snip.masks.select_masks` then keeps the top scores.
+loss on scoring batches, and a random generator) into one score tensor per candidate; higher means more important.
+:func:`~lightning_snip.selection.select_masks` then keeps the top scores. The built-in criteria live in
+``lightning_snip/criteria/``, one file each.
 
-Adding a criterion (SynFlow, GraSP, ...) means subclassing :class:`Criterion` under :func:`register_criterion` and
-adding its name to :data:`CriterionName`; nothing else changes.
+Adding a criterion means subclassing :class:`Criterion` under :func:`register_criterion`; nothing else changes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import ClassVar, Literal, TypeVar
 import torch
 from torch import Tensor
 
-from lightning_snip.masks import all_finite
+from lightning_snip.selection import all_finite
 
 #: Names of the built-in criteria, for static checking and LightningCLI validation.
 CriterionName = Literal["snip", "magnitude", "random"]
@@ -250,8 +250,13 @@ def register_criterion(name: str) -> Callable[[_C], _C]:
     return decorator
 
 
+def _load_builtins() -> None:
+    import lightning_snip.criteria  # noqa: F401  (registers the built-in criteria on first import)
+
+
 def available_criteria() -> list[str]:
     """Names of all registered criteria, sorted."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
@@ -261,39 +266,7 @@ def get_criterion(name: str) -> Criterion:
     Raises:
         ValueError: If no criterion has that name.
     """
+    _load_builtins()
     if name not in _REGISTRY:
         raise ValueError(f"`criterion` must be one of {available_criteria()}, got {name!r}.")
     return _REGISTRY[name]()
-
-
-@register_criterion("snip")
-class SNIP(Criterion):
-    """Connection sensitivity ``|dL/dw * w|`` (Lee et al., 2019): the loss gradient for a multiplicative mask at 1.
-
-    With several batches the raw gradients are averaged first, as for one larger batch.
-    """
-
-    needs_data = True
-
-    def score(self, context: ScoringContext) -> dict[str, Tensor]:  # noqa: D102
-        grads = context.mean_gradients()
-        return {name: grad.mul_(context.weights[name].detach()).abs_() for name, grad in grads.items()}
-
-
-@register_criterion("magnitude")
-class Magnitude(Criterion):
-    """Weight magnitude ``|w|`` at initialization, the paper's data-free baseline."""
-
-    def score(self, context: ScoringContext) -> dict[str, Tensor]:  # noqa: D102
-        return {name: w.detach().abs().float() for name, w in context.weights.items()}
-
-
-@register_criterion("random")
-class Random(Criterion):
-    """Uniform random scores: a random mask with the exact requested sparsity."""
-
-    def score(self, context: ScoringContext) -> dict[str, Tensor]:  # noqa: D102
-        return {
-            name: context.local(name, torch.rand(context.whole_shape(name), generator=context.generator)).to(w.device)
-            for name, w in context.weights.items()
-        }

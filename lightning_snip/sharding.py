@@ -4,7 +4,7 @@ Plain PyTorch (``torch.distributed``), no Lightning. A sharded weight is describ
 contiguous slice of its row-major flattening that this process holds: rank 0 holds the first slice, rank 1 the one
 that follows, and so on. That is what FSDP's flat-parameter sharding (``FULL_SHARD``, ``SHARD_GRAD_OP``) and
 ``fully_shard``'s row-wise ``Shard(0)`` placement produce, and what
-:func:`~lightning_snip.masks.select_masks_distributed` expects. Layouts that replicate a weight on several processes
+:func:`~lightning_snip.selection.select_masks_distributed` expects. Layouts that replicate a weight on several processes
 (``NO_SHARD``, hybrid sharding, tensor parallelism) are refused with a clear error.
 """
 
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_snip.masks import all_gather_ints, collective_device, pack_mask
+from lightning_snip.packing import pack_mask
+from lightning_snip.selection import all_gather_ints, collective_device
 
 # Prefixes that FSDP's and activation checkpointing's wrappers insert into parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")

@@ -214,7 +214,7 @@ def shard_bounds(numel: int, world_size: int, seed: int) -> list[int]:
 def distributed_selection_rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    import lightning_snip.masks as masks_module
+    import lightning_snip.selection as masks_module
 
     masks_module._CHUNK = 8  # cross chunk boundaries inside every slice
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_snip import ScoringError, SNIPPruning
 from lightning_snip._lightning import check_strategy as _check_strategy
-from lightning_snip.masks import MaskSet, kept_count
+from lightning_snip.enforcement import MaskSet
+from lightning_snip.selection import kept_count
 
 
 class ManualTwoOptimizers(BoringClassifier):

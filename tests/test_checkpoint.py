@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_snip import SNIPPruning
-from lightning_snip.masks import unpack_mask
+from lightning_snip.packing import unpack_mask
 
 
 class LateRestoreStrategy(SingleDeviceStrategy):

@@ -16,7 +16,7 @@ from helpers import (
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_snip import SNIPPruning
-from lightning_snip.masks import kept_count
+from lightning_snip.selection import kept_count
 
 
 @pytest.mark.slow

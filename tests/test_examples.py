@@ -17,7 +17,7 @@ from helpers import BoringClassifier, fit
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_snip import SNIPPruning
-from lightning_snip.masks import kept_count
+from lightning_snip.selection import kept_count
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))

@@ -3,19 +3,17 @@ import math
 import pytest
 import torch
 
-from lightning_snip.masks import (
+from lightning_snip.enforcement import (
     ZERO_PRESERVING_OPTIMIZERS,
     MaskSet,
-    all_finite,
     apply_masks_,
     count_zeros,
-    format_report,
     holds_nonzero,
     keeps_zeros,
-    kept_count,
-    select_masks,
-    sparsity_report,
 )
+from lightning_snip.packing import pack_mask, unpack_mask
+from lightning_snip.report import format_report, sparsity_report
+from lightning_snip.selection import all_finite, kept_count, select_masks
 
 
 @pytest.mark.parametrize(
@@ -156,7 +154,7 @@ def test_mask_set_rejects_bad_input():
 
 
 def test_threshold_counts_the_ties_at_the_kth_score():
-    import lightning_snip.masks as masks_module
+    import lightning_snip.selection as masks_module
 
     key_of_two = int(torch.tensor([2.0]).view(torch.int32))
     scores = [torch.tensor([2.0, 5.0, 2.0]), torch.tensor([2.0, 2.0, 0.0])]
@@ -198,7 +196,7 @@ def _reference(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, to
 @pytest.mark.parametrize("chunk", [7, 64, 1 << 22], ids=["chunk-7", "chunk-64", "chunk-default"])
 @pytest.mark.parametrize("kind", ["continuous", "few-values", "with-negatives", "float64"], ids=lambda k: k)
 def test_radix_select_matches_a_stable_sort(monkeypatch, chunk, kind):
-    import lightning_snip.masks as masks_module
+    import lightning_snip.selection as masks_module
 
     monkeypatch.setattr(masks_module, "_CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
@@ -219,7 +217,7 @@ def test_radix_select_matches_a_stable_sort(monkeypatch, chunk, kind):
 
 @pytest.mark.slow
 def test_selection_past_two_to_the_31_elements(monkeypatch):
-    import lightning_snip.masks as masks_module
+    import lightning_snip.selection as masks_module
 
     monkeypatch.setattr(masks_module, "_CHUNK", 1 << 27)  # fewer, larger steps: this test is about counting
     huge = torch.tensor([0.5]).expand(2**31 + 10)  # 2**31 + 10 scores in 4 bytes of memory
@@ -232,14 +230,14 @@ def test_selection_past_two_to_the_31_elements(monkeypatch):
 @pytest.mark.parametrize("chunk", [8, 1 << 22], ids=["chunk-8", "chunk-default"])
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 7), (64, 9)], ids=lambda s: "x".join(map(str, s)))
 def test_pack_unpack_round_trip(monkeypatch, chunk, shape):
-    import lightning_snip.masks as masks_module
+    import lightning_snip.selection as masks_module
 
     monkeypatch.setattr(masks_module, "_CHUNK", chunk)
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.3
-    packed = masks_module.pack_mask(mask)
+    packed = pack_mask(mask)
     assert packed.dtype == torch.uint8
     assert packed.numel() == (mask.numel() + 7) // 8
-    assert torch.equal(masks_module.unpack_mask(packed, shape), mask)
+    assert torch.equal(unpack_mask(packed, shape), mask)
     # independent of the implementation: bit i of the stream is entry i, most significant bit first
     bits = [(int(packed[i // 8]) >> (7 - i % 8)) & 1 for i in range(mask.numel())]
     assert bits == mask.reshape(-1).int().tolist()

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_snip import SNIPPruning
-from lightning_snip.masks import kept_count
+from lightning_snip.selection import kept_count
 
 
 class Wrapped(pl.LightningModule):

@@ -12,9 +12,9 @@ from torch import nn
 from torch.nn.utils import parametrizations
 from torch.utils.data import DataLoader
 
-import lightning_snip.masks as masks_module
+import lightning_snip.selection as masks_module
 from lightning_snip import SNIPPruning, select_masks, select_n_m_masks
-from lightning_snip.masks import n_m_unfit, parse_n_m
+from lightning_snip.selection import n_m_unfit, parse_n_m
 
 
 def _reference(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

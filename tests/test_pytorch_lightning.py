@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from lightning_snip import SNIPPruning
 from lightning_snip._lightning import check_strategy, namespace
-from lightning_snip.masks import kept_count
+from lightning_snip.selection import kept_count
 
 
 class StandaloneClassifier(standalone.LightningModule):

@@ -22,7 +22,7 @@ from helpers import (
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_snip import SNIPPruning, load_compressed
-from lightning_snip.masks import unpack_mask
+from lightning_snip.packing import unpack_mask
 
 pytestmark = pytest.mark.slow  # several processes
 

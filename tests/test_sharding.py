@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import free_port, sharding_rank_main, spawn_and_wait
 
-from lightning_snip.masks import unpack_mask
+from lightning_snip.packing import unpack_mask
 
 pytestmark = pytest.mark.slow  # several processes
 
