@@ -204,6 +204,8 @@ def training_step_losses(
 ) -> Iterator[Callable[[int], Tensor]]:
     """Yield ``loss_fn(i)``: the module's own ``training_step`` loss on the ``i``-th train batch.
 
+    Batch ``i`` is drawn once; the last ``num_batches`` drawn can be asked for again (GraSP's second pass).
+
     Batches are drawn from a fresh iterator over the trainer's train dataloader (never the one training uses; see
     :func:`_private_loader`) and moved to the device through the trainer's batch-transfer hooks. Inside the context
     ``self.log`` is a no-op, ``manual_backward`` records the loss instead of stepping, and optimizer and scheduler
@@ -233,21 +235,31 @@ def training_step_losses(
     with ExitStack() as stack:
         iterables = apply_to_collection(combined.iterables, DataLoader, _private_loader, stack)
 
+        batches: dict[int, tuple[Any, int]] = {}  # the last `num_batches` batches, on the device, for reuse
+        fetched = 0
+
         def loss_fn(i: int) -> Tensor:
-            nonlocal iterator
+            nonlocal iterator, fetched
             if iterator is None:
                 iterator = iter(type(combined)(iterables, mode=combined._mode))
-            try:
-                batch, batch_idx, _ = next(iterator)
-            except StopIteration:
-                raise ScoringError(
-                    f"`num_batches={num_batches}` but the train dataloader yielded only {i} batch(es). Lower"
-                    " `num_batches` or provide more training data."
-                ) from None
-            # the same transfer path as Lightning's training loop
-            batch = trainer.precision_plugin.convert_input(batch)
-            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
-            batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+            while fetched <= i:
+                try:
+                    batch, batch_idx, _ = next(iterator)
+                except StopIteration:
+                    raise ScoringError(
+                        f"Scoring needs {i + 1} batch(es) (`num_batches={num_batches}`, times the rounds of an"
+                        f" iterative criterion) but the train dataloader yielded only {fetched} batch(es). Lower"
+                        " `num_batches` or `iterations`, or provide more training data."
+                    ) from None
+                # the same transfer path as Lightning's training loop
+                batch = trainer.precision_plugin.convert_input(batch)
+                batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+                batches[fetched] = (trainer.strategy.batch_to_device(batch, dataloader_idx=0), batch_idx)
+                batches.pop(fetched - num_batches, None)
+                fetched += 1
+            if i not in batches:
+                raise ScoringError(f"Scoring batch {i} was released; a criterion may reuse the last {num_batches}.")
+            batch, batch_idx = batches[i]
             recorded.clear()
             args = (batch, batch_idx) if pass_batch_idx else (batch,)
             if through_strategy:

@@ -291,7 +291,7 @@ FIT_ERRORS = {
         {"num_batches": 5},
         _loader(32),
         ScoringError,
-        r"`num_batches=5` but the train dataloader yielded only 2 batch",
+        r"needs 3 batch\(es\) \(`num_batches=5`.* but the train dataloader yielded only 2 batch",
     ),
     "empty-loader": (BoringClassifier, {}, _loader(0), ScoringError, r"yielded only 0 batch"),
 }
