@@ -133,6 +133,41 @@ def logging_step(trainer: Trainer) -> int | None:
     return int(loop.epoch_loop._batches_that_stepped)
 
 
+def example_input(pl_module: LightningModule, loss_fn: Callable[[int], Tensor] | None) -> Tensor:
+    """An input of the model's input shape with batch size 1, float, for a data-free criterion that runs the model.
+
+    From the module's ``example_input_array`` (Lightning's convention; its first tensor when it is a tuple, list or
+    dict), else from the first tensor of the first train batch (``loss_fn.batch_at(0)``, no step is run).
+
+    Raises:
+        ScoringError: If no input is found or it is not a floating-point tensor.
+    """
+    declared = getattr(pl_module, "example_input_array", None)
+    source = "`example_input_array`"
+    if declared is None and loss_fn is not None:
+        declared, source = loss_fn.batch_at(0)[0], "the first train batch"  # type: ignore[attr-defined]
+    tensors = [declared] if isinstance(declared, Tensor) else list(_tensors_in(declared))
+    if not tensors or not tensors[0].is_floating_point() or tensors[0].dim() == 0:
+        found = tensors[0].dtype if tensors else type(declared).__name__
+        raise ScoringError(
+            f"This criterion runs the model on an all-ones float input shaped like its input, but {source} gives"
+            f" {found}. Set the module's `example_input_array` to a float tensor of the model's input shape (e.g."
+            " `self.example_input_array = torch.zeros(1, 1, 28, 28)`), or use another criterion."
+        )
+    return tensors[0][:1]
+
+
+def _tensors_in(value: object) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
+
+
 def _loss_from_output(output: object, batch_idx: int) -> Tensor:
     if isinstance(output, Tensor):
         return output
@@ -238,7 +273,7 @@ def training_step_losses(
         batches: dict[int, tuple[Any, int]] = {}  # the last `num_batches` batches, on the device, for reuse
         fetched = 0
 
-        def loss_fn(i: int) -> Tensor:
+        def batch_at(i: int) -> tuple[Any, int]:
             nonlocal iterator, fetched
             if iterator is None:
                 iterator = iter(type(combined)(iterables, mode=combined._mode))
@@ -259,7 +294,10 @@ def training_step_losses(
                 fetched += 1
             if i not in batches:
                 raise ScoringError(f"Scoring batch {i} was released; a criterion may reuse the last {num_batches}.")
-            batch, batch_idx = batches[i]
+            return batches[i]
+
+        def loss_fn(i: int) -> Tensor:
+            batch, batch_idx = batch_at(i)
             recorded.clear()
             args = (batch, batch_idx) if pass_batch_idx else (batch,)
             if through_strategy:
@@ -274,6 +312,7 @@ def training_step_losses(
                 total = total + loss
             return total
 
+        loss_fn.batch_at = batch_at  # type: ignore[attr-defined]  # the batch itself, for a model's input shape
         stack.enter_context(_override(pl_module, log=_ignore, log_dict=_ignore, manual_backward=record_backward))
         for optimizer in trainer.optimizers:
             stack.enter_context(_override(optimizer, step=_ignore, zero_grad=_ignore))

@@ -57,6 +57,7 @@ from lightning_snip.packing import pack_mask, unpack_mask
 from lightning_snip.report import TensorSparsity, format_report, sparsity_report
 from lightning_snip.scoring import (
     CriterionName,
+    Schedule,
     ScoringContext,
     ScoringError,
     available_criteria,
@@ -136,8 +137,11 @@ class SNIPPruning(_Callback):
         sparsity: Fraction of candidate weights set to zero, ``0 <= sparsity < 1``. Defaults to ``0.9``.
         num_batches: Batches drawn from the train dataloader for scoring; their gradients are averaged (and, under
             DDP, averaged across ranks too). Defaults to ``1``.
-        criterion: ``"snip"`` (``|dL/dw * w|``), or the paper's baselines ``"magnitude"`` (``|w|``) and
-            ``"random"``; the last two draw no data. Defaults to ``"snip"``.
+        criterion: ``"snip"`` (``|dL/dw * w|``); the paper's baselines ``"magnitude"`` (``|w|``) and ``"random"``
+            (no data); SNIP's successors ``"iterative_snip"`` and ``"force"`` (SNIP in rounds of falling density on
+            the masked network, fresh batches each round; FORCE can bring a pruned weight back), ``"synflow"``
+            (data-free, iterative, never calls ``training_step``) and ``"grasp"`` (``w * Hg``). See the README for
+            what each computes. Defaults to ``"snip"``.
         scope: ``"global"`` ranks all candidates together; ``"layerwise"`` prunes each tensor to ``sparsity`` on its
             own; ``"N:M"`` (e.g. ``"2:4"``) keeps the ``N`` highest scores in every group of ``M`` consecutive weights
             along each candidate's reduction dimension (the weight viewed as ``(shape[0], -1)``: ``in_features`` of a
@@ -154,6 +158,11 @@ class SNIPPruning(_Callback):
             directory and, with a TensorBoard logger, log it as a figure. Needs matplotlib. Defaults to ``True``.
         seed: Seed for the ``"random"`` criterion. Defaults to ``None``: drawn from torch's global generator (so
             ``seed_everything`` makes it reproducible) and shared by all ranks.
+        iterations: Rounds of an iterative criterion (``iterative_snip``, ``force``, ``synflow``); ``None`` takes
+            the published default (60, 60 and 100). One-shot criteria take only ``None`` or ``1``. Defaults to
+            ``None``.
+        schedule: How the density falls over the rounds: ``"exponential"`` (``d ** (t / T)``) or ``"linear"``.
+            Defaults to ``"exponential"``.
         save_compressed: At the end of training, write the trained model's weights compressed
             (:func:`~lightning_snip.compress.compress_state_dict`) to ``snip_compressed.pt`` in the trainer's log
             directory, and log its size (``snip/compressed_bytes``) and how many times smaller it is than the dense
@@ -192,6 +201,8 @@ class SNIPPruning(_Callback):
         log_per_layer: bool = True,
         plot: bool = True,
         seed: int | None = None,
+        iterations: PositiveInt | None = None,
+        schedule: Schedule = "exponential",
         save_compressed: bool = False,
     ) -> None:
         super().__init__()
@@ -222,9 +233,22 @@ class SNIPPruning(_Callback):
         self.exclude = _check_patterns("exclude", exclude)
         self.log_per_layer = log_per_layer
         self.plot = plot
+        if iterations is not None and (
+            isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1
+        ):
+            raise ValueError(f"`iterations` must be an integer >= 1 or None, got {iterations!r}. Use e.g. 100.")
+        if iterations not in (None, 1) and get_criterion(criterion).default_iterations is None:
+            raise ValueError(
+                f"`iterations={iterations}` but `criterion={criterion!r}` scores in one pass. Leave `iterations` unset,"
+                " or pick an iterative criterion ('iterative_snip', 'force', 'synflow')."
+            )
+        if schedule not in ("exponential", "linear"):
+            raise ValueError(f"`schedule` must be 'exponential' or 'linear', got {schedule!r}.")
         if not isinstance(save_compressed, bool):
             raise TypeError(f"`save_compressed` must be True or False, got {save_compressed!r}.")
         self.seed = seed
+        self.iterations = iterations
+        self.schedule: Schedule = schedule
         self.save_compressed = save_compressed
 
         self._loaded: dict[str, Tensor] | None = None  # whole kept masks on CPU, not yet bound, from ...
@@ -276,6 +300,9 @@ class SNIPPruning(_Callback):
             "include": self.include,
             "exclude": self.exclude,
             "seed": self.seed,
+            # only when set: the state keys (and so the checkpoints) of earlier versions stay valid
+            **({"iterations": self.iterations} if self.iterations is not None else {}),
+            **({"schedule": self.schedule} if self.schedule != "exponential" else {}),
         }
 
     @property
@@ -767,12 +794,22 @@ class SNIPPruning(_Callback):
         """Score the candidates, select the masks and zero the pruned weights; on failure the model is unchanged."""
         strategy = trainer.strategy
         sharded = lightning.is_sharding(strategy)
+        criterion = get_criterion(self.criterion)
+        if sharded and not criterion.supports_sharding:
+            raise lightning.misconfiguration(
+                trainer,
+                f"`criterion={self.criterion!r}` does not score sharded models (FSDP, `ModelParallelStrategy`): its"
+                " rounds or second backward need whole weights. Use DDP, or `criterion='snip'`, 'magnitude' or"
+                " 'random', which score shards.",
+            )
         shapes = whole_shapes(pl_module) if sharded else None
         candidates = self._candidates(trainer, pl_module, shapes)
         shards = shard_layout(candidates, shapes) if shapes is not None else None  # a collective
         local = {name: local_tensor(p) for name, p in candidates.items()}
-        criterion = get_criterion(self.criterion)
-        if criterion.needs_data:
+        batches_needed = criterion.needs_data or (
+            criterion.needs_input and getattr(pl_module, "example_input_array", None) is None
+        )
+        if batches_needed:
             trainer.fit_loop.setup_data()  # what fit would do next; done outside `leave_no_trace` on purpose
         start = time.perf_counter()
         with leave_no_trace(pl_module), restore_flat_grads(pl_module):
@@ -781,7 +818,7 @@ class SNIPPruning(_Callback):
             with ExitStack() as stack:
                 loss_fn = (
                     stack.enter_context(lightning.training_step_losses(trainer, pl_module, self.num_batches, sharded))
-                    if criterion.needs_data
+                    if batches_needed
                     else None
                 )
                 context = ScoringContext(
@@ -790,6 +827,12 @@ class SNIPPruning(_Callback):
                     num_batches=self.num_batches,
                     all_reduce_mean=lambda t: strategy.reduce(t, reduce_op="mean"),
                     generator=generator,
+                    sparsity=self.sparsity,
+                    iterations=self.iterations or criterion.default_iterations or 1,
+                    schedule=self.schedule,
+                    select=lambda scores, sparsity: self._select_round(pl_module, scores, sparsity),
+                    module=pl_module,
+                    example_input=lightning.example_input(pl_module, loss_fn) if criterion.needs_input else None,
                 )
                 if shards is not None:  # each rank scores its own shards; FSDP averages the gradients
                     if loss_fn is not None:
@@ -832,10 +875,26 @@ class SNIPPruning(_Callback):
         self._module, self._masks_config = weakref.ref(pl_module), None
         self._report(trainer, dead, elapsed, rows if shards is not None else sparsity_report(self._params))
 
-    def _protect_weight_norm_slices(self, pl_module: LightningModule, scores: dict[str, Tensor]) -> None:
+    def _select_round(
+        self, pl_module: LightningModule, scores: Mapping[str, Tensor], sparsity: float
+    ) -> dict[str, Tensor]:
+        """The masks between the rounds of an iterative criterion: this scope (layerwise for N:M), exact counts."""
+        scope = self.scope if parse_n_m(self.scope) is None else "layerwise"
+        protected = {name: s.clone() for name, s in scores.items()}
+        self._protect_weight_norm_slices(pl_module, protected, sparsity, scope)
+        return select_masks(protected, sparsity, scope)
+
+    def _protect_weight_norm_slices(
+        self,
+        pl_module: LightningModule,
+        scores: dict[str, Tensor],
+        sparsity: float | None = None,
+        scope: str | None = None,
+    ) -> None:
         """Make selection keep a weight in every normed slice of each weight-norm direction (no ``0 / 0``)."""
         directions = {name: dim for name, dim in weight_norm_directions(pl_module).items() if name in scores}
-        if parse_n_m(self.scope) is not None:  # every row keeps N of each M; slices along other dims may not
+        scope = self.scope if scope is None else scope
+        if parse_n_m(scope) is not None:  # every row keeps N of each M; slices along other dims may not
             across = [name for name, dim in directions.items() if dim not in (0, None)]
             if across:
                 raise ScoringError(
@@ -845,14 +904,15 @@ class SNIPPruning(_Callback):
                 )
             return
         needed = {name: protect_slices_(scores[name], dim) for name, dim in directions.items()}
-        if self.scope == "global":
-            budget = kept_count(sum(s.numel() for s in scores.values()), self.sparsity)
+        sparsity = self.sparsity if sparsity is None else sparsity
+        if scope == "global":
+            budget = kept_count(sum(s.numel() for s in scores.values()), sparsity)
             short = [] if sum(needed.values()) <= budget else list(needed)
         else:
-            short = [name for name, n in needed.items() if n > kept_count(scores[name].numel(), self.sparsity)]
+            short = [name for name, n in needed.items() if n > kept_count(scores[name].numel(), sparsity)]
         if short:
             raise ScoringError(
-                f"`sparsity={self.sparsity}` keeps fewer weights than the weight-normalized tensors {short} have"
+                f"`sparsity={sparsity}` keeps fewer weights than the weight-normalized tensors {short} have"
                 " normed slices, and a slice pruned entirely divides by a zero norm (nan). Lower `sparsity` or"
                 " exclude them."
             )

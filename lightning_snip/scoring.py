@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_snip.selection import all_finite
 
 #: Names of the built-in criteria, for static checking and LightningCLI validation.
-CriterionName = Literal["snip", "magnitude", "random"]
+CriterionName = Literal["snip", "magnitude", "random", "iterative_snip", "force", "synflow", "grasp"]
+Schedule = Literal["exponential", "linear"]
 
 LossFn = Callable[[int], Tensor]
 """Returns the scalar loss on scoring batch ``i`` (``0 <= i < num_batches``) with its autograd graph attached."""
@@ -47,6 +48,14 @@ class ScoringContext:
             (the weights are whole).
         take_local: Cuts this process's shard out of a tensor shaped like the whole weight ``name``, as a new
             tensor. Defaults to ``None`` (the weights are whole).
+        sparsity: The final sparsity the masks will have. Defaults to ``0.0``.
+        iterations: Rounds of an iterative criterion. Defaults to ``1``.
+        schedule: How the density falls over the rounds: ``"exponential"`` (``d ** (t / T)``) or ``"linear"``
+            (``1 - (1 - d) * t / T``), with ``d = 1 - sparsity``. Defaults to ``"exponential"``.
+        select: Selects masks (``True`` = kept) at a sparsity from scores, with the caller's scope and exact
+            counts; iterative criteria prune with it between rounds. Defaults to ``None``.
+        module: The model, for criteria that run its forward themselves (SynFlow). Defaults to ``None``.
+        example_input: An input of the model's input shape with batch size 1 (SynFlow). Defaults to ``None``.
     """
 
     weights: Mapping[str, Tensor]
@@ -57,14 +66,39 @@ class ScoringContext:
     gradients: Callable[[], dict[str, Tensor]] | None = None
     shapes: Mapping[str, torch.Size] | None = None
     take_local: Callable[[str, Tensor], Tensor] | None = None
+    sparsity: float = 0.0
+    iterations: int = 1
+    schedule: Schedule = "exponential"
+    select: Callable[[Mapping[str, Tensor], float], dict[str, Tensor]] | None = None
+    module: nn.Module | None = None
+    example_input: Tensor | None = None
 
-    def mean_gradients(self) -> dict[str, Tensor]:
-        """Gradient of the loss for each weight (or shard), averaged over the scoring batches and processes."""
-        if self.gradients is not None:
+    def mean_gradients(self, round: int = 0) -> dict[str, Tensor]:
+        """Gradient of the loss for each weight (or shard), averaged over the scoring batches and processes.
+
+        Args:
+            round: Which round's batches: round ``r`` uses batches ``r * num_batches`` onwards, so every round of an
+                iterative criterion sees fresh ones. Defaults to ``0``.
+        """
+        if self.gradients is not None and round == 0:
             return self.gradients()
         if self.loss_fn is None:
             raise ScoringError("This criterion needs the loss, but the scoring context has no `loss_fn`.")
-        return mean_gradients(self.weights, self.loss_fn, self.num_batches, self.all_reduce_mean)
+        loss_fn, first = self.loss_fn, round * self.num_batches
+        return mean_gradients(self.weights, lambda i: loss_fn(first + i), self.num_batches, self.all_reduce_mean)
+
+    def densities(self) -> list[float]:
+        """The density (kept fraction) after each of the ``iterations`` rounds; the last is ``1 - sparsity``.
+
+        Example::
+
+            >>> [round(d, 4) for d in ScoringContext({}, sparsity=0.99, iterations=2).densities()]
+            [0.1, 0.01]
+        """
+        final, rounds = 1.0 - self.sparsity, self.iterations
+        if self.schedule == "linear":
+            return [1.0 - (1.0 - final) * t / rounds for t in range(1, rounds)] + [final]
+        return [final ** (t / rounds) for t in range(1, rounds)] + [final]
 
     def whole_shape(self, name: str) -> torch.Size:
         """The shape of the whole weight ``name``, also when this process holds only a shard of it."""
@@ -216,10 +250,16 @@ class Criterion(ABC):
     Attributes:
         name: The registry name, set by :func:`register_criterion`.
         needs_data: Whether :meth:`score` computes the loss on training batches.
+        needs_input: Whether :meth:`score` runs the model's forward on ``context.example_input`` itself.
+        default_iterations: The published number of rounds of an iterative criterion; ``None`` for a one-shot one.
+        supports_sharding: Whether it scores the shards of a sharded model (FSDP, ``fully_shard``).
     """
 
     name: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False
+    needs_input: ClassVar[bool] = False
+    default_iterations: ClassVar[int | None] = None
+    supports_sharding: ClassVar[bool] = True
 
     @abstractmethod
     def score(self, context: ScoringContext) -> dict[str, Tensor]:

@@ -246,7 +246,11 @@ BAD_ARGUMENTS = {
     "sparsity-bool": ({"sparsity": True}, TypeError, r"`sparsity` must be a real number.*got True"),
     "num-batches-zero": ({"num_batches": 0}, ValueError, r"`num_batches` must be an integer >= 1, got 0"),
     "num-batches-float": ({"num_batches": 2.0}, ValueError, r"`num_batches` must be an integer >= 1, got 2\.0"),
-    "criterion": ({"criterion": "grasp"}, ValueError, r"`criterion` must be one of \['magnitude', 'random', 'snip'\]"),
+    "criterion": (
+        {"criterion": "prospr"},
+        ValueError,
+        r"`criterion` must be one of \[.force., .grasp., .iterative_snip., .magnitude., .random., .snip., .synflow.\]",
+    ),
     "scope": ({"scope": "local"}, ValueError, r"`scope` must be 'global', 'layerwise' or 'N:M' .*got 'local'"),
     "include-string": ({"include": "*.weight"}, TypeError, r"`include` must be a list .* got '\*\.weight'"),
     "exclude-int": ({"exclude": [1]}, TypeError, r"`exclude` must be a list .* got \[1\]"),

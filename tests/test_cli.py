@@ -46,7 +46,7 @@ def test_yaml_config_runs_fit_and_logs_sparsity(tmp_path):
 
 @pytest.mark.slow  # a new process
 def test_bad_yaml_value_is_rejected_at_parse_time(tmp_path):
-    result = _run(tmp_path, "--trainer.callbacks.init_args.criterion=grasp")
+    result = _run(tmp_path, "--trainer.callbacks.init_args.criterion=prospr")
     assert result.returncode != 0
     assert "criterion" in result.stderr
 

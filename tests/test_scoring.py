@@ -93,9 +93,9 @@ def test_unused_weight_gets_zero_gradient():
 
 
 def test_registry_extension_and_errors():
-    assert available_criteria() == ["magnitude", "random", "snip"]
-    with pytest.raises(ValueError, match=r"`criterion` must be one of .* got 'grasp'"):
-        get_criterion("grasp")
+    assert available_criteria() == ["force", "grasp", "iterative_snip", "magnitude", "random", "snip", "synflow"]
+    with pytest.raises(ValueError, match=r"`criterion` must be one of .* got 'prospr'"):
+        get_criterion("prospr")
 
     @register_criterion("negated-magnitude-test")
     class NegatedMagnitude(Criterion):
