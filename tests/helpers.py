@@ -178,7 +178,10 @@ def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion
     torch.manual_seed(rank)
     model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
     criterion = register_recording_snip() if criterion == "snip" else criterion
-    pruning = SNIPPruning(sparsity=0.5 if scope == "2:4" else 0.8, num_batches=2, criterion=criterion, scope=scope)
+    iterations = 2 if criterion == "iterative_snip" else None  # two rounds of two fresh batches per rank
+    pruning = SNIPPruning(
+        sparsity=0.5 if scope == "2:4" else 0.8, num_batches=2, criterion=criterion, scope=scope, iterations=iterations
+    )
     checker = ZeroInvariantChecker(pruning)
     loader = DataLoader(make_data(32), batch_size=4)  # Lightning adds a DistributedSampler: 4 batches per rank
     fit(model, [pruning, checker], loader, strategy="ddp", devices=world_size, precision="64-true", max_epochs=2)

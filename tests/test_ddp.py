@@ -22,8 +22,8 @@ from lightning_snip.selection import kept_count
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("criterion", "scope"),
-    [("snip", "global"), ("random", "global"), ("snip", "2:4")],
-    ids=["snip", "random", "snip-2:4"],
+    [("snip", "global"), ("random", "global"), ("snip", "2:4"), ("iterative_snip", "global")],
+    ids=["snip", "random", "snip-2:4", "iterative-snip"],
 )
 def test_ddp_ranks_agree_and_match_single_process_union(tmp_path, criterion, scope):
     spawn_and_wait(ddp_rank_main, (2, free_port(), str(tmp_path), criterion, scope), nprocs=2)
@@ -34,6 +34,17 @@ def test_ddp_ranks_agree_and_match_single_process_union(tmp_path, criterion, sco
         assert rank["violations"] == [0] * 9  # 4 batches per rank and epoch, 2 epochs, plus fit end
     for name, weight in ranks[0]["weights"].items():
         assert torch.equal(weight, ranks[1]["weights"][name]), f"ranks' weights differ in {name}"
+    if criterion == "iterative_snip":  # round r of the union: every rank's batches of round r
+        dataset = make_data(32)
+        per_rank = [list(DistributedSampler(dataset, num_replicas=2, rank=r, seed=0)) for r in range(2)]
+        order = [i for rnd in range(2) for r in range(2) for i in per_rank[r][8 * rnd : 8 * rnd + 8]]
+        torch.manual_seed(0)
+        model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
+        single = SNIPPruning(sparsity=0.8, num_batches=4, criterion="iterative_snip", iterations=2)
+        fit(model, [single], DataLoader(dataset, batch_size=4, sampler=FixedOrder(order)), precision="64-true")
+        for name, mask in single.masks.items():
+            assert torch.equal(mask, ranks[0]["masks"][name]), f"DDP mask of {name} differs from the union's"
+        return
     if criterion != "snip":
         return
 

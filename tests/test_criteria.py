@@ -1,0 +1,332 @@
+"""SNIP's successors: iterative SNIP, FORCE, SynFlow and GraSP, each against an independent computation."""
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import fit, make_data
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_snip import ScoringContext, ScoringError, SNIPPruning, get_criterion, select_masks
+from lightning_snip.criteria.rounds import PRUNED
+from lightning_snip.selection import kept_count
+
+
+class TinyNet(pl.LightningModule):
+    """Two Tanh layers (non-zero second derivatives, for GraSP); float64 for exact comparisons."""
+
+    def __init__(self, features: int = 6, hidden: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+        self.steps_run = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # the weights stay at initialization: easy to compare
+
+
+WEIGHTS = ("net.0.weight", "net.2.weight")
+
+
+def _data(n: int = 32, features: int = 6, classes: int = 3) -> DataLoader:
+    return DataLoader(make_data(n, features, classes, dtype=torch.float64), batch_size=4)
+
+
+def _init_model(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet().double()
+
+
+def _masks(criterion: str, sparsity: float = 0.8, data: DataLoader | None = None, **options: Any) -> dict:
+    model = _init_model()
+    pruning = SNIPPruning(sparsity=sparsity, criterion=criterion, plot=False, **options)
+    fit(model, [pruning], data if data is not None else _data(), max_steps=1, precision="64-true")
+    return pruning.masks
+
+
+def _top_k(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """An independent global top-k: a stable sort of all scores, ties to the earlier (tensor, position)."""
+    flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
+    keep = kept_count(flat.numel(), sparsity)
+    order = torch.sort(-flat, stable=True).indices[:keep]
+    kept = torch.zeros(flat.numel(), dtype=torch.bool)
+    kept[order] = True
+    out, start = {}, 0
+    for name, s in scores.items():
+        out[name] = kept[start : start + s.numel()].view(s.shape)
+        start += s.numel()
+    return out
+
+
+def _loss(model: TinyNet, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _batches(data: DataLoader) -> list:
+    return list(data)
+
+
+@pytest.mark.parametrize("criterion", ["iterative_snip", "force"])
+def test_one_iteration_is_exactly_snip(criterion):
+    snip = _masks("snip", num_batches=2)
+    one = _masks(criterion, num_batches=2, iterations=1)
+    for name in snip:
+        assert torch.equal(snip[name], one[name]), name
+
+
+@pytest.mark.parametrize(("criterion", "bring_back"), [("iterative_snip", False), ("force", True)])
+@pytest.mark.parametrize("schedule", ["exponential", "linear"])
+def test_rounds_match_a_hand_written_reference(criterion, bring_back, schedule):
+    data, sparsity, rounds = _data(), 0.8, 3
+    got = _masks(criterion, sparsity, data, iterations=rounds, schedule=schedule)
+    # reference: fresh batch per round, gradient on the masked network, scores |g * w| (masked w for iterative
+    # SNIP, dense w for FORCE), pruned weights never kept again unless FORCE, exact global top-k
+    model = _init_model()
+    weights = {n: dict(model.named_parameters())[n] for n in WEIGHTS}
+    dense = {n: w.detach().clone() for n, w in weights.items()}
+    batches = _batches(data)
+    d = 1 - sparsity
+    densities = [d ** (t / rounds) if schedule == "exponential" else 1 - (1 - d) * t / rounds for t in (1, 2, 3)]
+    kept = {n: torch.ones_like(w, dtype=torch.bool) for n, w in dense.items()}
+    for t in range(rounds):
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.copy_(dense[n] * kept[n])
+        grads = torch.autograd.grad(_loss(model, batches[t]), list(weights.values()))
+        scores = {}
+        for (n, w), g in zip(weights.items(), grads, strict=True):
+            s = (g * (dense[n] if bring_back else w.detach())).abs()
+            scores[n] = s if bring_back or t == 0 else torch.where(kept[n], s, torch.full_like(s, PRUNED))
+        kept = _top_k(scores, 1 - densities[t]) if t < rounds - 1 else _top_k(scores, sparsity)
+    for name in WEIGHTS:
+        assert torch.equal(got[name], kept[name]), name
+    assert sum(int(m.sum()) for m in got.values()) == kept_count(8 * 6 + 3 * 8, sparsity)
+
+
+def test_iterative_snip_never_brings_a_weight_back_and_force_can():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(1, 6, dtype=torch.float64))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    selections = []
+
+    def select(scores, sparsity):
+        selections.append({n: s.clone() for n, s in scores.items()})
+        return select_masks(scores, sparsity)
+
+    original = w.detach().clone()
+    for name in ("iterative_snip", "force"):
+        selections.clear()
+        context = ScoringContext(
+            {"w": w}, loss_fn=lambda i: torch.tanh(x @ w.T).pow(2).sum() * (i + 1), sparsity=0.5, iterations=3
+        )
+        context.select = select
+        final = get_criterion(name).score(context)["w"]
+        first_kept = select_masks(selections[0], 1 - 0.5 ** (1 / 3))["w"]
+        pruned_after_first = ~first_kept
+        assert pruned_after_first.any()
+        if name == "iterative_snip":
+            assert bool((final[pruned_after_first] == PRUNED).all())
+        else:  # FORCE scores a pruned weight by the dense weight times the masked network's gradient
+            assert bool((final[pruned_after_first] > 0).all())
+        assert torch.equal(w.detach(), original)  # the rounds masked it in place and restored it
+
+
+def test_rounds_restore_the_weights_bit_for_bit_even_on_failure():
+    model = _init_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def loss_fn(i):
+        calls.append(i)
+        if i == 2:
+            raise RuntimeError("batch 2 is broken")
+        return _loss(model, next(iter(_data())))
+
+    weights = {n: dict(model.named_parameters())[n] for n in WEIGHTS}
+    context = ScoringContext(weights, loss_fn=loss_fn, sparsity=0.9, iterations=4, select=select_masks)
+    with pytest.raises(RuntimeError, match="batch 2 is broken"):
+        get_criterion("iterative_snip").score(context)
+    assert calls == [0, 1, 2]  # a fresh batch every round
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_synflow_matches_its_definition_and_never_calls_training_step():
+    sparsity, rounds = 0.75, 2
+    model = _init_model()
+    model.example_input_array = torch.zeros(5, 6, dtype=torch.float64)
+    pruning = SNIPPruning(sparsity=sparsity, criterion="synflow", iterations=rounds, plot=False)
+    fit(model, [pruning], _data(), max_steps=1, precision="64-true")
+    assert model.steps_run == 1  # the one training step; scoring ran none
+    got = pruning.masks
+
+    ref = _init_model()
+    params = {n: p.detach().double().abs() for n, p in ref.named_parameters()}
+    kept = {n: torch.ones_like(params[n], dtype=torch.bool) for n in WEIGHTS}
+    d = 1 - sparsity
+    for t in range(rounds):
+        leaves = {n: (params[n] * kept[n] if n in kept else params[n]).requires_grad_() for n in params}
+        h = torch.tanh(torch.ones(1, 6, dtype=torch.float64) @ leaves["net.0.weight"].T + leaves["net.0.bias"])
+        out = h @ leaves["net.2.weight"].T + leaves["net.2.bias"]
+        grads = torch.autograd.grad(out.sum(), [leaves[n] for n in WEIGHTS])
+        scores = {n: (g * leaves[n].detach()).abs() for n, g in zip(WEIGHTS, grads, strict=True)}
+        if t > 0:
+            scores = {n: torch.where(kept[n], s, torch.full_like(s, PRUNED)) for n, s in scores.items()}
+        kept = _top_k(scores, 1 - d ** ((t + 1) / rounds)) if t < rounds - 1 else _top_k(scores, sparsity)
+    for name in WEIGHTS:
+        assert torch.equal(got[name], kept[name]), name
+
+
+class BatchNormNet(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_synflow_leaves_no_trace_and_takes_the_input_shape_from_the_first_batch():
+    torch.manual_seed(0)
+    model = BatchNormNet().double()
+    with torch.no_grad():
+        model.net[1].running_mean.uniform_(-1, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+            seen.append({k: v.dtype for k, v in pl_module.state_dict().items()})
+            seen.append(pl_module.training)
+
+    pruning = SNIPPruning(sparsity=0.5, criterion="synflow", iterations=3, plot=False)
+    fit(model, [pruning, Spy()], _data(), max_steps=1, precision="64-true")
+    state, dtypes, training = seen
+    assert training
+    assert all(dtypes[k] == v.dtype for k, v in before.items())
+    masks = pruning.masks
+    for k, v in before.items():
+        expected = v * masks[k] if k in masks else v  # only the pruned entries changed, to zero
+        assert torch.equal(state[k], expected), k
+
+
+def test_synflow_refuses_an_input_that_is_not_a_float_tensor():
+    class Tokens(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.example_input_array = torch.zeros(2, 6, dtype=torch.long)
+
+    model = Tokens().double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ScoringError, match=r"`example_input_array` gives torch.int64.*float tensor"):
+        fit(model, [SNIPPruning(sparsity=0.5, criterion="synflow", plot=False)], _data(), precision="64-true")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_grasp_is_w_times_the_hessian_gradient_product():
+    data = _data()
+    got = _masks("grasp", 0.7, data, num_batches=2)
+    model = _init_model()
+    batches = _batches(data)[:2]
+    names = list(WEIGHTS)
+    params = dict(model.named_parameters())
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+    sizes = [params[n].numel() for n in names]
+
+    def loss_of(vector: torch.Tensor) -> torch.Tensor:
+        parts = dict(zip(names, torch.split(vector, sizes), strict=True))
+        state = {n: (parts[n].view(params[n].shape) if n in parts else p) for n, p in params.items()}
+        total = torch.zeros((), dtype=torch.float64)
+        for x, y in batches:
+            out = torch.func.functional_call(model, state, (x,))
+            total = total + nn.functional.cross_entropy(out, y)
+        return total / len(batches)
+
+    g = torch.autograd.functional.jacobian(loss_of, flat)
+    hessian = torch.autograd.functional.hessian(loss_of, flat)
+    importance = flat * (hessian @ g)  # GraSP's score negated: the highest is kept
+    parts = torch.split(importance, sizes)
+    scores = {n: part.view(params[n].shape) for n, part in zip(names, parts, strict=True)}
+    assert any(bool((s < 0).any()) for s in scores.values())  # signed scores, not absolute values
+    expected = _top_k(scores, 0.7)
+    for name in names:
+        assert torch.equal(got[name], expected[name]), name
+
+
+ARGUMENTS = {
+    "iterations-one-shot": ({"criterion": "snip", "iterations": 5}, r"`iterations=5` but `criterion='snip'`"),
+    "iterations-grasp": ({"criterion": "grasp", "iterations": 2}, r"`criterion='grasp'` scores in one pass"),
+    "iterations-zero": ({"criterion": "force", "iterations": 0}, r"`iterations` must be an integer >= 1 or None"),
+    "iterations-float": ({"criterion": "force", "iterations": 2.0}, r"`iterations` must be an integer >= 1 or None"),
+    "schedule": ({"criterion": "force", "schedule": "cosine"}, r"`schedule` must be 'exponential' or 'linear'"),
+}
+
+
+@pytest.mark.parametrize(("options", "message"), ARGUMENTS.values(), ids=ARGUMENTS.keys())
+def test_bad_arguments_are_refused_in_init(options, message):
+    with pytest.raises(ValueError, match=message):
+        SNIPPruning(**options)
+
+
+def test_one_iteration_of_a_one_shot_criterion_is_accepted():
+    assert SNIPPruning(criterion="snip", iterations=1).iterations == 1
+
+
+def test_too_few_batches_for_the_rounds_is_an_error_and_the_model_is_untouched():
+    model = _init_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruning = SNIPPruning(sparsity=0.9, criterion="iterative_snip", iterations=20, plot=False)
+    with pytest.raises(ScoringError, match=r"needs 9 batch\(es\).*yielded only 8 batch"):
+        fit(model, [pruning], _data(), precision="64-true")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("criterion", ["iterative_snip", "force", "synflow", "grasp"])
+def test_sharded_models_are_refused_before_any_change(monkeypatch, criterion):
+    import lightning_snip._lightning as lightning_glue
+
+    monkeypatch.setattr(lightning_glue, "is_sharding", lambda strategy: True)
+    model = _init_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MisconfigurationException, match=rf"`criterion='{criterion}'` does not score sharded models"):
+        fit(model, [SNIPPruning(sparsity=0.5, criterion=criterion, plot=False)], _data(), precision="64-true")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("criterion", ["iterative_snip", "force", "synflow", "grasp"])
+def test_layerwise_and_resume_keep_their_guarantees(tmp_path, criterion):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = _init_model()
+    model.example_input_array = torch.zeros(1, 6, dtype=torch.float64)
+    options = {"iterations": 3} if criterion != "grasp" else {}
+    first = SNIPPruning(sparsity=0.75, criterion=criterion, scope="layerwise", plot=False, **options)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(model, [first, checkpoint], _data(), max_steps=2, precision="64-true", enable_checkpointing=True)
+    for name, mask in first.masks.items():
+        assert int(mask.sum()) == kept_count(mask.numel(), 0.75), name  # the exact count, tensor by tensor
+    resumed = SNIPPruning(sparsity=0.75, criterion=criterion, scope="layerwise", plot=False, **options)
+    resumed._score = lambda *a: pytest.fail("a resumed run scored again")  # type: ignore[method-assign]
+    fit(_init_model(), [resumed], _data(), max_epochs=2, ckpt_path=str(tmp_path / "last.ckpt"), precision="64-true")
+    for name, mask in first.masks.items():
+        assert torch.equal(resumed.masks[name], mask)
+
+
+def test_iterative_rounds_under_n_m_end_in_n_m_masks():
+    torch.manual_seed(0)
+    model = TinyNet(features=8).double()
+    pruning = SNIPPruning(sparsity=0.5, criterion="iterative_snip", scope="2:4", iterations=3, plot=False)
+    fit(model, [pruning], _data(features=8), max_steps=1, precision="64-true")
+    masks = pruning.masks
+    assert set(masks) == set(WEIGHTS)
+    for name, mask in masks.items():
+        assert bool((mask.view(mask.shape[0], -1, 4).sum(-1) == 2).all()), name
