@@ -22,7 +22,13 @@ from lightning_snip.scoring import (
     mean_gradients,
     register_criterion,
 )
-from lightning_snip.selection import protect_slices_, select_masks, select_masks_distributed, select_n_m_masks
+from lightning_snip.selection import (
+    protect_slices_,
+    select_masks,
+    select_masks_distributed,
+    select_n_m_masks,
+    shuffle_masks,
+)
 
 __version__ = "0.1.0"
 
@@ -52,6 +58,7 @@ __all__ = [
     "select_masks",
     "select_masks_distributed",
     "select_n_m_masks",
+    "shuffle_masks",
     "sparse_gradient_parameters",
     "sparsify",
     "sparsity_report",

@@ -66,6 +66,7 @@ from lightning_snip.scoring import (
 )
 from lightning_snip.selection import (
     Scope,
+    check_min_density,
     check_n_m_sparsity,
     kept_count,
     n_m_unfit,
@@ -73,6 +74,7 @@ from lightning_snip.selection import (
     protect_slices_,
     select_masks,
     select_masks_distributed,
+    shuffle_masks,
 )
 from lightning_snip.sharding import (
     Shard,
@@ -163,6 +165,12 @@ class SNIPPruning(_Callback):
             ``None``.
         schedule: How the density falls over the rounds: ``"exponential"`` (``d ** (t / T)``) or ``"linear"``.
             Defaults to ``"exponential"``.
+        min_density: Every candidate tensor keeps at least ``ceil(min_density * numel)`` weights (its best-scored),
+            taken from the global budget so the total stays exact: a guard against layer collapse. An impossible
+            combination is a ``ValueError``. Not on sharded models. Defaults to ``0.0``.
+        shuffle: After selection, permute each tensor's mask at random, keeping its count (``seed`` makes it
+            reproducible): the per-layer shuffle sanity check of Frankle et al. (ICLR 2021). Not with N:M scopes or
+            sharded models. Defaults to ``False``.
         save_compressed: At the end of training, write the trained model's weights compressed
             (:func:`~lightning_snip.compress.compress_state_dict`) to ``snip_compressed.pt`` in the trainer's log
             directory, and log its size (``snip/compressed_bytes``) and how many times smaller it is than the dense
@@ -203,6 +211,8 @@ class SNIPPruning(_Callback):
         seed: int | None = None,
         iterations: PositiveInt | None = None,
         schedule: Schedule = "exponential",
+        min_density: float = 0.0,
+        shuffle: bool = False,
         save_compressed: bool = False,
     ) -> None:
         super().__init__()
@@ -244,11 +254,20 @@ class SNIPPruning(_Callback):
             )
         if schedule not in ("exponential", "linear"):
             raise ValueError(f"`schedule` must be 'exponential' or 'linear', got {schedule!r}.")
+        if isinstance(min_density, bool) or not isinstance(min_density, (int, float)):
+            raise TypeError(f"`min_density` must be a fraction in [0, 1], got {min_density!r}. Use e.g. 0.01.")
+        check_min_density(float(min_density), float(sparsity), str(scope), {})
+        if not isinstance(shuffle, bool):
+            raise TypeError(f"`shuffle` must be True or False, got {shuffle!r}.")
+        if shuffle and parse_n_m(scope) is not None:
+            raise ValueError(f"`shuffle=True` would break the N:M pattern of `scope={scope!r}`; use one or the other.")
         if not isinstance(save_compressed, bool):
             raise TypeError(f"`save_compressed` must be True or False, got {save_compressed!r}.")
         self.seed = seed
         self.iterations = iterations
         self.schedule: Schedule = schedule
+        self.min_density = float(min_density)
+        self.shuffle = shuffle
         self.save_compressed = save_compressed
 
         self._loaded: dict[str, Tensor] | None = None  # whole kept masks on CPU, not yet bound, from ...
@@ -303,6 +322,8 @@ class SNIPPruning(_Callback):
             # only when set: the state keys (and so the checkpoints) of earlier versions stay valid
             **({"iterations": self.iterations} if self.iterations is not None else {}),
             **({"schedule": self.schedule} if self.schedule != "exponential" else {}),
+            **({"min_density": self.min_density} if self.min_density else {}),
+            **({"shuffle": self.shuffle} if self.shuffle else {}),
         }
 
     @property
@@ -795,6 +816,12 @@ class SNIPPruning(_Callback):
         strategy = trainer.strategy
         sharded = lightning.is_sharding(strategy)
         criterion = get_criterion(self.criterion)
+        if sharded and (self.min_density > 0 or self.shuffle):
+            raise lightning.misconfiguration(
+                trainer,
+                "`min_density` and `shuffle` need the whole masks on one process; a sharded model (FSDP,"
+                " `ModelParallelStrategy`) selects them shard by shard. Use DDP, or leave them at 0.0 and False.",
+            )
         if sharded and not criterion.supports_sharding:
             raise lightning.misconfiguration(
                 trainer,
@@ -813,7 +840,8 @@ class SNIPPruning(_Callback):
             trainer.fit_loop.setup_data()  # what fit would do next; done outside `leave_no_trace` on purpose
         start = time.perf_counter()
         with leave_no_trace(pl_module), restore_flat_grads(pl_module):
-            generator = torch.Generator().manual_seed(self._shared_seed(strategy))
+            seed = self._shared_seed(strategy)
+            generator = torch.Generator().manual_seed(seed)
             pl_module.train()
             with ExitStack() as stack:
                 loss_fn = (
@@ -865,7 +893,10 @@ class SNIPPruning(_Callback):
         else:
             dead = [name for name, z in zip(scores, nonzero, strict=True) if not z]
             self._protect_weight_norm_slices(pl_module, scores)
-            kept = select_masks(scores, self.sparsity, self.scope)
+            kept = select_masks(scores, self.sparsity, self.scope, self.min_density)
+            if self.shuffle:
+                kept = shuffle_masks(kept, torch.Generator().manual_seed(seed + 1))
+                self._check_weight_norm_slices(pl_module, kept)
         del scores
         if candidates and next(iter(local.values())).is_cuda:
             torch.cuda.synchronize()
@@ -882,7 +913,18 @@ class SNIPPruning(_Callback):
         scope = self.scope if parse_n_m(self.scope) is None else "layerwise"
         protected = {name: s.clone() for name, s in scores.items()}
         self._protect_weight_norm_slices(pl_module, protected, sparsity, scope)
-        return select_masks(protected, sparsity, scope)
+        return select_masks(protected, sparsity, scope, self.min_density)
+
+    def _check_weight_norm_slices(self, pl_module: LightningModule, kept: Mapping[str, Tensor]) -> None:
+        """After a shuffle: every normed slice of a weight-norm direction must still keep a weight."""
+        for name, dim in weight_norm_directions(pl_module).items():
+            if name in kept:
+                slices = kept[name].reshape(1, -1) if dim is None else kept[name].movedim(dim, 0).flatten(1)
+                if not bool(slices.any(dim=1).all()):
+                    raise ScoringError(
+                        f"`shuffle=True` left a normed slice of the weight-normalized `{name}` with no weight (a zero"
+                        f" norm). Exclude it (`exclude=[{name!r}]`) or lower `sparsity`."
+                    )
 
     def _protect_weight_norm_slices(
         self,

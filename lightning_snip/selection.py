@@ -355,7 +355,9 @@ def select_n_m_masks(scores: Mapping[str, Tensor], n: int, m: int) -> dict[str, 
     return masks
 
 
-def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "global") -> dict[str, Tensor]:
+def select_masks(
+    scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "global", min_density: float = 0.0
+) -> dict[str, Tensor]:
     """Keep the highest scores so that exactly ``round(sparsity * N)`` weights are pruned.
 
     ``scope="global"`` ranks all scores together (N is the total number of weights); ``"layerwise"`` applies the same
@@ -370,12 +372,15 @@ def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "
         scores: Non-negative, finite scores by name, shaped like their weights.
         sparsity: Fraction of weights to prune, in ``[0, 1)``.
         scope: ``"global"``, ``"layerwise"`` or ``"N:M"``. Defaults to ``"global"``.
+        min_density: Every tensor keeps at least ``ceil(min_density * numel)`` weights, its best-scored ones, taken
+            from the global budget, so the total stays exact (a guard against layer collapse). Defaults to ``0.0``.
 
     Returns:
         Bool masks by name (``True`` = kept), on the scores' devices.
 
     Raises:
-        ValueError: If a score is not finite, or ``scope`` is malformed or does not fit ``sparsity``.
+        ValueError: If a score is not finite, ``scope`` is malformed or does not fit ``sparsity``, or
+            ``min_density`` cannot be met.
 
     Example::
 
@@ -386,13 +391,79 @@ def select_masks(scores: Mapping[str, Tensor], sparsity: float, scope: Scope = "
         tensor([ True, False, False])
     """
     n_m = parse_n_m(scope)
+    check_min_density(min_density, sparsity, scope, {name: s.numel() for name, s in scores.items()})
     if n_m is not None:
         check_n_m_sparsity(scope, sparsity)
         return select_n_m_masks(scores, *n_m)
     for name, s in scores.items():
         if not all_finite(s):
             raise ValueError(f"The scores of `{name}` are not all finite; masks cannot be selected from them.")
-    return _select(scores, {name: s.numel() for name, s in scores.items()}, sparsity, scope)
+    numels = {name: s.numel() for name, s in scores.items()}
+    if min_density <= 0 or scope != "global":  # layerwise keeps at least the density everywhere already
+        return _select(scores, numels, sparsity, scope)
+    return _select_with_floors(scores, numels, sparsity, min_density)
+
+
+def _floors(numels: Mapping[str, int], min_density: float) -> dict[str, int]:
+    return {name: min(n, math.ceil(min_density * n - 1e-9)) for name, n in numels.items()}
+
+
+def check_min_density(min_density: float, sparsity: float, scope: Scope, numels: Mapping[str, int]) -> None:
+    """Check that every tensor can keep ``ceil(min_density * numel)`` weights within the budget ``sparsity`` leaves.
+
+    Raises:
+        ValueError: If ``min_density`` is outside ``[0, 1]`` or the combination is impossible, saying why.
+    """
+    if not 0.0 <= min_density <= 1.0:
+        raise ValueError(f"`min_density` must be in [0, 1] (a fraction of each tensor), got {min_density!r}.")
+    if min_density == 0:
+        return
+    n_m = parse_n_m(scope)
+    density = n_m[0] / n_m[1] if n_m is not None else 1.0 - sparsity
+    if scope != "global" and min_density > density + 1e-12:
+        raise ValueError(
+            f"`min_density={min_density}` is more than the {density:.4g} of each tensor that `scope={scope!r}` with"
+            f" `sparsity={sparsity}` keeps. Lower `min_density` to at most {density:.4g}."
+        )
+    if scope == "global":
+        need, budget = sum(_floors(numels, min_density).values()), kept_count(sum(numels.values()), sparsity)
+        if need > budget:
+            raise ValueError(
+                f"`min_density={min_density}` needs {need:,} weights (at least that fraction of every tensor) but"
+                f" `sparsity={sparsity}` keeps only {budget:,}. Lower `min_density` or `sparsity`."
+            )
+
+
+def _select_with_floors(
+    scores: Mapping[str, Tensor], numels: Mapping[str, int], sparsity: float, min_density: float
+) -> dict[str, Tensor]:
+    """Global selection where each tensor first keeps its best ``ceil(min_density * numel)``; the rest by score."""
+    floors = _floors(numels, min_density)
+    kept = {name: _top_k([s], floors[name], numels[name])[0] for name, s in scores.items()}
+    lowest = torch.finfo(torch.float32).min  # the floor-kept entries rank last in the global pass
+    rest = {name: s.float().masked_fill(kept[name], lowest) for name, s in scores.items()}
+    extra_budget = kept_count(sum(numels.values()), sparsity) - sum(floors.values())
+    extra = _top_k(list(rest.values()), extra_budget, sum(numels.values()))
+    return {name: kept[name] | more for name, more in zip(scores, extra, strict=True)}
+
+
+def shuffle_masks(masks: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    """Permute each mask's entries at random, keeping its count: the per-layer shuffle sanity check.
+
+    Frankle et al. (ICLR 2021) found that shuffling each layer's mask this way did not hurt SNIP, GraSP or SynFlow:
+    much of their value is in the per-layer densities. The permutation comes from ``generator`` alone.
+
+    Example::
+
+        >>> m = shuffle_masks({"w": torch.tensor([True, True, False, False])}, torch.Generator().manual_seed(0))["w"]
+        >>> int(m.sum())
+        2
+    """
+    out = {}
+    for name, mask in masks.items():
+        order = torch.randperm(mask.numel(), generator=generator).to(mask.device)
+        out[name] = mask.reshape(-1)[order].view(mask.shape)
+    return out
 
 
 def protect_slices_(scores: Tensor, dim: int | None) -> int:

@@ -330,3 +330,86 @@ def test_iterative_rounds_under_n_m_end_in_n_m_masks():
     assert set(masks) == set(WEIGHTS)
     for name, mask in masks.items():
         assert bool((mask.view(mask.shape[0], -1, 4).sum(-1) == 2).all()), name
+
+
+def test_min_density_takes_each_tensors_floor_from_the_global_budget():
+    scores = {"a": torch.tensor([10.0, 9.0, 8.0, 7.0]), "b": torch.tensor([1.0, 0.5, 0.2, 0.1])}
+    assert select_masks(scores, 0.5)["b"].tolist() == [False] * 4  # b collapses
+    kept = select_masks(scores, 0.5, min_density=0.5)
+    assert kept["a"].tolist() == [True, True, False, False]
+    assert kept["b"].tolist() == [True, True, False, False]  # its best two, the floor
+    kept = select_masks(scores, 0.5, min_density=0.2)  # ceil(0.8) = 1 weight of b, the rest by score
+    assert kept["a"].tolist() == [True, True, True, False]
+    assert kept["b"].tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match=r"`min_density=0.6` needs 6 weights .* keeps only 4"):
+        select_masks(scores, 0.5, min_density=0.6)
+
+
+MIN_DENSITY_ERRORS = {
+    "layerwise": ({"sparsity": 0.9, "scope": "layerwise", "min_density": 0.2}, r"more than the 0.1 of each tensor"),
+    "n-m": ({"sparsity": 0.5, "scope": "2:4", "min_density": 0.6}, r"more than the 0.5 of each tensor"),
+    "range": ({"min_density": 1.5}, r"`min_density` must be in \[0, 1\]"),
+    "shuffle-n-m": ({"sparsity": 0.5, "scope": "2:4", "shuffle": True}, r"`shuffle=True` would break the N:M"),
+}
+
+
+@pytest.mark.parametrize(("options", "message"), MIN_DENSITY_ERRORS.values(), ids=MIN_DENSITY_ERRORS.keys())
+def test_impossible_min_density_and_shuffle_combinations_are_refused_in_init(options, message):
+    with pytest.raises(ValueError, match=message):
+        SNIPPruning(**options)
+
+
+class Lopsided(TinyNet):
+    """A first layer whose weights are a thousand times smaller: SNIP prunes it entirely at high sparsity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.net[0].weight.mul_(1e-3)
+
+
+def test_min_density_keeps_a_collapsing_layer_alive_with_the_exact_total():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"`net.0.weight` \(8, 6\) is pruned entirely"):
+        fit(Lopsided().double(), [SNIPPruning(sparsity=0.9, plot=False)], _data(), max_steps=1, precision="64-true")
+    torch.manual_seed(0)
+    model = Lopsided().double()
+    pruning = SNIPPruning(sparsity=0.9, min_density=0.05, plot=False)
+    fit(model, [pruning], _data(), max_steps=1, precision="64-true")
+    masks = pruning.masks
+    assert int(masks["net.0.weight"].sum()) == 3  # ceil(0.05 * 48)
+    assert sum(int(m.sum()) for m in masks.values()) == kept_count(48 + 24, 0.9)
+
+
+def test_shuffle_keeps_each_count_moves_the_weights_and_follows_the_seed():
+    plain = _masks("snip", 0.7)
+    first = _masks("snip", 0.7, shuffle=True, seed=5)
+    again = _masks("snip", 0.7, shuffle=True, seed=5)
+    other = _masks("snip", 0.7, shuffle=True, seed=6)
+    for name in WEIGHTS:
+        assert int(first[name].sum()) == int(plain[name].sum()), name
+        assert torch.equal(first[name], again[name]), name
+    assert any(not torch.equal(first[n], plain[n]) for n in WEIGHTS)
+    assert any(not torch.equal(first[n], other[n]) for n in WEIGHTS)
+
+
+def test_shuffle_that_empties_a_weight_norm_slice_is_refused_before_any_change():
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = TinyNet(features=16, hidden=64).double()
+    model.net[0] = parametrizations.weight_norm(model.net[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruning = SNIPPruning(sparsity=0.9, shuffle=True, seed=0, plot=False)
+    with pytest.raises(ScoringError, match=r"`shuffle=True` left a normed slice of the weight-normalized"):
+        fit(model, [pruning], _data(features=16), precision="64-true")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("options", [{"min_density": 0.01}, {"shuffle": True}], ids=["min-density", "shuffle"])
+def test_min_density_and_shuffle_are_refused_on_sharded_models(monkeypatch, options):
+    import lightning_snip._lightning as lightning_glue
+
+    monkeypatch.setattr(lightning_glue, "is_sharding", lambda strategy: True)
+    with pytest.raises(MisconfigurationException, match=r"`min_density` and `shuffle` need the whole masks"):
+        fit(_init_model(), [SNIPPruning(sparsity=0.5, plot=False, **options)], _data(), precision="64-true")
