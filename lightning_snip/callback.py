@@ -41,6 +41,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_snip import _lightning as lightning
+from lightning_snip import reporting
 from lightning_snip._types import PositiveInt, ScopeName, Sparsity
 from lightning_snip.candidates import (
     canonical_parameters,
@@ -50,11 +51,10 @@ from lightning_snip.candidates import (
     sparse_gradient_parameters,
     weight_norm_directions,
 )
-from lightning_snip.compress import save_compressed
 from lightning_snip.enforcement import MaskSet, apply_masks_, count_zeros, holds_nonzero, keeps_zeros
 from lightning_snip.isolation import leave_no_trace
 from lightning_snip.packing import pack_mask, unpack_mask
-from lightning_snip.report import TensorSparsity, format_report, sparsity_report
+from lightning_snip.report import TensorSparsity, sparsity_report
 from lightning_snip.scoring import (
     CriterionName,
     Schedule,
@@ -79,7 +79,6 @@ from lightning_snip.selection import (
 from lightning_snip.sharding import (
     Shard,
     gather_packed_mask,
-    is_dtensor,
     local_tensor,
     restore_flat_grads,
     shard_layout,
@@ -95,10 +94,7 @@ else:
 
 _T = TypeVar("_T", bound="Tensor | None")
 _STATE_VERSION = 2  # 1: bool masks; 2: bit-packed masks and their shapes
-_PLOT_FILE = "snip_sparsity.png"
-_COMPRESSED_FILE = "snip_compressed.pt"
 _CHECK_EVERY_N_STEPS = 50  # how often pruned weights are checked when `log_every_n_steps` is 0
-_matplotlib_hint_given = False
 
 
 def _check_patterns(argument: str, value: object) -> list[str] | None:
@@ -476,7 +472,7 @@ class SNIPPruning(_Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_pruned_weights(trainer, "at the end of training")
         if self.save_compressed:
-            self._write_compressed(trainer)
+            reporting.write_compressed(trainer)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -558,39 +554,6 @@ class SNIPPruning(_Callback):
         self.load_state_dict(state)
         self._loaded_from = "earlier fit"
 
-    def _write_compressed(self, trainer: Trainer) -> None:
-        """Write the trained weights compressed next to the logs; an optional extra, so a failure only warns."""
-        state = trainer.strategy.lightning_module_state_dict()  # a collective on sharded strategies
-        if any(is_dtensor(v) for v in state.values()):  # `fully_shard` shards: gathered whole on rank zero
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state = get_model_state_dict(cast(nn.Module, trainer.strategy.model), options=options)
-        directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-        path, size, failure = directory / _COMPRESSED_FILE, 0, None
-        if trainer.is_global_zero:
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-                size = save_compressed(state, path)
-            except Exception as error:
-                failure = error
-        trainer.strategy.barrier("snip_compressed")  # every rank leaves once the file is there
-        if not trainer.is_global_zero:
-            return
-        if failure is not None:
-            lightning.rank_zero_warn(
-                trainer, f"`SNIPPruning`: the compressed weights could not be written to {path} ({failure!r})."
-            )
-            return
-        dense = sum(v.nbytes for v in state.values() if isinstance(v, Tensor))
-        ratio = dense / size if size else 0.0
-        self._log({"snip/compressed_bytes": float(size), "snip/compression_ratio": ratio}, trainer, trainer.global_step)
-        lightning.rank_zero_info(
-            trainer,
-            f"SNIPPruning: compressed weights written to {path}: {size / 1e6:.2f} MB, {ratio:.1f}x smaller than the"
-            f" dense tensors ({dense / 1e6:.2f} MB). Load with `lightning_snip.load_compressed(path)`.",
-        )
-
     def _log_sparsity(self, trainer: Trainer, step: int) -> None:
         sharded = self._shards is not None  # then every rank counts its shards
         if not trainer.loggers or not (sharded or trainer.is_global_zero) or not self._params:
@@ -601,7 +564,7 @@ class SNIPPruning(_Callback):
             total = sum(shard.numel for shard in self._shards.values())
         else:
             total = sum(p.numel() for p in self._params.values())
-        self._log({"snip/sparsity": zeros / total}, trainer, step)
+        reporting.log_metrics({"snip/sparsity": zeros / total}, trainer, step)
 
     def _post_step_hook(self, params: list[nn.Parameter], masks: MaskSet, optimizer_keeps_zeros: bool) -> Any:
         """The optimizer post-step hook: re-zero the pruned weights, unless the step provably left them at zero.
@@ -904,7 +867,15 @@ class SNIPPruning(_Callback):
 
         self._hold(candidates, kept, shards, packed if shards is not None else {})
         self._module, self._masks_config = weakref.ref(pl_module), None
-        self._report(trainer, dead, elapsed, rows if shards is not None else sparsity_report(self._params))
+        reporting.report_scoring(
+            trainer,
+            f"{self.criterion}, {self.scope}",
+            dead,
+            elapsed,
+            rows if shards is not None else sparsity_report(self._params),
+            per_layer=self.log_per_layer,
+            chart=self.plot,
+        )
 
     def _select_round(
         self, pl_module: LightningModule, scores: Mapping[str, Tensor], sparsity: float
@@ -958,83 +929,3 @@ class SNIPPruning(_Callback):
                 " normed slices, and a slice pruned entirely divides by a zero norm (nan). Lower `sparsity` or"
                 " exclude them."
             )
-
-    def _report(self, trainer: Trainer, dead: list[str], elapsed: float, rows: list[TensorSparsity]) -> None:
-        for name in dead:
-            lightning.rank_zero_warn(
-                trainer,
-                f"`SNIPPruning`: every {self.criterion} score of `{name}` is zero (the loss does not depend on it at"
-                " initialization); its mask is decided by tie-breaking alone. Exclude it or check the model.",
-            )
-        for row in rows:
-            if row.kept == 0:
-                lightning.rank_zero_warn(
-                    trainer,
-                    f"`SNIPPruning`: `{row.name}` {row.shape} is pruned entirely (layer collapse), so no signal passes"
-                    " through it. Lower `sparsity`, use `scope='layerwise'`, or `exclude` it.",
-                )
-        kept, total = sum(r.kept for r in rows), sum(r.total for r in rows)
-        metrics = {
-            "snip/sparsity": 1.0 - kept / total,
-            "snip/kept_params": float(kept),
-            "snip/total_params": float(total),
-            "snip/scoring_time_s": elapsed,
-        }
-        if self.log_per_layer:
-            metrics.update({f"snip/sparsity/{r.name}": r.sparsity for r in rows})
-        self._log(metrics, trainer, trainer.global_step)
-        plotted = ""
-        if self.plot:
-            directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-            if trainer.is_global_zero:
-                path = self._plot(trainer, rows, directory)
-                plotted = f"; sparsity chart: {path}" if path is not None else ""
-        lightning.rank_zero_info(
-            trainer,
-            f"SNIPPruning ({self.criterion}, {self.scope}) kept {kept:,} of {total:,} weights"
-            f" ({1 - kept / total:.2%} sparsity), scored in {elapsed:.2f}s{plotted}\n{format_report(rows)}",
-        )
-
-    def _plot(self, trainer: Trainer, rows: list[TensorSparsity], directory: Path) -> Path | None:
-        """Save the bar chart (and send it to TensorBoard); an optional extra, so a failure only warns."""
-        global _matplotlib_hint_given
-        try:
-            from lightning_snip.plots import sparsity_bar_chart
-
-            figure = sparsity_bar_chart(rows, title=f"SNIP ({self.criterion}, {self.scope}): kept weights per tensor")
-        except ImportError:
-            if not _matplotlib_hint_given:
-                _matplotlib_hint_given = True
-                lightning.rank_zero_info(trainer, "`SNIPPruning`: `pip install matplotlib` to get a sparsity chart.")
-            return None
-        path = directory / _PLOT_FILE
-        saved: Path | None = path
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            figure.savefig(path, dpi=110)
-        except Exception as error:  # an optional extra never stops training
-            lightning.rank_zero_warn(
-                trainer, f"`SNIPPruning`: the sparsity chart could not be saved to {path} ({error!r}); training goes on"
-            )
-            saved = None
-        tensorboard = lightning.namespace(trainer).loggers.TensorBoardLogger
-        for logger in trainer.loggers:
-            if isinstance(logger, tensorboard):
-                try:
-                    logger.experiment.add_figure("snip/sparsity_per_tensor", figure, global_step=trainer.global_step)
-                except Exception as error:
-                    lightning.rank_zero_warn(
-                        trainer, f"`SNIPPruning`: the sparsity chart could not go to TensorBoard ({error!r})."
-                    )
-        return saved
-
-    def _log(self, metrics: dict[str, float], trainer: Trainer, step: int) -> None:
-        if not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            try:
-                logger.log_metrics(metrics, step=step)
-            except Exception as error:  # an optional extra never stops training
-                lightning.rank_zero_warn(
-                    trainer, f"`SNIPPruning`: {type(logger).__name__} could not log {sorted(metrics)[:3]}: {error!r}."
-                )

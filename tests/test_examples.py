@@ -233,7 +233,7 @@ def test_sparsity_plot_saved_and_sent_to_tensorboard(tmp_path):
 
 
 def test_without_matplotlib_nothing_breaks_and_the_hint_is_given_once(tmp_path, monkeypatch, caplog):
-    import lightning_snip.callback as callback_module
+    import lightning_snip.reporting as callback_module
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)

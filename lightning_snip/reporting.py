@@ -1,0 +1,161 @@
+"""What the callback reports: the scoring summary, the sparsity chart, metrics, and the compressed weights file.
+
+Lightning glue like ``callback.py``, kept apart from it. Every output here is an extra: a logger, a chart or a file
+that fails only warns, and training goes on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+from torch import Tensor, nn
+
+from lightning_snip import _lightning as lightning
+from lightning_snip.compress import save_compressed
+from lightning_snip.report import TensorSparsity, format_report
+from lightning_snip.sharding import is_dtensor
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+PLOT_FILE = "snip_sparsity.png"
+COMPRESSED_FILE = "snip_compressed.pt"
+_matplotlib_hint_given = False
+
+
+def log_metrics(metrics: dict[str, float], trainer: Trainer, step: int) -> None:
+    """Send ``metrics`` to every logger of the trainer, on rank zero; a logger that fails only warns."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        try:
+            logger.log_metrics(metrics, step=step)
+        except Exception as error:  # an optional extra never stops training
+            lightning.rank_zero_warn(
+                trainer, f"`SNIPPruning`: {type(logger).__name__} could not log {sorted(metrics)[:3]}: {error!r}."
+            )
+
+
+def report_scoring(
+    trainer: Trainer,
+    label: str,
+    dead: list[str],
+    elapsed: float,
+    rows: list[TensorSparsity],
+    per_layer: bool,
+    chart: bool,
+) -> None:
+    """Warn about dead and collapsed tensors, log the scoring metrics, save the chart, print the table.
+
+    Args:
+        trainer: The trainer.
+        label: The criterion and scope, as shown (``"snip, global"``).
+        dead: Tensors whose scores are all zero.
+        elapsed: Scoring time in seconds.
+        rows: Per-tensor sparsity.
+        per_layer: Also log ``snip/sparsity/<tensor>``.
+        chart: Save (and send to TensorBoard) the sparsity chart.
+    """
+    for name in dead:
+        lightning.rank_zero_warn(
+            trainer,
+            f"`SNIPPruning`: every {label.split(',')[0]} score of `{name}` is zero (the loss does not depend on it at"
+            " initialization); its mask is decided by tie-breaking alone. Exclude it or check the model.",
+        )
+    for row in rows:
+        if row.kept == 0:
+            lightning.rank_zero_warn(
+                trainer,
+                f"`SNIPPruning`: `{row.name}` {row.shape} is pruned entirely (layer collapse), so no signal passes"
+                " through it. Lower `sparsity`, use `scope='layerwise'` or `min_density`, or `exclude` it.",
+            )
+    kept, total = sum(r.kept for r in rows), sum(r.total for r in rows)
+    metrics = {
+        "snip/sparsity": 1.0 - kept / total,
+        "snip/kept_params": float(kept),
+        "snip/total_params": float(total),
+        "snip/scoring_time_s": elapsed,
+    }
+    if per_layer:
+        metrics.update({f"snip/sparsity/{r.name}": r.sparsity for r in rows})
+    log_metrics(metrics, trainer, trainer.global_step)
+    plotted = ""
+    if chart:
+        directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        if trainer.is_global_zero:
+            path = plot(trainer, rows, directory, f"SNIP ({label}): kept weights per tensor")
+            plotted = f"; sparsity chart: {path}" if path is not None else ""
+    lightning.rank_zero_info(
+        trainer,
+        f"SNIPPruning ({label}) kept {kept:,} of {total:,} weights ({1 - kept / total:.2%} sparsity), scored in"
+        f" {elapsed:.2f}s{plotted}\n{format_report(rows)}",
+    )
+
+
+def plot(trainer: Trainer, rows: list[TensorSparsity], directory: Path, title: str) -> Path | None:
+    """Save the bar chart (and send it to TensorBoard); an optional extra, so a failure only warns."""
+    global _matplotlib_hint_given
+    try:
+        from lightning_snip.plots import sparsity_bar_chart
+
+        figure = sparsity_bar_chart(rows, title=title)
+    except ImportError:
+        if not _matplotlib_hint_given:
+            _matplotlib_hint_given = True
+            lightning.rank_zero_info(trainer, "`SNIPPruning`: `pip install matplotlib` to get a sparsity chart.")
+        return None
+    path = directory / PLOT_FILE
+    saved: Path | None = path
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=110)
+    except Exception as error:  # an optional extra never stops training
+        lightning.rank_zero_warn(
+            trainer, f"`SNIPPruning`: the sparsity chart could not be saved to {path} ({error!r}); training goes on"
+        )
+        saved = None
+    tensorboard = lightning.namespace(trainer).loggers.TensorBoardLogger
+    for logger in trainer.loggers:
+        if isinstance(logger, tensorboard):
+            try:
+                logger.experiment.add_figure("snip/sparsity_per_tensor", figure, global_step=trainer.global_step)
+            except Exception as error:
+                lightning.rank_zero_warn(
+                    trainer, f"`SNIPPruning`: the sparsity chart could not go to TensorBoard ({error!r})."
+                )
+    return saved
+
+
+def write_compressed(trainer: Trainer) -> None:
+    """Write the trained weights compressed next to the logs; an optional extra, so a failure only warns."""
+    state = trainer.strategy.lightning_module_state_dict()  # a collective on sharded strategies
+    if any(is_dtensor(v) for v in state.values()):  # `fully_shard` shards: gathered whole on rank zero
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(cast(nn.Module, trainer.strategy.model), options=options)
+    directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+    path, size, failure = directory / COMPRESSED_FILE, 0, None
+    if trainer.is_global_zero:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            size = save_compressed(state, path)
+        except Exception as error:
+            failure = error
+    trainer.strategy.barrier("snip_compressed")  # every rank leaves once the file is there
+    if not trainer.is_global_zero:
+        return
+    if failure is not None:
+        lightning.rank_zero_warn(
+            trainer, f"`SNIPPruning`: the compressed weights could not be written to {path} ({failure!r})."
+        )
+        return
+    dense = sum(v.nbytes for v in state.values() if isinstance(v, Tensor))
+    ratio = dense / size if size else 0.0
+    log_metrics({"snip/compressed_bytes": float(size), "snip/compression_ratio": ratio}, trainer, trainer.global_step)
+    lightning.rank_zero_info(
+        trainer,
+        f"SNIPPruning: compressed weights written to {path}: {size / 1e6:.2f} MB, {ratio:.1f}x smaller than the"
+        f" dense tensors ({dense / 1e6:.2f} MB). Load with `lightning_snip.load_compressed(path)`.",
+    )
