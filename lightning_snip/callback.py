@@ -41,15 +41,12 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_snip import _lightning as lightning
-from lightning_snip import reporting
+from lightning_snip import guards, reporting
 from lightning_snip._types import PositiveInt, ScopeName, Sparsity
 from lightning_snip.candidates import (
     canonical_parameters,
     find_candidates,
-    other_parametrizations,
     parameter_aliases,
-    sparse_gradient_parameters,
-    weight_norm_directions,
 )
 from lightning_snip.enforcement import MaskSet, apply_masks_, count_zeros, holds_nonzero, keeps_zeros
 from lightning_snip.isolation import leave_no_trace
@@ -68,10 +65,7 @@ from lightning_snip.selection import (
     Scope,
     check_min_density,
     check_n_m_sparsity,
-    kept_count,
-    n_m_unfit,
     parse_n_m,
-    protect_slices_,
     select_masks,
     select_masks_distributed,
     shuffle_masks,
@@ -660,18 +654,6 @@ class SNIPPruning(_Callback):
         self._mask_set = MaskSet(kept.values())
         self._mask_set.zero_(self._local(params.values()))
 
-    def _refuse_sparse_gradients(self, trainer: Trainer, pl_module: LightningModule, names: Iterable[str]) -> None:
-        """Refuse, before any change, candidates whose gradients are sparse: masks cannot zero them in place."""
-        sparse = set(sparse_gradient_parameters(pl_module))
-        bad = [name for name in names if name in sparse]
-        if bad:
-            raise lightning.misconfiguration(
-                trainer,
-                f"`SNIPPruning` cannot prune {bad}: their module (`nn.Embedding`/`nn.EmbeddingBag` with `sparse=True`)"
-                " produces sparse gradients, which neither scoring nor the per-step masking supports. Exclude them"
-                f" (`exclude={bad!r}`) or build the module with `sparse=False`.",
-            )
-
     def _bind(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Attach held masks to the module's parameters (by name), move them to their devices, zero the weights."""
         sharded = lightning.is_sharding(trainer.strategy)
@@ -693,7 +675,7 @@ class SNIPPruning(_Callback):
                 f" missing parameters {missing}, shape mismatches {mismatched}. Resume with the model the masks were"
                 " made for, or use a new `SNIPPruning` instance to score this model.",
             )
-        self._refuse_sparse_gradients(trainer, pl_module, whole)
+        guards.refuse_sparse_gradients(trainer, pl_module, whole)
         bound = {n: params[n] for n in whole}
         shards = shard_layout(bound, shapes) if sharded else None
         if shards is not None:
@@ -732,37 +714,15 @@ class SNIPPruning(_Callback):
     ) -> dict[str, nn.Parameter]:
         """The candidates (``shapes``: whole shapes of a sharded model), after the checks due before any change."""
         candidates = find_candidates(pl_module, self.include, self.exclude, shapes)
-        self._refuse_sparse_gradients(trainer, pl_module, candidates)
-        n_m = parse_n_m(self.scope)
-        if n_m is not None and shapes is not None:
-            raise lightning.misconfiguration(
-                trainer,
-                f"`SNIPPruning(scope={self.scope!r})` cannot select N:M masks on a sharded model: a shard may split a"
-                " group of weights. Use DDP (masks are the same on every rank), or `scope='global'`/'layerwise'.",
-            )
-        if n_m is not None:
-            unfit = n_m_unfit({name: p.shape for name, p in candidates.items()}, n_m[1])
-            if unfit:
-                lightning.rank_zero_warn(
-                    trainer,
-                    f"`SNIPPruning(scope={self.scope!r})`: the reduction dimension of {unfit} is not a multiple of"
-                    f" {n_m[1]}, so they stay dense; the logged sparsity is what was achieved. `exclude` them to"
-                    " silence this.",
-                )
-        if shapes is not None and any(name in candidates for name in weight_norm_directions(pl_module)):
-            raise lightning.misconfiguration(
-                trainer,
-                "`SNIPPruning` cannot keep a weight in every slice of a weight-normalized tensor when the model is"
-                " sharded. Exclude the weight-norm directions (`exclude=['*.original1', '*_v']`) or train unsharded.",
-            )
-        for name, kind in other_parametrizations(pl_module).items():
-            if name in candidates and kind != "_SpectralNorm":
-                lightning.rank_zero_warn(
-                    trainer,
-                    f"`SNIPPruning`: `{name}` is the stored tensor of a `{kind}` parametrization. It is pruned, but the"
-                    " weight the module computes from it is sparse only if the parametrization maps zeros to zeros."
-                    f" If it does not, `exclude=[{name!r}]`.",
-                )
+        guards.check_scoring_setup(
+            trainer,
+            pl_module,
+            candidates,
+            criterion=self.criterion,
+            scope=self.scope,
+            sharded=shapes is not None,
+            whole_masks_needed=self.min_density > 0 or self.shuffle,
+        )
         if self._trained_steps:
             lightning.rank_zero_warn(
                 trainer,
@@ -779,19 +739,6 @@ class SNIPPruning(_Callback):
         strategy = trainer.strategy
         sharded = lightning.is_sharding(strategy)
         criterion = get_criterion(self.criterion)
-        if sharded and (self.min_density > 0 or self.shuffle):
-            raise lightning.misconfiguration(
-                trainer,
-                "`min_density` and `shuffle` need the whole masks on one process; a sharded model (FSDP,"
-                " `ModelParallelStrategy`) selects them shard by shard. Use DDP, or leave them at 0.0 and False.",
-            )
-        if sharded and not criterion.supports_sharding:
-            raise lightning.misconfiguration(
-                trainer,
-                f"`criterion={self.criterion!r}` does not score sharded models (FSDP, `ModelParallelStrategy`): its"
-                " rounds or second backward need whole weights. Use DDP, or `criterion='snip'`, 'magnitude' or"
-                " 'random', which score shards.",
-            )
         shapes = whole_shapes(pl_module) if sharded else None
         candidates = self._candidates(trainer, pl_module, shapes)
         shards = shard_layout(candidates, shapes) if shapes is not None else None  # a collective
@@ -855,11 +802,11 @@ class SNIPPruning(_Callback):
             packed = {name: gather_packed_mask(kept[name], shards[name]) for name in kept}  # collectives
         else:
             dead = [name for name, z in zip(scores, nonzero, strict=True) if not z]
-            self._protect_weight_norm_slices(pl_module, scores)
+            guards.protect_weight_norm_slices(pl_module, scores, self.sparsity, self.scope)
             kept = select_masks(scores, self.sparsity, self.scope, self.min_density)
             if self.shuffle:
                 kept = shuffle_masks(kept, torch.Generator().manual_seed(seed + 1))
-                self._check_weight_norm_slices(pl_module, kept)
+                guards.check_weight_norm_slices(pl_module, kept)
         del scores
         if candidates and next(iter(local.values())).is_cuda:
             torch.cuda.synchronize()
@@ -883,49 +830,5 @@ class SNIPPruning(_Callback):
         """The masks between the rounds of an iterative criterion: this scope (layerwise for N:M), exact counts."""
         scope = self.scope if parse_n_m(self.scope) is None else "layerwise"
         protected = {name: s.clone() for name, s in scores.items()}
-        self._protect_weight_norm_slices(pl_module, protected, sparsity, scope)
+        guards.protect_weight_norm_slices(pl_module, protected, sparsity, scope)
         return select_masks(protected, sparsity, scope, self.min_density)
-
-    def _check_weight_norm_slices(self, pl_module: LightningModule, kept: Mapping[str, Tensor]) -> None:
-        """After a shuffle: every normed slice of a weight-norm direction must still keep a weight."""
-        for name, dim in weight_norm_directions(pl_module).items():
-            if name in kept:
-                slices = kept[name].reshape(1, -1) if dim is None else kept[name].movedim(dim, 0).flatten(1)
-                if not bool(slices.any(dim=1).all()):
-                    raise ScoringError(
-                        f"`shuffle=True` left a normed slice of the weight-normalized `{name}` with no weight (a zero"
-                        f" norm). Exclude it (`exclude=[{name!r}]`) or lower `sparsity`."
-                    )
-
-    def _protect_weight_norm_slices(
-        self,
-        pl_module: LightningModule,
-        scores: dict[str, Tensor],
-        sparsity: float | None = None,
-        scope: str | None = None,
-    ) -> None:
-        """Make selection keep a weight in every normed slice of each weight-norm direction (no ``0 / 0``)."""
-        directions = {name: dim for name, dim in weight_norm_directions(pl_module).items() if name in scores}
-        scope = self.scope if scope is None else scope
-        if parse_n_m(scope) is not None:  # every row keeps N of each M; slices along other dims may not
-            across = [name for name, dim in directions.items() if dim not in (0, None)]
-            if across:
-                raise ScoringError(
-                    f"`scope={self.scope!r}` keeps weights in every row but may prune a whole slice of the"
-                    f" weight-normalized tensors {across} (normed along another dimension), which divides by a zero"
-                    " norm. Exclude them, or use `scope='global'`."
-                )
-            return
-        needed = {name: protect_slices_(scores[name], dim) for name, dim in directions.items()}
-        sparsity = self.sparsity if sparsity is None else sparsity
-        if scope == "global":
-            budget = kept_count(sum(s.numel() for s in scores.values()), sparsity)
-            short = [] if sum(needed.values()) <= budget else list(needed)
-        else:
-            short = [name for name, n in needed.items() if n > kept_count(scores[name].numel(), sparsity)]
-        if short:
-            raise ScoringError(
-                f"`sparsity={sparsity}` keeps fewer weights than the weight-normalized tensors {short} have"
-                " normed slices, and a slice pruned entirely divides by a zero norm (nan). Lower `sparsity` or"
-                " exclude them."
-            )
