@@ -23,7 +23,6 @@ What the callback needs from Lightning's internals, for both ``lightning.pytorch
 from __future__ import annotations
 
 import copy
-import math
 import os
 import tempfile
 import time
@@ -42,6 +41,7 @@ from typing_extensions import override
 
 from lightning_snip import _lightning as lightning
 from lightning_snip import guards, reporting
+from lightning_snip._options import check_patterns, validate_options
 from lightning_snip._types import PositiveInt, ScopeName, Sparsity
 from lightning_snip.candidates import (
     canonical_parameters,
@@ -57,14 +57,11 @@ from lightning_snip.scoring import (
     Schedule,
     ScoringContext,
     ScoringError,
-    available_criteria,
     backward_mean_gradients,
     get_criterion,
 )
 from lightning_snip.selection import (
     Scope,
-    check_min_density,
-    check_n_m_sparsity,
     parse_n_m,
     select_masks,
     select_masks_distributed,
@@ -89,17 +86,6 @@ else:
 _T = TypeVar("_T", bound="Tensor | None")
 _STATE_VERSION = 2  # 1: bool masks; 2: bit-packed masks and their shapes
 _CHECK_EVERY_N_STEPS = 50  # how often pruned weights are checked when `log_every_n_steps` is 0
-
-
-def _check_patterns(argument: str, value: object) -> list[str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
-        raise TypeError(
-            f"`{argument}` must be a list of non-empty glob patterns over parameter names (e.g. ['*.weight']) or"
-            f" None, got {value!r}."
-        )
-    return list(value)
 
 
 def _all_reduce_sum(strategy: Strategy, values: Tensor) -> Tensor:
@@ -206,53 +192,30 @@ class SNIPPruning(_Callback):
         save_compressed: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-            raise TypeError(f"`sparsity` must be a real number in [0, 1), got {sparsity!r}. Use e.g. 0.9.")
-        if not (math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
-            raise ValueError(
-                f"`sparsity` must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}. Use e.g. 0.9"
-                " for 90% zeros."
-            )
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"`num_batches` must be an integer >= 1, got {num_batches!r}. Use e.g. 1.")
-        if criterion not in available_criteria():
-            raise ValueError(f"`criterion` must be one of {available_criteria()}, got {criterion!r}.")
-        parse_n_m(scope)  # a ValueError that says what is allowed
-        check_n_m_sparsity(scope, float(sparsity))
-        if not isinstance(log_per_layer, bool):
-            raise TypeError(f"`log_per_layer` must be True or False, got {log_per_layer!r}.")
-        if not isinstance(plot, bool):
-            raise TypeError(f"`plot` must be True or False, got {plot!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"`seed` must be an integer or None, got {seed!r}.")
+        validate_options(
+            sparsity=sparsity,
+            num_batches=num_batches,
+            criterion=criterion,
+            scope=scope,
+            flags={
+                "log_per_layer": log_per_layer,
+                "plot": plot,
+                "shuffle": shuffle,
+                "save_compressed": save_compressed,
+            },
+            seed=seed,
+            iterations=iterations,
+            schedule=schedule,
+            min_density=min_density,
+        )
         self.sparsity = float(sparsity)
         self.num_batches = num_batches
         self.criterion = criterion
         self.scope: Scope = str(scope)
-        self.include = _check_patterns("include", include)
-        self.exclude = _check_patterns("exclude", exclude)
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
         self.log_per_layer = log_per_layer
         self.plot = plot
-        if iterations is not None and (
-            isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1
-        ):
-            raise ValueError(f"`iterations` must be an integer >= 1 or None, got {iterations!r}. Use e.g. 100.")
-        if iterations not in (None, 1) and get_criterion(criterion).default_iterations is None:
-            raise ValueError(
-                f"`iterations={iterations}` but `criterion={criterion!r}` scores in one pass. Leave `iterations` unset,"
-                " or pick an iterative criterion ('iterative_snip', 'force', 'synflow')."
-            )
-        if schedule not in ("exponential", "linear"):
-            raise ValueError(f"`schedule` must be 'exponential' or 'linear', got {schedule!r}.")
-        if isinstance(min_density, bool) or not isinstance(min_density, (int, float)):
-            raise TypeError(f"`min_density` must be a fraction in [0, 1], got {min_density!r}. Use e.g. 0.01.")
-        check_min_density(float(min_density), float(sparsity), str(scope), {})
-        if not isinstance(shuffle, bool):
-            raise TypeError(f"`shuffle` must be True or False, got {shuffle!r}.")
-        if shuffle and parse_n_m(scope) is not None:
-            raise ValueError(f"`shuffle=True` would break the N:M pattern of `scope={scope!r}`; use one or the other.")
-        if not isinstance(save_compressed, bool):
-            raise TypeError(f"`save_compressed` must be True or False, got {save_compressed!r}.")
         self.seed = seed
         self.iterations = iterations
         self.schedule: Schedule = schedule

@@ -1,0 +1,66 @@
+"""Checking ``SNIPPruning``'s arguments in ``__init__``: a clear error naming the argument, the value and the fix."""
+
+from __future__ import annotations
+
+import math
+
+from lightning_snip.scoring import available_criteria, get_criterion
+from lightning_snip.selection import check_min_density, check_n_m_sparsity, parse_n_m
+
+
+def validate_options(
+    *,
+    sparsity: object,
+    num_batches: object,
+    criterion: str,
+    scope: str,
+    flags: dict[str, object],
+    seed: object,
+    iterations: object,
+    schedule: str,
+    min_density: object,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` for the first argument that is wrong; ``flags`` are the booleans by name."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"`sparsity` must be a real number in [0, 1), got {sparsity!r}. Use e.g. 0.9.")
+    if not (math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
+        raise ValueError(
+            f"`sparsity` must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}. Use e.g. 0.9"
+            " for 90% zeros."
+        )
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"`num_batches` must be an integer >= 1, got {num_batches!r}. Use e.g. 1.")
+    if criterion not in available_criteria():
+        raise ValueError(f"`criterion` must be one of {available_criteria()}, got {criterion!r}.")
+    parse_n_m(scope)  # a ValueError that says what is allowed
+    check_n_m_sparsity(scope, float(sparsity))
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"`seed` must be an integer or None, got {seed!r}.")
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
+        raise ValueError(f"`iterations` must be an integer >= 1 or None, got {iterations!r}. Use e.g. 100.")
+    if iterations not in (None, 1) and get_criterion(criterion).default_iterations is None:
+        raise ValueError(
+            f"`iterations={iterations}` but `criterion={criterion!r}` scores in one pass. Leave `iterations` unset, or"
+            " pick an iterative criterion ('iterative_snip', 'force', 'synflow')."
+        )
+    if schedule not in ("exponential", "linear"):
+        raise ValueError(f"`schedule` must be 'exponential' or 'linear', got {schedule!r}.")
+    if isinstance(min_density, bool) or not isinstance(min_density, (int, float)):
+        raise TypeError(f"`min_density` must be a fraction in [0, 1], got {min_density!r}. Use e.g. 0.01.")
+    check_min_density(float(min_density), float(sparsity), str(scope), {})
+    if flags.get("shuffle") and parse_n_m(scope) is not None:
+        raise ValueError(f"`shuffle=True` would break the N:M pattern of `scope={scope!r}`; use one or the other.")
+
+
+def check_patterns(argument: str, value: object) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
+        raise TypeError(
+            f"`{argument}` must be a list of non-empty glob patterns over parameter names (e.g. ['*.weight']) or"
+            f" None, got {value!r}."
+        )
+    return list(value)
