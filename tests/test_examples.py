@@ -296,3 +296,25 @@ def test_a_truncated_idx_file_is_an_error_naming_it(tmp_path):
     path.write_bytes(struct.pack(">iiii", 2051, 3, 28, 28) + bytes(100))
     with pytest.raises(ValueError, match=r"x-idx3-ubyte holds 100 bytes of data for shape \[3, 28, 28\]"):
         read_idx(path)
+
+
+def test_reproduction_on_fashion_mnist_with_the_successors_and_extreme_sparsities(tmp_path):
+    _write_fake_fashion(tmp_path / "system", gz=True, train_n=800, test_n=50)
+    out = tmp_path / "out"
+    argv = ["--dataset", "fashion-mnist", "--system-dir", str(tmp_path / "system"), "--data-dir", str(tmp_path)]
+    argv += ["--archs", "lenet300", "--criteria", "force", "synflow", "--sparsities", "0.995", "0.999"]
+    runs = reproduce_mnist.main([*argv, "--iterations", "2", "--epochs", "1", "--seeds", "1", "--out", str(out)])
+    assert {(r.criterion, r.sparsity) for r in runs} == {
+        ("dense", 0.0),
+        ("force", 0.995),
+        ("force", 0.999),
+        ("synflow", 0.995),
+        ("synflow", 0.999),
+    }
+    for r in runs:
+        if r.criterion != "dense":
+            assert r.achieved_sparsity == pytest.approx(r.sparsity, abs=1e-5)
+    table = (out / "results.md").read_text()
+    assert "| network | method | dense | 99.5% | 99.9% |" in table
+    assert "paper" not in table  # the paper's numbers are MNIST's
+    assert "Data: full Fashion-MNIST from" in table
