@@ -699,74 +699,20 @@ class SNIPPruning(_Callback):
 
     def _score(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the candidates, select the masks and zero the pruned weights; on failure the model is unchanged."""
-        strategy = trainer.strategy
-        sharded = lightning.is_sharding(strategy)
-        criterion = get_criterion(self.criterion)
+        sharded = lightning.is_sharding(trainer.strategy)
         shapes = whole_shapes(pl_module) if sharded else None
         candidates = self._candidates(trainer, pl_module, shapes)
         shards = shard_layout(candidates, shapes) if shapes is not None else None  # a collective
         local = {name: local_tensor(p) for name, p in candidates.items()}
-        batches_needed = criterion.needs_data or (
-            criterion.needs_input and getattr(pl_module, "example_input_array", None) is None
-        )
-        if batches_needed:
-            trainer.fit_loop.setup_data()  # what fit would do next; done outside `leave_no_trace` on purpose
         start = time.perf_counter()
-        with leave_no_trace(pl_module), restore_flat_grads(pl_module):
-            seed = self._shared_seed(strategy)
-            generator = torch.Generator().manual_seed(seed)
-            pl_module.train()
-            with ExitStack() as stack:
-                loss_fn = (
-                    stack.enter_context(lightning.training_step_losses(trainer, pl_module, self.num_batches, sharded))
-                    if batches_needed
-                    else None
-                )
-                context = ScoringContext(
-                    weights=local,
-                    loss_fn=loss_fn,
-                    num_batches=self.num_batches,
-                    all_reduce_mean=lambda t: strategy.reduce(t, reduce_op="mean"),
-                    generator=generator,
-                    sparsity=self.sparsity,
-                    iterations=self.iterations or criterion.default_iterations or 1,
-                    schedule=self.schedule,
-                    select=lambda scores, sparsity: self._select_round(pl_module, scores, sparsity),
-                    module=pl_module,
-                    example_input=lightning.example_input(pl_module, loss_fn) if criterion.needs_input else None,
-                )
-                if shards is not None:  # each rank scores its own shards; FSDP averages the gradients
-                    if loss_fn is not None:
-                        context.gradients = lambda: backward_mean_gradients(
-                            candidates, loss_fn, self.num_batches, local_tensor
-                        )
-                    context.shapes = {name: shard.shape for name, shard in shards.items()}
-                    context.take_local = lambda name, whole: shards[name].take(whole, like=local[name]).clone()
-                scores = criterion.score(context)
+        scores, seed = self._scores(trainer, pl_module, candidates, local, shards)
         nonzero = holds_nonzero(scores.values())
         if shards is not None:
-            try:
-                kept = select_masks_distributed(
-                    scores, {name: shard.numel for name, shard in shards.items()}, self.sparsity, self.scope
-                )
-            except ValueError as error:
-                raise ScoringError(
-                    f"{error} Check the data and the initialization; with `precision='16-mixed'` try 'bf16-mixed'."
-                ) from None
-            counts = torch.tensor(
-                [[int(kept[n].sum()), int(z)] for n, z in zip(scores, nonzero, strict=True)], dtype=torch.int64
-            )
-            counts = _all_reduce_sum(strategy, counts)
-            rows = [
-                TensorSparsity(name, tuple(shard.shape), int(counts[i, 0]), shard.numel)
-                for i, (name, shard) in enumerate(shards.items())
-            ]
-            dead = [name for i, name in enumerate(scores) if not counts[i, 1]]
-            packed = {name: gather_packed_mask(kept[name], shards[name]) for name in kept}  # collectives
+            kept, rows, dead, packed = self._select_shards(trainer, scores, shards, nonzero)
         else:
             dead = [name for name, z in zip(scores, nonzero, strict=True) if not z]
             guards.protect_weight_norm_slices(pl_module, scores, self.sparsity, self.scope)
-            kept = select_masks(scores, self.sparsity, self.scope, self.min_density)
+            kept, packed = select_masks(scores, self.sparsity, self.scope, self.min_density), {}
             if self.shuffle:
                 kept = shuffle_masks(kept, torch.Generator().manual_seed(seed + 1))
                 guards.check_weight_norm_slices(pl_module, kept)
@@ -775,7 +721,7 @@ class SNIPPruning(_Callback):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
 
-        self._hold(candidates, kept, shards, packed if shards is not None else {})
+        self._hold(candidates, kept, shards, packed)
         self._module, self._masks_config = weakref.ref(pl_module), None
         reporting.report_scoring(
             trainer,
@@ -786,6 +732,74 @@ class SNIPPruning(_Callback):
             per_layer=self.log_per_layer,
             chart=self.plot,
         )
+
+    def _scores(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        candidates: dict[str, nn.Parameter],
+        local: dict[str, Tensor],
+        shards: dict[str, Shard] | None,
+    ) -> tuple[dict[str, Tensor], int]:
+        """Run the criterion with no trace left but its scores; also return the seed all ranks share."""
+        strategy, criterion = trainer.strategy, get_criterion(self.criterion)
+        batches_needed = criterion.needs_data or (
+            criterion.needs_input and getattr(pl_module, "example_input_array", None) is None
+        )
+        if batches_needed:
+            trainer.fit_loop.setup_data()  # what fit would do next; done outside `leave_no_trace` on purpose
+        with leave_no_trace(pl_module), restore_flat_grads(pl_module), ExitStack() as stack:
+            seed = self._shared_seed(strategy)
+            pl_module.train()
+            loss_fn = None
+            if batches_needed:
+                losses = lightning.training_step_losses(trainer, pl_module, self.num_batches, shards is not None)
+                loss_fn = stack.enter_context(losses)
+            context = ScoringContext(
+                weights=local,
+                loss_fn=loss_fn,
+                num_batches=self.num_batches,
+                all_reduce_mean=lambda t: strategy.reduce(t, reduce_op="mean"),
+                generator=torch.Generator().manual_seed(seed),
+                sparsity=self.sparsity,
+                iterations=self.iterations or criterion.default_iterations or 1,
+                schedule=self.schedule,
+                select=lambda scores, sparsity: self._select_round(pl_module, scores, sparsity),
+                module=pl_module,
+                example_input=lightning.example_input(pl_module, loss_fn) if criterion.needs_input else None,
+            )
+            if shards is not None:  # each rank scores its own shards; FSDP averages the gradients
+                if loss_fn is not None:
+                    context.gradients = lambda: backward_mean_gradients(
+                        candidates, loss_fn, self.num_batches, local_tensor
+                    )
+                context.shapes = {name: shard.shape for name, shard in shards.items()}
+                context.take_local = lambda name, whole: shards[name].take(whole, like=local[name]).clone()
+            return criterion.score(context), seed
+
+    def _select_shards(
+        self, trainer: Trainer, scores: dict[str, Tensor], shards: dict[str, Shard], nonzero: list[bool]
+    ) -> tuple[dict[str, Tensor], list[TensorSparsity], list[str], dict[str, Tensor]]:
+        """Select on a sharded model: each rank its shards' masks; the counts, dead tensors and packed masks of all."""
+        try:
+            kept = select_masks_distributed(
+                scores, {name: shard.numel for name, shard in shards.items()}, self.sparsity, self.scope
+            )
+        except ValueError as error:
+            raise ScoringError(
+                f"{error} Check the data and the initialization; with `precision='16-mixed'` try 'bf16-mixed'."
+            ) from None
+        counts = torch.tensor(
+            [[int(kept[n].sum()), int(z)] for n, z in zip(scores, nonzero, strict=True)], dtype=torch.int64
+        )
+        counts = _all_reduce_sum(trainer.strategy, counts)
+        rows = [
+            TensorSparsity(name, tuple(shard.shape), int(counts[i, 0]), shard.numel)
+            for i, (name, shard) in enumerate(shards.items())
+        ]
+        dead = [name for i, name in enumerate(scores) if not counts[i, 1]]
+        packed = {name: gather_packed_mask(kept[name], shards[name]) for name in kept}  # collectives
+        return kept, rows, dead, packed
 
     def _select_round(
         self, pl_module: LightningModule, scores: Mapping[str, Tensor], sparsity: float
