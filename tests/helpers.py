@@ -15,6 +15,20 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from lightning_snip import SNIPPruning
 
 
+def reference_top_k(scores: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
+    """The selection rule by a stable sort of all scores (as float32): the ``keep`` highest, ties to the earlier
+    position (tensor order, then row-major)."""
+    flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
+    order = torch.sort(flat, descending=True, stable=True).indices[:keep]
+    kept = torch.zeros_like(flat, dtype=torch.bool)
+    kept[order] = True
+    masks, start = {}, 0
+    for name, s in scores.items():
+        masks[name] = kept[start : start + s.numel()].view(s.shape)
+        start += s.numel()
+    return masks
+
+
 def make_data(
     n: int = 64, features: int = 16, classes: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> TensorDataset:

@@ -5,7 +5,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import fit, make_data
+from helpers import fit, make_data, reference_top_k
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
@@ -55,17 +55,7 @@ def _masks(criterion: str, sparsity: float = 0.8, data: DataLoader | None = None
 
 
 def _top_k(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
-    """An independent global top-k: a stable sort of all scores, ties to the earlier (tensor, position)."""
-    flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
-    keep = kept_count(flat.numel(), sparsity)
-    order = torch.sort(-flat, stable=True).indices[:keep]
-    kept = torch.zeros(flat.numel(), dtype=torch.bool)
-    kept[order] = True
-    out, start = {}, 0
-    for name, s in scores.items():
-        out[name] = kept[start : start + s.numel()].view(s.shape)
-        start += s.numel()
-    return out
+    return reference_top_k(scores, kept_count(sum(s.numel() for s in scores.values()), sparsity))
 
 
 def _loss(model: TinyNet, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -7,26 +7,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import BoringClassifier, ZeroInvariantChecker, fit, make_data
+from helpers import BoringClassifier, ZeroInvariantChecker, fit, make_data, reference_top_k
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_snip import SNIPPruning, pack_mask, select_masks
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def _top_k_masks(scores: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
-    """The reference rule, by a stable sort of all scores: the ``keep`` highest; ties to the earlier position."""
-    flat = torch.cat([s.reshape(-1) for s in scores.values()])
-    order = torch.sort(flat, descending=True, stable=True).indices[:keep]
-    kept = torch.zeros_like(flat, dtype=torch.bool)
-    kept[order] = True
-    masks, start = {}, 0
-    for name, s in scores.items():
-        masks[name] = kept[start : start + s.numel()].view(s.shape)
-        start += s.numel()
-    return masks
 
 
 class BatchNormNet(pl.LightningModule):
@@ -54,8 +41,8 @@ def test_scoring_runs_in_train_mode_even_when_the_module_is_in_eval_mode():
     model = BatchNormNet().eval()  # e.g. left in eval mode by an earlier validation
     data = make_data(64)
     x, y = data.tensors[0][:16], data.tensors[1][:16]
-    in_train = _top_k_masks(_reference_snip(model, x, y, train=True), keep=128)
-    in_eval = _top_k_masks(_reference_snip(model, x, y, train=False), keep=128)
+    in_train = reference_top_k(_reference_snip(model, x, y, train=True), keep=128)
+    in_eval = reference_top_k(_reference_snip(model, x, y, train=False), keep=128)
     assert any(not torch.equal(in_train[n], in_eval[n]) for n in in_train)  # the mode matters for this model
     pruning = SNIPPruning(sparsity=0.8)
     fit(model, [pruning], DataLoader(data, batch_size=16))
@@ -77,7 +64,7 @@ def test_the_seed_of_the_random_criterion_decides_the_mask():
         name: torch.rand(shape, generator=generator)
         for name, shape in (("net.0.weight", (32, 16)), ("net.4.weight", (4, 32)))
     }
-    expected = _top_k_masks(draws, keep=160)
+    expected = reference_top_k(draws, keep=160)
     first, other_global = masks(3, 0), masks(3, 1)
     for name in expected:
         assert torch.equal(first[name], expected[name])

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from torch import Tensor
 
-from lightning_snip.criteria.rounds import prune_in_rounds
+from lightning_snip.criteria.rounds import snip_in_rounds
 from lightning_snip.scoring import Criterion, ScoringContext, register_criterion
 
 
@@ -24,8 +22,4 @@ class IterativeSNIP(Criterion):
     supports_sharding = False
 
     def score(self, context: ScoringContext) -> dict[str, Tensor]:  # noqa: D102
-        def round_scores(round_index: int, originals: Mapping[str, Tensor]) -> dict[str, Tensor]:
-            grads = context.mean_gradients(round_index)
-            return {name: grad.mul_(context.weights[name].detach()).abs_() for name, grad in grads.items()}
-
-        return prune_in_rounds(context, round_scores, bring_back=False)
+        return snip_in_rounds(context, dense_weights=False)

@@ -65,3 +65,18 @@ def prune_in_rounds(context: ScoringContext, round_scores: RoundScores, bring_ba
             assert context.select is not None
             kept = context.select(scores, 1.0 - density)
     raise AssertionError("unreachable: there is at least one round")  # pragma: no cover
+
+
+def snip_in_rounds(context: ScoringContext, dense_weights: bool) -> dict[str, Tensor]:
+    """``|g * w|`` in rounds, with ``g`` taken on the masked network.
+
+    ``w`` is the masked weights for iterative SNIP, which never brings a weight back, or the original dense ones for
+    FORCE, which can.
+    """
+
+    def round_scores(round_index: int, originals: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        grads = context.mean_gradients(round_index)
+        weights = originals if dense_weights else {name: w.detach() for name, w in context.weights.items()}
+        return {name: grad.mul_(weights[name]).abs_() for name, grad in grads.items()}
+
+    return prune_in_rounds(context, round_scores, bring_back=dense_weights)
