@@ -6,6 +6,7 @@ import torch
 from helpers import (
     BoringClassifier,
     FixedOrder,
+    SpawnDDP,
     ddp_rank_main,
     fit,
     free_port,
@@ -78,13 +79,13 @@ def test_ddp_spawn_hands_the_masks_back_and_a_second_fit_trains_on_with_them(tmp
     pl.seed_everything(0)
     model = BoringClassifier(dropout=0.0)
     pruning = SNIPPruning(sparsity=0.8)
-    fit(model, [pruning], DataLoader(make_data(32), batch_size=4), strategy="ddp_spawn", devices=2)
+    fit(model, [pruning], DataLoader(make_data(32), batch_size=4), strategy=SpawnDDP(), devices=2)
     masks = pruning.masks  # made in the workers, read in this process
     assert sum(int(m.sum()) for m in masks.values()) == kept_count(640, 0.8)
     params = dict(model.named_parameters())
     assert all(int((params[n][~m] != 0).sum()) == 0 for n, m in masks.items())  # the weights came back pruned
     assert all(int((params[n][m] != 0).sum()) == int(m.sum()) for n, m in masks.items())
     pruning._score = _no_scoring  # pickled to the workers of the second fit
-    fit(model, [pruning], DataLoader(make_data(32), batch_size=4), strategy="ddp_spawn", devices=2, max_epochs=2)
+    fit(model, [pruning], DataLoader(make_data(32), batch_size=4), strategy=SpawnDDP(), devices=2, max_epochs=2)
     assert all(torch.equal(masks[n], m) for n, m in pruning.masks.items())
     assert all(int((params[n][~m] != 0).sum()) == 0 for n, m in masks.items())
