@@ -118,11 +118,24 @@ def test_the_standalone_cli_accepts_the_callback(tmp_path):
 
 
 @pytest.mark.slow
+class StandaloneSpawnDDP(standalone.strategies.DDPStrategy):
+    """``ddp_spawn`` of the standalone package whose workers destroy their process group at teardown, so gloo's
+    threads cannot abort a worker at interpreter exit after the fit has finished (see ``helpers.SpawnDDP``)."""
+
+    def __init__(self) -> None:
+        super().__init__(start_method="spawn")
+
+    def teardown(self) -> None:
+        super().teardown()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def test_ddp_spawn_with_the_standalone_package(tmp_path):
     standalone.seed_everything(0)
     pruning = SNIPPruning(sparsity=0.8)
     model = StandaloneClassifier()
-    trainer = _trainer(tmp_path, [pruning], strategy="ddp_spawn", devices=2, logger=False)
+    trainer = _trainer(tmp_path, [pruning], strategy=StandaloneSpawnDDP(), devices=2, logger=False)
     trainer.fit(model, DataLoader(make_data(64), batch_size=8))
     masks = pruning.masks  # handed back by the workers
     assert sum(int(m.sum()) for m in masks.values()) == kept_count(640, 0.8)
