@@ -208,6 +208,9 @@ def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion
         },
         f"{out_dir}/rank{rank}.pt",
     )
+    if torch.distributed.is_initialized():  # leave together, the group destroyed: no abort at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def sharded_scores(seed: int = 0) -> dict[str, torch.Tensor]:
