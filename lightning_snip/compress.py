@@ -92,7 +92,7 @@ def _compress_tensor(t: Tensor) -> dict[str, Any]:
         form = min(costs, key=lambda k: costs[k])  # ties keep the earlier, simpler form
         if signs is not None:
             entry["zero_signs"] = signs  # one bit per zero: set where it is -0.0
-        values = flat[nonzero].clone()
+        values = flat[nonzero].clone() if form != "dense" else flat
         if form == "bitmask":
             return {**entry, "form": "bitmask", "mask": pack_mask(nonzero), "values": values}
         if form == "csr":

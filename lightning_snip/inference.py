@@ -256,7 +256,7 @@ def _call(model: nn.Module, example_input: Any) -> Any:
     return model(example_input)
 
 
-def _median_time(fn: Callable[[], Any], device: torch.device) -> Callable[[], float]:
+def _timer(fn: Callable[[], Any], device: torch.device) -> Callable[[], float]:
     def run() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -271,8 +271,8 @@ def _median_time(fn: Callable[[], Any], device: torch.device) -> Callable[[], fl
 
 def _measured_faster(layer: nn.Linear, sparse: SparseLinear, x: Tensor, rounds: int = 15) -> tuple[bool, float]:
     """Time the dense and the sparse layer on ``x``, interleaved; sparse wins by :data:`MEASURED_MARGIN` or more."""
-    dense_run = _median_time(lambda: layer(x), x.device)
-    sparse_run = _median_time(lambda: sparse(x), x.device)
+    dense_run = _timer(lambda: layer(x), x.device)
+    sparse_run = _timer(lambda: sparse(x), x.device)
     dense_run(), sparse_run()  # warm-up
     dense_times, sparse_times = [], []
     budget = time.perf_counter() + 2.0  # a few seconds at most per layer, however slow

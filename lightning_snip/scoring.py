@@ -73,18 +73,18 @@ class ScoringContext:
     module: nn.Module | None = None
     example_input: Tensor | None = None
 
-    def mean_gradients(self, round: int = 0) -> dict[str, Tensor]:
+    def mean_gradients(self, round_index: int = 0) -> dict[str, Tensor]:
         """Gradient of the loss for each weight (or shard), averaged over the scoring batches and processes.
 
         Args:
-            round: Which round's batches: round ``r`` uses batches ``r * num_batches`` onwards, so every round of an
-                iterative criterion sees fresh ones. Defaults to ``0``.
+            round_index: Which round's batches: round ``r`` uses batches ``r * num_batches`` onwards, so every
+                round of an iterative criterion sees fresh ones. Defaults to ``0``.
         """
-        if self.gradients is not None and round == 0:
+        if self.gradients is not None and round_index == 0:
             return self.gradients()
         if self.loss_fn is None:
             raise ScoringError("This criterion needs the loss, but the scoring context has no `loss_fn`.")
-        loss_fn, first = self.loss_fn, round * self.num_batches
+        loss_fn, first = self.loss_fn, round_index * self.num_batches
         return mean_gradients(self.weights, lambda i: loss_fn(first + i), self.num_batches, self.all_reduce_mean)
 
     def densities(self) -> list[float]:

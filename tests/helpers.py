@@ -208,9 +208,7 @@ def ddp_rank_main(rank: int, world_size: int, port: int, out_dir: str, criterion
         },
         f"{out_dir}/rank{rank}.pt",
     )
-    if torch.distributed.is_initialized():  # leave together, the group destroyed: no abort at interpreter exit
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_together()
 
 
 def sharded_scores(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -279,20 +277,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class SpawnDDP(DDPStrategy):
-    """``ddp_spawn`` whose workers destroy their process group when the strategy tears down.
+def leave_together() -> None:
+    """Wait for every rank, then destroy the process group: a group left to interpreter exit can abort the process
+    ("terminate called without an active exception") when gloo's threads are torn down after the work is done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
-    Lightning's own workers leave the group to interpreter exit, where gloo's threads can abort the process ("terminate
-    called without an active exception") after the fit has finished; this leaves cleanly, and changes nothing else.
-    """
+
+class LeavesTogether:
+    """A strategy mixin: ``ddp_spawn`` workers leave through :func:`leave_together` when the strategy tears down."""
+
+    def teardown(self) -> None:
+        super().teardown()  # type: ignore[misc]
+        leave_together()
+
+
+class SpawnDDP(LeavesTogether, DDPStrategy):
+    """Lightning's ``ddp_spawn`` whose workers leave together (changes nothing else)."""
 
     def __init__(self) -> None:
         super().__init__(start_method="spawn")
-
-    def teardown(self) -> None:
-        super().teardown()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -414,11 +419,7 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
         },
         f"{out_dir}/rank{rank}.pt",
     )
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # leave together: no rank exits while another still talks to it
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_together()
 
 
 def sharding_rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as standalone
 import torch
-from helpers import make_data
+from helpers import LeavesTogether, make_data
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
@@ -118,17 +118,11 @@ def test_the_standalone_cli_accepts_the_callback(tmp_path):
 
 
 @pytest.mark.slow
-class StandaloneSpawnDDP(standalone.strategies.DDPStrategy):
-    """``ddp_spawn`` of the standalone package whose workers destroy their process group at teardown, so gloo's
-    threads cannot abort a worker at interpreter exit after the fit has finished (see ``helpers.SpawnDDP``)."""
+class StandaloneSpawnDDP(LeavesTogether, standalone.strategies.DDPStrategy):
+    """The standalone package's ``ddp_spawn`` whose workers leave together (see ``helpers.SpawnDDP``)."""
 
     def __init__(self) -> None:
         super().__init__(start_method="spawn")
-
-    def teardown(self) -> None:
-        super().teardown()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def test_ddp_spawn_with_the_standalone_package(tmp_path):
