@@ -1,14 +1,17 @@
-"""The SNIP paper's networks: LeNet-300-100 and LeNet-5-Caffe (Table 1), VGG-D with BatchNorm (Table 2), and
-torchvision's ResNet-18 adapted to 32x32 inputs."""
+"""The SNIP paper's networks: LeNet-300-100 and LeNet-5-Caffe (Table 1), VGG-D with BatchNorm (Table 2), LSTM and
+GRU classifiers of sequential MNIST (an image read as 28 time steps of 28 pixels), and torchvision's ResNet-18 adapted
+to 32x32 inputs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
+import torch
 import torchvision
 from torch import nn
 
-Arch = Literal["lenet300", "lenet5", "vgg_d", "resnet18"]
+Arch = Literal["lenet300", "lenet5", "vgg_d", "resnet18", "lstm", "gru"]
 
 
 def lenet_300_100(num_classes: int = 10) -> nn.Module:
@@ -35,6 +38,28 @@ def lenet_5_caffe(num_classes: int = 10) -> nn.Module:
         nn.ReLU(),
         nn.Linear(500, num_classes),
     )
+
+
+class RowRNN(nn.Module):
+    """Sequential MNIST: reads a 28x28 image as 28 time steps of one 28-pixel row each, one recurrent layer, and
+    classifies from the last hidden state. SNIP prunes its input-to-hidden and hidden-to-hidden matrices and the
+    classifier (biases stay dense).
+
+    Args:
+        cell: ``"lstm"`` or ``"gru"``.
+        hidden_size: Width of the hidden state (128 is the small size of the paper's recurrent experiments).
+        num_classes: Number of classes.
+    """
+
+    def __init__(self, cell: Literal["lstm", "gru"], hidden_size: int = 128, num_classes: int = 10) -> None:
+        super().__init__()
+        layer = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = layer(28, hidden_size, batch_first=True)
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, _ = self.rnn(x.reshape(len(x), 28, 28))
+        return self.head(rows[:, -1])
 
 
 _VGG_D = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -71,7 +96,14 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Module:
     return net
 
 
-BUILDERS = {"lenet300": lenet_300_100, "lenet5": lenet_5_caffe, "vgg_d": vgg_d, "resnet18": resnet18_cifar}
+BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+    "lenet300": lenet_300_100,
+    "lenet5": lenet_5_caffe,
+    "vgg_d": vgg_d,
+    "resnet18": resnet18_cifar,
+    "lstm": lambda num_classes: RowRNN("lstm", num_classes=num_classes),
+    "gru": lambda num_classes: RowRNN("gru", num_classes=num_classes),
+}
 
 
 def build(arch: Arch, num_classes: int = 10) -> nn.Module:

@@ -1,11 +1,13 @@
-"""Reproduce the SNIP paper's MNIST table: LeNet-300-100 and LeNet-5-Caffe, dense and pruned with snip, random and
-magnitude at 90/95/98/99% sparsity, over several seeds; any criterion and sparsity (99.5%, 99.9%) on request, and
-full Fashion-MNIST with ``--dataset fashion-mnist``. Writes a Markdown table, a JSON file, a plot of error versus
-sparsity, and a heat map of how many first-layer connections of LeNet-300-100 each input pixel keeps.
+"""Reproduce the SNIP paper's MNIST table and compare SNIP with its successors: LeNet-300-100, LeNet-5-Caffe and
+LSTM/GRU classifiers of sequential MNIST (rows as time steps), dense and pruned with snip, iterative_snip, force,
+grasp, synflow, magnitude and random at 90-99.9% sparsity, over several seeds; full Fashion-MNIST with
+``--dataset fashion-mnist``. Writes a Markdown table, a JSON file, a plot of error versus sparsity, and a heat map of
+how many first-layer connections of LeNet-300-100 each input pixel keeps.
 
-    python examples/reproduce_mnist.py --quick      # 1 seed, SNIP and random at 90% and 98%, 2 epochs
-    python examples/reproduce_mnist.py              # 3 seeds, every method and sparsity, full schedule
+    python examples/reproduce_mnist.py --quick      # 1 seed, SNIP and random at 90% and 98%, 1-2 epochs
+    python examples/reproduce_mnist.py              # 2 seeds, every method and sparsity, full schedule
     python examples/reproduce_mnist.py --out examples/results/mnist   # rewrite the committed results
+    python examples/reproduce_mnist.py --out examples/results/mnist --resume   # only the runs not there yet
     python examples/reproduce_mnist.py --n-m        # LeNet-5-Caffe: 2:4 SNIP, magnitude, random; unstructured 50%
 
 Results go to results/mnist-quick or results/mnist unless --out says otherwise, so a trial run never overwrites the
@@ -36,20 +38,22 @@ from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule, MNISTDataMod
 from lightning_snip import SNIPPruning, get_criterion
 from lightning_snip.enforcement import count_zeros
 
-ARCH_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}
+ARCH_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe", "lstm": "LSTM-128", "gru": "GRU-128"}
 # Test error (%) reported by Lee et al. (2019), Table 1 / Figure 1, on full MNIST.
 PAPER = {"lenet300": {"dense": 1.7, 0.95: 1.6, 0.98: 2.4}, "lenet5": {"dense": 0.9, 0.98: 0.8, 0.99: 1.1}}
-DEFAULT_EPOCHS = {"lenet300": 30, "lenet5": 15}
-QUICK_EPOCHS = {"lenet300": 2, "lenet5": 1}
+DEFAULT_EPOCHS = {"lenet300": 30, "lenet5": 15, "lstm": 20, "gru": 20}
+QUICK_EPOCHS = {"lenet300": 2, "lenet5": 1, "lstm": 1, "gru": 1}
 QUICK_CRITERIA = ["snip", "random"]
+CRITERIA = ["snip", "iterative_snip", "force", "grasp", "synflow", "magnitude", "random"]
+SPARSITIES = [0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
+SEEDS = 2
+MNIST_ARCHS = ["lenet300", "lenet5", "lstm", "gru"]
 # Full Fashion-MNIST (55,000 training images): every criterion at six sparsities, two seeds, in about an hour on two
-# CPU cores (LeNet-300-100 about 15 s a run, LeNet-5-Caffe about 22 s).
-FASHION_CRITERIA = ["snip", "iterative_snip", "force", "grasp", "synflow", "magnitude", "random"]
+# CPU cores (LeNet-300-100 about 17 s a run, LeNet-5-Caffe about 22 s).
 FASHION_QUICK_CRITERIA = ["snip", "synflow"]
-FASHION_SPARSITIES = [0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
-FASHION_EPOCHS = {"lenet300": 10, "lenet5": 2}
-FASHION_SEEDS = 2
-LR = {"lenet300": 0.1, "lenet5": 0.05}
+FASHION_EPOCHS = {"lenet300": 10, "lenet5": 2, "lstm": 5, "gru": 5}
+FASHION_ARCHS = ["lenet300", "lenet5"]
+LR = {"lenet300": 0.1, "lenet5": 0.05, "lstm": 0.1, "gru": 0.1}
 NONE = "\u2013"  # an en dash marks cells the paper does not report
 
 
@@ -132,6 +136,13 @@ def train_and_test(
     return run, masks
 
 
+def _earlier_runs(path: Path) -> list[Run]:
+    """The runs a previous invocation wrote to ``path`` (none when it is not there yet)."""
+    if not path.exists():
+        return []
+    return [Run(**entry) for entry in json.loads(path.read_text())]
+
+
 def _cell(errors: list[float]) -> str:
     if not errors:
         return ""
@@ -168,7 +179,7 @@ def markdown_table(
                 collapsed = sum(bool(r.collapsed) for r in group)
                 cells.append(cell + (f" ({collapsed}/{len(group)} collapsed)" if collapsed else ""))
             lines.append(f"| | {criterion} | | " + " | ".join(cells) + " |")
-        if not paper:
+        if not paper or arch not in PAPER:
             continue
         reported = PAPER.get(arch, {})
         lines.append(
@@ -271,16 +282,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="1 seed, snip and random at 90%% and 98%%, 2 epochs (1 for LeNet-5-Caffe)"
     )
-    parser.add_argument("--seeds", type=int, help="number of seeds (default 3; 1 with --quick)")
-    parser.add_argument("--sparsities", type=float, nargs="+", help="default 0.9 0.95 0.98 0.99")
-    parser.add_argument("--criteria", nargs="+", help="default snip random magnitude (snip random with --quick)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 2; 1 with --quick)")
+    parser.add_argument("--sparsities", type=float, nargs="+", help="default 0.9 0.95 0.98 0.99 0.995 0.999")
+    parser.add_argument("--criteria", nargs="+", help="default: all seven (snip and random with --quick on MNIST)")
     parser.add_argument(
-        "--archs", nargs="+", choices=sorted(ARCH_NAMES), help="default: both (LeNet-5-Caffe with --n-m)"
+        "--archs",
+        nargs="+",
+        choices=sorted(ARCH_NAMES),
+        help="default: all four on MNIST, the two LeNets on Fashion-MNIST, LeNet-5-Caffe with --n-m",
     )
     parser.add_argument(
         "--epochs",
         type=int,
-        help="epochs for every network (default: 30 for LeNet-300-100, 15 for LeNet-5-Caffe; 2 and 1 with --quick)",
+        help="epochs for every network (default on MNIST: 30 for LeNet-300-100, 15 for LeNet-5-Caffe, 20 for the"
+        " LSTM and GRU; on Fashion-MNIST 10, 2 and 5; 1-2 with --quick)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in the output folder's results.json and run only the missing ones",
     )
     parser.add_argument(
         "--n-m",
@@ -306,18 +326,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.archs_given = args.archs is not None
-    args.archs = args.archs or ["lenet300", "lenet5"]
     base = "results/mnist" if args.dataset == "mnist" else "results/fashion-mnist"
     args.out = args.out or (f"{base}-quick" if args.quick else base)
-    if args.dataset == "fashion-mnist":  # the successors' comparison, sized for 2 CPU cores (see FASHION_* above)
-        args.seeds = args.seeds or (1 if args.quick else FASHION_SEEDS)
-        args.criteria = args.criteria or (FASHION_QUICK_CRITERIA if args.quick else FASHION_CRITERIA)
-        args.sparsities = args.sparsities or ([0.9, 0.99] if args.quick else FASHION_SPARSITIES)
+    args.seeds = args.seeds or (1 if args.quick else SEEDS)
+    if args.dataset == "fashion-mnist":  # full-size data, sized for 2 CPU cores (see FASHION_* above)
+        args.archs = args.archs or FASHION_ARCHS
+        args.criteria = args.criteria or (FASHION_QUICK_CRITERIA if args.quick else CRITERIA)
+        args.sparsities = args.sparsities or ([0.9, 0.99] if args.quick else SPARSITIES)
         args.epoch_table = QUICK_EPOCHS if args.quick else FASHION_EPOCHS
         return args
-    args.seeds = args.seeds or (1 if args.quick else 3)
-    args.criteria = args.criteria or (QUICK_CRITERIA if args.quick else ["snip", "random", "magnitude"])
-    args.sparsities = args.sparsities or ([0.9, 0.98] if args.quick else [0.9, 0.95, 0.98, 0.99])
+    args.archs = args.archs or MNIST_ARCHS
+    args.criteria = args.criteria or (QUICK_CRITERIA if args.quick else CRITERIA)
+    args.sparsities = args.sparsities or ([0.9, 0.98] if args.quick else SPARSITIES)
     args.epoch_table = QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS
     return args
 
@@ -355,15 +375,22 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
         for criterion, sparsity in [("dense", 0.0)] + [(c, s) for c in args.criteria for s in args.sparsities]
         for seed in range(args.seeds)
     ]
-    runs: list[Run] = []
+    runs = _earlier_runs(out / "results.json") if args.resume else []
+    done = {(r.arch, r.criterion, r.sparsity, r.seed) for r in runs}
+    if done:
+        print(f"Keeping {len(done)} runs from {out / 'results.json'}", flush=True)
+    plan = [p for p in plan if p not in done]
+    heat_map = False
     heat_sparsity = 0.98 if 0.98 in args.sparsities else max(args.sparsities)
     started = time.perf_counter()
     for i, (arch, criterion, sparsity, seed) in enumerate(plan, 1):
         epochs = args.epochs or args.epoch_table[arch]
         run, masks = train_and_test(arch, criterion, sparsity, seed, epochs, data, iterations=args.iterations)
         runs.append(run)
+        (out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")  # for --resume
         if (arch, criterion, sparsity, seed) == ("lenet300", "snip", heat_sparsity, 0) and args.dataset == "mnist":
             plot_pixel_heatmap(masks["net.1.weight"], sparsity, out / "lenet300_first_layer_kept_per_pixel.png")
+            heat_map = True
         elapsed = time.perf_counter() - started
         label = "dense" if criterion == "dense" else f"{criterion} {pct(sparsity)}"
         print(
@@ -385,7 +412,7 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
         "\n"
         + table
         + f"\n\nWrote {out}/results.md, results.json, error_vs_sparsity.png"
-        + (" and lenet300_first_layer_kept_per_pixel.png" if args.dataset == "mnist" else ""),
+        + (" and lenet300_first_layer_kept_per_pixel.png" if heat_map else ""),
         flush=True,
     )
     return runs

@@ -29,14 +29,13 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_snip import _lightning as lightning
@@ -48,15 +47,14 @@ from lightning_snip.candidates import (
     find_candidates,
     parameter_aliases,
 )
-from lightning_snip.enforcement import MaskSet, apply_masks_, count_zeros, holds_nonzero, keeps_zeros
+from lightning_snip.enforcement import Enforcer, MaskSet, holds_nonzero, zero_pruned_entries
 from lightning_snip.isolation import leave_no_trace
-from lightning_snip.packing import pack_mask, unpack_mask
-from lightning_snip.report import TensorSparsity, sparsity_report
+from lightning_snip.packing import differing, pack_mask, pack_state, unpack_mask, unpack_state
+from lightning_snip.report import sparsity_report
 from lightning_snip.scoring import (
     CriterionName,
     Schedule,
     ScoringContext,
-    ScoringError,
     backward_mean_gradients,
     get_criterion,
 )
@@ -64,14 +62,13 @@ from lightning_snip.selection import (
     Scope,
     parse_n_m,
     select_masks,
-    select_masks_distributed,
     shuffle_masks,
 )
 from lightning_snip.sharding import (
     Shard,
-    gather_packed_mask,
     local_tensor,
     restore_flat_grads,
+    select_shard_masks,
     shard_layout,
     whole_shapes,
 )
@@ -83,8 +80,6 @@ if TYPE_CHECKING:
 else:
     _Callback = lightning.callback_base()  # Lightning's Callback, and pytorch_lightning's when it is installed
 
-_T = TypeVar("_T", bound="Tensor | None")
-_STATE_VERSION = 2  # 1: bool masks; 2: bit-packed masks and their shapes
 _CHECK_EVERY_N_STEPS = 50  # how often pruned weights are checked when `log_every_n_steps` is 0
 
 
@@ -232,11 +227,8 @@ class SNIPPruning(_Callback):
         self._params: dict[str, nn.Parameter] = {}  # candidates the masks are bound to
         self._kept: dict[str, Tensor] = {}  # True = kept, like each local weight, on its device (1 byte per weight)
         self._shards: dict[str, Shard] | None = None  # where each rank's part lies, when the model is sharded
-        self._mask_set = MaskSet(())  # `_kept` prepared once for the per-step zeroing
         self._packed: dict[str, Tensor] = {}  # whole masks, bit-packed on CPU, when the model is sharded
-        self._step_hooks: list[RemovableHandle] = []
-        self._masked_backwards = 0  # backward passes whose gradients were masked: read by the post-step hooks
-        self._rezero_every_step = False  # set once something besides the optimizers wrote to pruned weights
+        self._enforcer = Enforcer({}, {})  # the per-step zeroing of `_params` by `_kept`
         self._last_logged_step = -1
         self._last_checked_step = -1
 
@@ -291,35 +283,13 @@ class SNIPPruning(_Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         self._collect_from_workers()
-        packed, shapes = self._packed_masks()  # 1 bit per weight
-        config = self._masks_config or self._config()
-        return {"version": _STATE_VERSION, "config": config, "masks": packed, "shapes": shapes}
+        return pack_state(*self._packed_masks(), self._masks_config or self._config())  # 1 bit per weight
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get("version", 1)
-        masks = state_dict.get("masks")
-        shapes = state_dict.get("shapes", {})
-        if version not in (1, 2) or not isinstance(masks, Mapping) or not isinstance(shapes, Mapping):
-            raise ValueError(
-                "The `SNIPPruning` state must hold 'masks' by parameter name (bool tensors in version 1, bit-packed"
-                f" with 'shapes' in version 2); got version {version!r} with {type(masks).__name__} masks. Was the"
-                " checkpoint written by another callback or a newer lightning-snip?"
-            )
-        if version == 1:
-            if not all(isinstance(m, Tensor) and m.dtype == torch.bool for m in masks.values()):
-                raise ValueError("The version-1 `SNIPPruning` state must hold 'masks', a dict of bool tensors.")
-            unpacked = {name: mask.cpu() for name, mask in masks.items()}
-        else:
-            missing = sorted(set(masks) - set(shapes))
-            if missing:
-                raise ValueError(f"The `SNIPPruning` state lacks the 'shapes' of masks {missing}.")
-            unpacked = {name: unpack_mask(packed, shapes[name]) for name, packed in masks.items()}
-        config = state_dict.get("config")
+        masks, config = unpack_state(state_dict)
         self._forget()
-        self._loaded = unpacked or None
-        self._loaded_from = "checkpoint"
-        self._masks_config = dict(config) if isinstance(config, Mapping) else None
+        self._loaded, self._loaded_from, self._masks_config = masks or None, "checkpoint", config
 
     def differing_options(self) -> list[str]:
         """The options of this instance that differ from those the held masks were restored with, as text.
@@ -331,14 +301,7 @@ class SNIPPruning(_Callback):
             >>> pruning.differing_options()
             ['num_batches=1 (this instance: 2)']
         """
-        if self._masks_config is None:
-            return []
-        mine = self._config()
-        return [
-            f"{key}={self._masks_config.get(key)!r} (this instance: {value!r})"
-            for key, value in mine.items()
-            if key in self._masks_config and self._masks_config[key] != value
-        ]
+        return differing(self._masks_config, self._config())
 
     # ------------------------------------------------------------------ hooks
 
@@ -377,24 +340,13 @@ class SNIPPruning(_Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._loaded is not None or not self._kept:  # restored after `on_fit_start`, or not scored yet
             self._prepare(trainer, pl_module, score=True)
-        self._remove_step_hooks()
-        self._rezero_every_step, self._last_checked_step = False, -1
-        # under manual optimization the callback cannot tell which backward a step's gradients came from
-        automatic = pl_module.automatic_optimization
-        by_id = {id(self._params[name]): (self._params[name], mask) for name, mask in self._kept.items()}
-        for optimizer in trainer.optimizers:
-            pairs = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in by_id]
-            if pairs:
-                params, masks = [p for p, _ in pairs], MaskSet(m for _, m in pairs)
-                self._zero_optimizer_state(optimizer, params, masks)
-                keeps = automatic and keeps_zeros(optimizer)
-                self._step_hooks.append(optimizer.register_step_post_hook(self._post_step_hook(params, masks, keeps)))
-        self._mask_set.zero_(self._local(self._params.values()))  # weights may have been restored since binding
+        self._last_checked_step = -1
+        self._enforcer.attach(trainer.optimizers, automatic=pl_module.automatic_optimization)
+        self._enforcer.zero_weights()  # weights may have been restored since binding
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._mask_set.zero_(self._local(p.grad for p in self._params.values()))
-        self._masked_backwards += 1
+        self._enforcer.mask_gradients()
 
     @override
     def on_train_batch_end(
@@ -423,7 +375,9 @@ class SNIPPruning(_Callback):
         self._check_pruned_weights(trainer, f"before saving a checkpoint at step {trainer.global_step}")
         state = checkpoint.get("state_dict")
         if isinstance(state, dict) and state:  # it may hold copies taken before this hook (gathered shards)
-            self._zero_pruned_entries(state, pl_module)
+            whole = None if self._shards is None else self.masks  # a gathered full state dict holds whole tensors
+            aliases = parameter_aliases(pl_module)
+            zero_pruned_entries(state, self._params, self._kept, aliases, whole, local_tensor)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -433,19 +387,19 @@ class SNIPPruning(_Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._remove_step_hooks()
+        self._enforcer.detach()
         returning = stage == "fit" and self._kept and trainer.is_global_zero and os.getpid() != self._home_pid
         if returning and lightning.is_spawned_worker(trainer):  # the launching process reads it in `_collect_...`
             torch.save(self.state_dict(), self._return_path())
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._remove_step_hooks()
+        self._enforcer.detach()
 
     def __getstate__(self) -> dict[str, Any]:
         self._collect_from_workers()  # a second `ddp_spawn` fit gets the masks of the first
         state = self.__dict__.copy()
-        state.update(_module=None, _step_hooks=[])
+        state.update(_module=None)
         return state
 
     # ------------------------------------------------------------------ internals
@@ -515,7 +469,7 @@ class SNIPPruning(_Callback):
         sharded = self._shards is not None  # then every rank counts its shards
         if not trainer.loggers or not (sharded or trainer.is_global_zero) or not self._params:
             return
-        zeros = count_zeros(self._local(self._params.values()))
+        zeros = self._enforcer.count_zeros()
         if self._shards is not None:
             zeros = int(_all_reduce_sum(trainer.strategy, torch.tensor([zeros]))[0])
             total = sum(shard.numel for shard in self._shards.values())
@@ -523,67 +477,13 @@ class SNIPPruning(_Callback):
             total = sum(p.numel() for p in self._params.values())
         reporting.log_metrics({"snip/sparsity": zeros / total}, trainer, step)
 
-    def _post_step_hook(self, params: list[nn.Parameter], masks: MaskSet, optimizer_keeps_zeros: bool) -> Any:
-        """The optimizer post-step hook: re-zero the pruned weights, unless the step provably left them at zero.
-
-        It did when the optimizer keeps zeros (:func:`~lightning_snip.enforcement.keeps_zeros`), optimization is
-        automatic (every backward goes through Lightning, which masks the gradients), and a masked backward ran since
-        its previous step. Under manual optimization every step is followed by the re-zeroing: a plain
-        ``loss.backward()`` may have set any optimizer's gradients.
-        """
-        masked_at_previous_step = self._masked_backwards
-
-        def hook(*_: Any) -> None:
-            nonlocal masked_at_previous_step
-            masked = self._masked_backwards != masked_at_previous_step
-            if self._rezero_every_step or not (optimizer_keeps_zeros and masked):
-                masks.zero_(self._local(params))
-            masked_at_previous_step = self._masked_backwards
-
-        return hook
-
-    def _zero_optimizer_state(
-        self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], masks: MaskSet
-    ) -> None:
-        """Zero the pruned entries of the optimizer state (momentum, moments) built before these masks were held."""
-        states, kept = [], []
-        for param, mask in zip(params, masks.kept, strict=True):
-            for value in optimizer.state.get(param, {}).values():
-                if isinstance(value, Tensor) and value.shape == param.shape:  # not scalars such as Adam's `step`
-                    local = local_tensor(value)
-                    states.append(local)
-                    kept.append(mask.to(local.device))  # state may live elsewhere (offloaded)
-        if states:
-            MaskSet(kept).zero_(states)
-
-    def _zero_pruned_entries(self, state: dict[str, Any], pl_module: LightningModule) -> None:
-        """Zero the pruned entries of a checkpoint's ``state_dict`` (every alias of a tied weight included)."""
-        aliases = parameter_aliases(pl_module)
-        for name, kept in self._kept.items():
-            for alias in aliases.get(name, [name]):
-                entry = state.get(alias)
-                if not isinstance(entry, Tensor):
-                    continue
-                local = local_tensor(entry)
-                if local.data_ptr() == local_tensor(self._params[name]).data_ptr():
-                    continue  # the parameter itself, zeroed by the check above
-                if local.shape == kept.shape:
-                    apply_masks_([local], [kept.to(local.device)])
-                elif self._shards is not None and tuple(local.shape) == tuple(self._shards[name].shape):
-                    whole = unpack_mask(self._packed[name], self._shards[name].shape)  # a gathered full state dict
-                    apply_masks_([local], [whole.to(local.device)])
-
     def _check_pruned_weights(self, trainer: Trainer, when: str) -> None:
         """Zero pruned weights that something besides the optimizer step set, warn, and re-zero after every step."""
-        weights = list(self._local(self._params.values()))
-        counts = self._mask_set.count_pruned_nonzero(weights)
-        if not any(counts):
+        first = not self._enforcer.rezero_every_step
+        counts = self._enforcer.repair()
+        if not counts or not first:
             return
-        self._mask_set.zero_(weights)
-        if self._rezero_every_step:
-            return
-        self._rezero_every_step = True
-        found = ", ".join(f"{count:,} in `{name}`" for name, count in zip(self._params, counts, strict=True) if count)
+        found = ", ".join(f"{count:,} in `{name}`" for name, count in counts.items())
         message = (
             f"`SNIPPruning`: pruned weights were non-zero {when} ({found}): something besides the optimizer step wrote"
             " to them (a callback, `training_step`, or a backward outside `manual_backward`). They are zero again, and"
@@ -594,17 +494,6 @@ class SNIPPruning(_Callback):
         else:  # each rank checks its own shards
             warnings.warn(f"[rank {trainer.global_rank}] {message}", stacklevel=2)
 
-    def _remove_step_hooks(self) -> None:
-        for handle in self._step_hooks:
-            handle.remove()
-        self._step_hooks = []
-
-    def _local(self, tensors: Iterable[_T]) -> Iterable[_T]:
-        """The local parts of the tensors (sharded models hold ``DTensor``s); the tensors themselves otherwise."""
-        if self._shards is None:
-            return tensors
-        return [t if t is None else cast(_T, local_tensor(t)) for t in tensors]
-
     def _hold(
         self,
         params: dict[str, nn.Parameter],
@@ -613,9 +502,10 @@ class SNIPPruning(_Callback):
         packed: dict[str, Tensor],
     ) -> None:
         """Hold masks bound to ``params``, prepare them for the per-step zeroing and zero the pruned weights."""
+        self._enforcer.detach()
         self._params, self._kept, self._shards, self._packed = params, kept, shards, packed
-        self._mask_set = MaskSet(kept.values())
-        self._mask_set.zero_(self._local(params.values()))
+        self._enforcer = Enforcer(params, kept, local_tensor if shards is not None else None)
+        self._enforcer.zero_weights()
 
     def _bind(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Attach held masks to the module's parameters (by name), move them to their devices, zero the weights."""
@@ -625,19 +515,7 @@ class SNIPPruning(_Callback):
         packed = self._packed_masks()[0] if sharded else {}  # the packed masks already held, when there are some
         params = canonical_parameters(pl_module)
         shapes = whole_shapes(pl_module) if sharded else {name: p.shape for name, p in params.items()}
-        missing = [n for n in whole if n not in params]
-        mismatched = [
-            f"{n}: mask {tuple(m.shape)} vs parameter {tuple(shapes[n])}"
-            for n, m in whole.items()
-            if n in params and m.shape != shapes[n]
-        ]
-        if missing or mismatched:
-            raise lightning.misconfiguration(
-                trainer,
-                "`SNIPPruning` holds masks (from a checkpoint or an earlier fit) that do not fit this model:"
-                f" missing parameters {missing}, shape mismatches {mismatched}. Resume with the model the masks were"
-                " made for, or use a new `SNIPPruning` instance to score this model.",
-            )
+        guards.check_masks_fit(trainer, whole, {name: shapes[name] for name in params})
         guards.refuse_sparse_gradients(trainer, pl_module, whole)
         bound = {n: params[n] for n in whole}
         shards = shard_layout(bound, shapes) if sharded else None
@@ -708,7 +586,9 @@ class SNIPPruning(_Callback):
         scores, seed = self._scores(trainer, pl_module, candidates, local, shards)
         nonzero = holds_nonzero(scores.values())
         if shards is not None:
-            kept, rows, dead, packed = self._select_shards(trainer, scores, shards, nonzero)
+            kept, rows, dead, packed = select_shard_masks(
+                scores, shards, nonzero, self.sparsity, self.scope, lambda t: _all_reduce_sum(trainer.strategy, t)
+            )
         else:
             dead = [name for name, z in zip(scores, nonzero, strict=True) if not z]
             guards.protect_weight_norm_slices(pl_module, scores, self.sparsity, self.scope)
@@ -776,30 +656,6 @@ class SNIPPruning(_Callback):
                 context.shapes = {name: shard.shape for name, shard in shards.items()}
                 context.take_local = lambda name, whole: shards[name].take(whole, like=local[name]).clone()
             return criterion.score(context), seed
-
-    def _select_shards(
-        self, trainer: Trainer, scores: dict[str, Tensor], shards: dict[str, Shard], nonzero: list[bool]
-    ) -> tuple[dict[str, Tensor], list[TensorSparsity], list[str], dict[str, Tensor]]:
-        """Select on a sharded model: each rank its shards' masks; the counts, dead tensors and packed masks of all."""
-        try:
-            kept = select_masks_distributed(
-                scores, {name: shard.numel for name, shard in shards.items()}, self.sparsity, self.scope
-            )
-        except ValueError as error:
-            raise ScoringError(
-                f"{error} Check the data and the initialization; with `precision='16-mixed'` try 'bf16-mixed'."
-            ) from None
-        counts = torch.tensor(
-            [[int(kept[n].sum()), int(z)] for n, z in zip(scores, nonzero, strict=True)], dtype=torch.int64
-        )
-        counts = _all_reduce_sum(trainer.strategy, counts)
-        rows = [
-            TensorSparsity(name, tuple(shard.shape), int(counts[i, 0]), shard.numel)
-            for i, (name, shard) in enumerate(shards.items())
-        ]
-        dead = [name for i, name in enumerate(scores) if not counts[i, 1]]
-        packed = {name: gather_packed_mask(kept[name], shards[name]) for name in kept}  # collectives
-        return kept, rows, dead, packed
 
     def _select_round(
         self, pl_module: LightningModule, scores: Mapping[str, Tensor], sparsity: float

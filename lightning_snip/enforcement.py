@@ -5,11 +5,13 @@ Plain PyTorch, no Lightning. Masks are bool tensors shaped like their weights; `
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 _T = TypeVar("_T", bound="Tensor | None")
 
@@ -28,17 +30,49 @@ def _as_bits(tensor: Tensor) -> Tensor | None:
     return None if dtype is None else tensor.view(dtype)
 
 
+#: Memory the per-step forms of a :class:`MaskSet` may take beyond its bool masks (1 byte per weight), in all.
+FAST_FORM_BYTES = 16 * 2**20
+# Kept fractions up to which zeroing by the kept positions (save them, zero all, put them back) beats the bit multiply
+# on CPU: measured at about 0.14 ns per weight plus 9 ns per kept weight, against 1.7 ns per weight for the multiply.
+_INDEX_DENSITY = 0.15
+_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class _FastForm:
+    """A per-step form of one mask for tensors of one element width on one device.
+
+    ``factor`` is the mask as 0/1 integers of that width (a multiply without a dtype conversion); ``index`` holds the
+    kept positions.
+    """
+
+    width: int
+    device: torch.device
+    factor: Tensor | None = None
+    index: Tensor | None = None
+
+    def fits(self, tensor: Tensor) -> bool:
+        return tensor.element_size() == self.width and tensor.device == self.device
+
+
 class MaskSet:
     """Bool masks prepared once for the per-step zeroing of a fixed list of tensors (their weights or gradients).
 
-    Zeroing multiplies each tensor's bits, viewed as integers of the same width, by its mask viewed as uint8: one fused
-    ``_foreach_mul_`` per device. A pruned entry becomes exactly ``+0.0`` whatever it held, ``inf`` and ``nan``
-    included, so no finiteness check, no fallback and no host synchronization are needed, and kept entries are
-    untouched bit for bit. :func:`apply_masks_` does the same for one call; a callback that zeroes the same tensors on
-    every step keeps a ``MaskSet``, so the per-step work is only the multiply.
+    Zeroing works on each tensor's bits viewed as integers of the same width, so a pruned entry becomes exactly
+    ``+0.0`` whatever it held, ``inf`` and ``nan`` included: no finiteness check, no fallback and no host
+    synchronization are needed, and kept entries are untouched bit for bit. :func:`apply_masks_` does the same for one
+    call; a callback that zeroes the same tensors on every step keeps a ``MaskSet``.
+
+    Given ``like`` (the tensors it will zero on every step), it also prepares faster forms for tensors of their element
+    width and device, within ``budget`` bytes in all beyond the bool masks: the mask as 0/1 integers of that width
+    (a multiply without a dtype conversion, about 5 times faster on CPU, ``width`` bytes per weight) when all of them
+    fit, else the kept positions of tensors that keep at most 15% (8 bytes per kept weight), then the integer form for
+    as many of the rest as still fit. Other tensors get the bits multiplied by the mask viewed as ``uint8``.
 
     Args:
         kept: Bool masks, ``True`` where kept, each on the device of the tensor it will zero.
+        like: The tensors to prepare the faster forms for, one per mask. Defaults to ``None``: none.
+        budget: Bytes the faster forms may take in all. Defaults to :data:`FAST_FORM_BYTES`.
 
     Raises:
         TypeError: If a mask is not a bool tensor.
@@ -52,12 +86,28 @@ class MaskSet:
         tensor([1., 0., 0.])
     """
 
-    def __init__(self, kept: Iterable[Tensor]) -> None:
+    def __init__(
+        self, kept: Iterable[Tensor], like: Sequence[Tensor] | None = None, budget: int = FAST_FORM_BYTES
+    ) -> None:
         self.kept = tuple(kept)
         bad = [tuple(m.shape) for m in self.kept if m.dtype != torch.bool]
         if bad:
             raise TypeError(f"`kept` must hold bool masks (True = kept); got non-bool masks of shapes {bad}.")
         self._factors = tuple(m.view(torch.uint8) for m in self.kept)
+        self._forms: tuple[_FastForm | None, ...] = (None,) * len(self.kept)
+        if like is not None:
+            self._forms = _fast_forms(self.kept, self._aligned(like), budget)
+
+    @property
+    def fast_form_bytes(self) -> int:
+        """Bytes the faster forms take."""
+        return sum(
+            t.numel() * t.element_size()
+            for form in self._forms
+            if form is not None
+            for t in (form.factor, form.index)
+            if t is not None
+        )
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -86,9 +136,19 @@ class MaskSet:
                 mask's (a multiply would broadcast the mask silently).
         """
         groups: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
-        for value, factor, mask in zip(self._aligned(tensors), self._factors, self.kept, strict=True):
+        slots = zip(self._aligned(tensors), self._factors, self.kept, self._forms, strict=True)
+        for value, factor, mask, form in slots:
             if value is None:
                 continue
+            if form is not None and form.fits(value):
+                if form.index is not None and value.is_contiguous():
+                    flat = value.view(-1)
+                    saved = flat.index_select(0, form.index)
+                    flat.zero_()
+                    flat.index_copy_(0, form.index, saved)
+                    continue
+                if form.factor is not None:
+                    factor = form.factor
             bits = _as_bits(value)
             if bits is None:  # no integer of that width (complex128): overwrite instead
                 value.masked_fill_(~mask, 0)
@@ -134,6 +194,168 @@ def _largest_pruned(value: Tensor, kept: Tensor) -> Tensor:
     if value.is_floating_point() and bits is not None and value.numel():
         return torch.mul(bits, (~kept).view(torch.uint8)).view(value.dtype).abs_().amax().float()
     return ((value != 0) & ~kept).any().float()
+
+
+class Enforcer:
+    """Keeps a fixed set of parameters at their masks through training, with plain PyTorch.
+
+    The per-step work is :meth:`mask_gradients` after every backward (then optimizer state never builds up for pruned
+    weights) and an optimizer post-step hook per optimizer (:meth:`attach`) that re-zeros the pruned weights, unless
+    the step provably left them at zero: the optimizer keeps zeros (:func:`keeps_zeros`), optimization is automatic
+    (every backward is followed by :meth:`mask_gradients`), and a masked backward ran since its previous step. Under
+    manual optimization every step is followed by the re-zeroing, since a plain ``loss.backward()`` may have set any
+    optimizer's gradients. :meth:`repair` is the occasional check; once it finds a write to pruned weights, every
+    step is followed by the re-zeroing.
+
+    Args:
+        params: The pruned parameters by name.
+        kept: Their bool masks by name (``True`` = kept), each on its parameter's device, shaped like ``local`` of it.
+        local: The part of a parameter or gradient the masks are shaped like (a sharded ``DTensor``'s local shard).
+            Defaults to ``None``: the tensors themselves.
+
+    Example::
+
+        >>> layer = torch.nn.Linear(3, 1, bias=False)
+        >>> enforcer = Enforcer({"weight": layer.weight}, {"weight": torch.tensor([[True, False, True]])})
+        >>> enforcer.zero_weights()
+        >>> float(layer.weight[0, 1])
+        0.0
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        kept: Mapping[str, Tensor],
+        local: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self.names = list(kept)
+        self.params = [params[name] for name in self.names]
+        self._local = local
+        self.masks = MaskSet((kept[name] for name in self.names), like=self._locals(self.params))
+        self.masked_backwards = 0  # read by the post-step hooks
+        self.rezero_every_step = False
+        self._handles: list[RemovableHandle] = []
+
+    def _locals(self, tensors: Iterable[_T]) -> list[_T]:
+        if self._local is None:
+            return list(tensors)
+        local = self._local
+        return [t if t is None else cast(_T, local(t)) for t in tensors]
+
+    def zero_weights(self) -> None:
+        """Set every pruned weight to exactly zero."""
+        self.masks.zero_(self._locals(self.params))
+
+    def mask_gradients(self) -> None:
+        """Set the gradients of pruned weights to exactly zero (parameters without a gradient are skipped)."""
+        self.masks.zero_(self._locals([p.grad for p in self.params]))
+        self.masked_backwards += 1
+
+    def attach(self, optimizers: Iterable[torch.optim.Optimizer], automatic: bool) -> None:
+        """Zero the pruned entries of each optimizer's state and hook the re-zeroing after each of its steps.
+
+        Args:
+            optimizers: The optimizers; those holding none of the parameters are left alone.
+            automatic: Whether every backward is followed by :meth:`mask_gradients` (Lightning's automatic
+                optimization).
+        """
+        self.detach()
+        self.rezero_every_step = False
+        by_id = {id(p): (p, m) for p, m in zip(self.params, self.masks.kept, strict=True)}
+        for optimizer in optimizers:
+            pairs = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in by_id]
+            if not pairs:
+                continue
+            params = [p for p, _ in pairs]
+            masks = MaskSet([m for _, m in pairs], like=self._locals(params))
+            _zero_optimizer_state(optimizer, params, masks.kept, self._locals)
+            hook = self._post_step_hook(params, masks, automatic and keeps_zeros(optimizer))
+            self._handles.append(optimizer.register_step_post_hook(hook))
+
+    def detach(self) -> None:
+        """Remove the post-step hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _post_step_hook(self, params: list[Tensor], masks: MaskSet, optimizer_keeps_zeros: bool) -> Any:
+        masked_at_previous_step = self.masked_backwards
+
+        def hook(*_: Any) -> None:
+            nonlocal masked_at_previous_step
+            masked = self.masked_backwards != masked_at_previous_step
+            masked_at_previous_step = self.masked_backwards
+            if self.rezero_every_step or not (optimizer_keeps_zeros and masked):
+                masks.zero_(self._locals(params))
+
+        return hook
+
+    def repair(self) -> dict[str, int]:
+        """Zero the pruned weights that are not zero, and from then on re-zero after every optimizer step.
+
+        Returns:
+            How many pruned weights were not zero, by parameter name, for those that had any (empty when none).
+        """
+        weights = self._locals(self.params)
+        counts = self.masks.count_pruned_nonzero(weights)
+        if not any(counts):
+            return {}
+        self.masks.zero_(weights)
+        self.rezero_every_step = True
+        return {name: count for name, count in zip(self.names, counts, strict=True) if count}
+
+    def count_zeros(self) -> int:
+        """Weights equal to zero among the parameters (their local parts), with one device synchronization."""
+        return count_zeros(self._locals(self.params))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": []}  # hooks belong to this process's optimizers
+
+
+def _zero_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    params: list[Tensor],
+    kept: Sequence[Tensor],
+    local: Callable[[list[Tensor]], list[Tensor]],
+) -> None:
+    """Zero the pruned entries of the optimizer state (momentum, moments) built before the masks were held."""
+    states, masks = [], []
+    for param, mask in zip(params, kept, strict=True):
+        for value in optimizer.state.get(param, {}).values():
+            if isinstance(value, Tensor) and value.shape == param.shape:  # not scalars such as Adam's `step`
+                state = local([value])[0]
+                states.append(state)
+                masks.append(mask.to(state.device))  # state may live elsewhere (offloaded)
+    if states:
+        MaskSet(masks).zero_(states)
+
+
+def _fast_forms(kept: Sequence[Tensor], like: Sequence[Tensor], budget: int) -> tuple[_FastForm | None, ...]:
+    """The faster per-step form of each mask for the tensors ``like`` it, within ``budget`` bytes (see MaskSet)."""
+    widths = [t.element_size() if t.element_size() in _INTEGER_OF_SIZE else 0 for t in like]
+    sizes = [m.numel() * w for m, w in zip(kept, widths, strict=True)]
+    chosen: list[str | None] = [None] * len(kept)
+    left = budget
+    if sum(sizes) <= budget:
+        chosen = ["factor" if w else None for w in widths]
+    else:  # the largest tensors first: there the time goes
+        order = sorted(range(len(kept)), key=lambda i: -kept[i].numel())
+        counts = _to_host([m.sum() for m in kept])
+        for i in order:
+            cost = 8 * int(counts[i])
+            if widths[i] and counts[i] <= _INDEX_DENSITY * kept[i].numel() and cost <= left:
+                chosen[i], left = "index", left - cost
+        for i in order:
+            if chosen[i] is None and widths[i] and sizes[i] <= left:
+                chosen[i], left = "factor", left - sizes[i]
+    return tuple(
+        None
+        if kind is None
+        else _FastForm(w, m.device, factor=m.to(_INTEGER_OF_SIZE[w]))
+        if kind == "factor"
+        else _FastForm(w, m.device, index=m.reshape(-1).nonzero().squeeze(1))
+        for kind, m, w in zip(chosen, kept, widths, strict=True)
+    )
 
 
 #: PyTorch optimizers whose update of an entry depends only on that entry's weight, gradient and optimizer state,
@@ -214,3 +436,36 @@ def _zero_counts(tensors: Iterable[Tensor]) -> list[int]:
 def count_zeros(tensors: Iterable[Tensor]) -> int:
     """Number of entries equal to zero over all tensors, with a single device synchronization."""
     return sum(_zero_counts(tensors))
+
+
+@torch.no_grad()
+def zero_pruned_entries(
+    state: Mapping[str, Any],
+    params: Mapping[str, Tensor],
+    kept: Mapping[str, Tensor],
+    aliases: Mapping[str, list[str]],
+    whole: Mapping[str, Tensor] | None = None,
+    local: Callable[[Tensor], Tensor] = lambda t: t,
+) -> None:
+    """Zero the pruned entries of the tensors of a ``state_dict`` (a checkpoint's), in place.
+
+    Args:
+        state: The state dict; its entries that are the parameters themselves are left alone.
+        params: The pruned parameters by name.
+        kept: Their masks, shaped like each parameter's local part.
+        aliases: Every name of each parameter in ``state`` (tied weights have several).
+        whole: The whole masks of a sharded model, for the whole tensors of a gathered state dict.
+        local: The part of a tensor the masks are shaped like (a sharded ``DTensor``'s local shard).
+    """
+    for name, mask in kept.items():
+        for alias in aliases.get(name, [name]):
+            entry = state.get(alias)
+            if not isinstance(entry, Tensor):
+                continue
+            part = local(entry)
+            if part.data_ptr() == local(params[name]).data_ptr():
+                continue  # the parameter itself
+            if part.shape == mask.shape:
+                apply_masks_([part], [mask.to(part.device)])
+            elif whole is not None and part.shape == whole[name].shape:
+                apply_masks_([part], [whole[name].to(part.device)])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+from torch import Size, Tensor, nn
 
 from lightning_snip import _lightning as lightning
 from lightning_snip.candidates import other_parametrizations, sparse_gradient_parameters, weight_norm_directions
@@ -135,3 +135,24 @@ def check_weight_norm_slices(pl_module: LightningModule, kept: Mapping[str, Tens
                     f"`shuffle=True` left a normed slice of the weight-normalized `{name}` with no weight (a zero"
                     f" norm). Exclude it (`exclude=[{name!r}]`) or lower `sparsity`."
                 )
+
+
+def check_masks_fit(trainer: Trainer, whole: Mapping[str, Tensor], shapes: Mapping[str, Size]) -> None:
+    """Refuse held masks (from a checkpoint or an earlier fit) that do not fit the model's parameters (whole shapes).
+
+    Raises:
+        MisconfigurationException: Naming the missing parameters and the shape mismatches.
+    """
+    missing = [n for n in whole if n not in shapes]
+    mismatched = [
+        f"{n}: mask {tuple(m.shape)} vs parameter {tuple(shapes[n])}"
+        for n, m in whole.items()
+        if n in shapes and m.shape != shapes[n]
+    ]
+    if missing or mismatched:
+        raise lightning.misconfiguration(
+            trainer,
+            "`SNIPPruning` holds masks (from a checkpoint or an earlier fit) that do not fit this model:"
+            f" missing parameters {missing}, shape mismatches {mismatched}. Resume with the model the masks were"
+            " made for, or use a new `SNIPPruning` instance to score this model.",
+        )

@@ -1,9 +1,13 @@
-"""Masks as bits, for checkpoints and compressed files: 1 bit per weight, row-major, most significant bit first."""
+"""Masks as bits, for checkpoints and compressed files, and the callback's checkpoint state built from them.
+
+Bits are row-major, most significant bit first: 1 bit per weight.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,3 +60,67 @@ def unpack_mask(packed: Tensor, shape: Sequence[int]) -> Tensor:
         begin = start * 8
         out[begin : begin + bits.numel()] = bits[: max(0, min(bits.numel(), total - begin))]
     return out.reshape(tuple(shape))
+
+
+#: The version of the callback's checkpoint state: 1 held bool masks; 2 holds bit-packed masks and their shapes.
+STATE_VERSION = 2
+
+
+def pack_state(
+    packed: Mapping[str, Tensor], shapes: Mapping[str, Sequence[int]], config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The callback's checkpoint state from bit-packed masks (:func:`pack_mask`), their shapes and the options.
+
+    It holds tensors and plain values only, so it reads back with ``weights_only=True``.
+    """
+    return {
+        "version": STATE_VERSION,
+        "config": dict(config),
+        "masks": dict(packed),
+        "shapes": {name: list(shape) for name, shape in shapes.items()},
+    }
+
+
+def unpack_state(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """The whole masks (bool, on CPU) and the options of a state written by :func:`pack_state` or version 1.
+
+    Raises:
+        ValueError: If the state is not one of ours, or a mask lacks its shape.
+    """
+    version = state.get("version", 1)
+    masks = state.get("masks")
+    shapes = state.get("shapes", {})
+    if version not in (1, 2) or not isinstance(masks, Mapping) or not isinstance(shapes, Mapping):
+        raise ValueError(
+            "The `SNIPPruning` state must hold 'masks' by parameter name (bool tensors in version 1, bit-packed"
+            f" with 'shapes' in version 2); got version {version!r} with {type(masks).__name__} masks. Was the"
+            " checkpoint written by another callback or a newer lightning-snip?"
+        )
+    if version == 1:
+        if not all(isinstance(m, Tensor) and m.dtype == torch.bool for m in masks.values()):
+            raise ValueError("The version-1 `SNIPPruning` state must hold 'masks', a dict of bool tensors.")
+        unpacked = {name: mask.cpu() for name, mask in masks.items()}
+    else:
+        missing = sorted(set(masks) - set(shapes))
+        if missing:
+            raise ValueError(f"The `SNIPPruning` state lacks the 'shapes' of masks {missing}.")
+        unpacked = {name: unpack_mask(packed, shapes[name]) for name, packed in masks.items()}
+    config = state.get("config")
+    return unpacked, dict(config) if isinstance(config, Mapping) else None
+
+
+def differing(held: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[str]:
+    """The options in ``current`` that differ from ``held`` (those the masks were made with), as text.
+
+    Example::
+
+        >>> differing({"sparsity": 0.9, "num_batches": 1}, {"sparsity": 0.9, "num_batches": 2})
+        ['num_batches=1 (this instance: 2)']
+    """
+    if held is None:
+        return []
+    return [
+        f"{key}={held.get(key)!r} (this instance: {value!r})"
+        for key, value in current.items()
+        if key in held and held[key] != value
+    ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_snip.packing import pack_mask
-from lightning_snip.selection import all_gather_ints, collective_device
+from lightning_snip.report import TensorSparsity
+from lightning_snip.scoring import ScoringError
+from lightning_snip.selection import all_gather_ints, collective_device, select_masks_distributed
 
 # Prefixes that FSDP's and activation checkpointing's wrappers insert into parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -197,3 +199,38 @@ def gather_packed_mask(local: Tensor, shard: Shard, group: Any = None) -> Tensor
     dist.all_gather(gathered, padded, group=group)
     whole = torch.cat([g[:count].cpu() for g, count in zip(gathered, shard.counts, strict=True)]).bool()
     return pack_mask(whole.view(shard.shape))
+
+
+def select_shard_masks(
+    scores: Mapping[str, Tensor],
+    shards: Mapping[str, Shard],
+    nonzero: Sequence[bool],
+    sparsity: float,
+    scope: str,
+    all_reduce_sum: Callable[[Tensor], Tensor],
+) -> tuple[dict[str, Tensor], list[TensorSparsity], list[str], dict[str, Tensor]]:
+    """Select on a sharded model, every rank together.
+
+    Returns each rank's masks of its shards, and for all ranks the kept counts per tensor, the tensors whose scores
+    are all zero (``nonzero`` is this rank's view) and the whole masks, bit-packed.
+
+    Raises:
+        ScoringError: If the scores cannot be ranked (not finite).
+    """
+    try:
+        kept = select_masks_distributed(scores, {name: shard.numel for name, shard in shards.items()}, sparsity, scope)
+    except ValueError as error:
+        raise ScoringError(
+            f"{error} Check the data and the initialization; with `precision='16-mixed'` try 'bf16-mixed'."
+        ) from None
+    counts = torch.tensor(
+        [[int(kept[n].sum()), int(z)] for n, z in zip(scores, nonzero, strict=True)], dtype=torch.int64
+    )
+    counts = all_reduce_sum(counts)
+    rows = [
+        TensorSparsity(name, tuple(shard.shape), int(counts[i, 0]), shard.numel)
+        for i, (name, shard) in enumerate(shards.items())
+    ]
+    dead = [name for i, name in enumerate(scores) if not counts[i, 1]]
+    packed = {name: gather_packed_mask(kept[name], shards[name]) for name in kept}  # collectives
+    return kept, rows, dead, packed

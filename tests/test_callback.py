@@ -450,7 +450,7 @@ def test_weights_are_rezeroed_after_a_step_only_where_it_can_move_them(monkeypat
     assert checker.violations == [0] * 5
     # zeroing when the masks are made and at train start, then one pass per step only where the step moves zeros
     assert passes[0] == weight_passes
-    assert not pruning._rezero_every_step
+    assert not pruning._enforcer.rezero_every_step
 
 
 class WriteToPrunedWeights(pl.Callback):
@@ -474,7 +474,7 @@ def test_a_write_to_pruned_weights_is_caught_warned_and_rezeroed_after_every_ste
     with pytest.warns(UserWarning, match=warning):
         fit(BoringClassifier(), [WriteToPrunedWeights(at_batch=1), pruning, checker], log_every_n_steps=2)
     assert checker.violations == [0] * 5  # the check at step 2 ran before the checker saw the write
-    assert pruning._rezero_every_step
+    assert pruning._enforcer.rezero_every_step
     # made, train start, the check at step 2, then after steps 3 and 4
     assert passes[0] == 2 + 1 + 2
 
