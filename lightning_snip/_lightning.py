@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from functools import cache
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -322,3 +325,23 @@ def training_step_losses(
             yield loss_fn
         finally:
             iterator = None  # ends the workers of a private loader's iterator
+
+
+def _handback_path(home_pid: int, token: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"lightning-snip-{home_pid}-{token}.pt"
+
+
+def hand_back(trainer: Trainer, state: Callable[[], dict[str, Any]], home_pid: int, token: str) -> None:
+    """In rank zero of ``ddp_spawn``/``ddp_fork`` workers, write ``state()`` where the launching process looks."""
+    if trainer.is_global_zero and os.getpid() != home_pid and is_spawned_worker(trainer):
+        torch.save(state(), _handback_path(home_pid, token))
+
+
+def take_handed_back(home_pid: int, token: str) -> dict[str, Any] | None:
+    """In the launching process, the state its spawned workers handed back (once), or ``None``."""
+    path = _handback_path(home_pid, token)
+    if os.getpid() != home_pid or not path.exists():
+        return None
+    state = torch.load(path, weights_only=True)
+    path.unlink()
+    return state

@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
-import time
 import uuid
 import warnings
 import weakref
 from collections.abc import Mapping
-from contextlib import ExitStack
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,31 +40,22 @@ from lightning_snip._options import check_patterns, validate_options
 from lightning_snip._types import PositiveInt, ScopeName, Sparsity
 from lightning_snip.candidates import (
     canonical_parameters,
-    find_candidates,
     parameter_aliases,
 )
-from lightning_snip.enforcement import Enforcer, MaskSet, holds_nonzero, zero_pruned_entries
-from lightning_snip.isolation import leave_no_trace
+from lightning_snip.enforcement import Enforcer, MaskSet, zero_pruned_entries
 from lightning_snip.packing import differing, pack_mask, pack_state, unpack_mask, unpack_state
+from lightning_snip.pipeline import OPTION_NAMES, Options, prune
 from lightning_snip.report import sparsity_report
 from lightning_snip.scoring import (
     CriterionName,
     Schedule,
-    ScoringContext,
-    backward_mean_gradients,
-    get_criterion,
 )
 from lightning_snip.selection import (
     Scope,
-    parse_n_m,
-    select_masks,
-    shuffle_masks,
 )
 from lightning_snip.sharding import (
     Shard,
     local_tensor,
-    restore_flat_grads,
-    select_shard_masks,
     shard_layout,
     whole_shapes,
 )
@@ -255,30 +242,25 @@ class SNIPPruning(_Callback):
         masks = self._loaded if self._loaded is not None else self._kept
         return {name: pack_mask(m) for name, m in masks.items()}, {name: list(m.shape) for name, m in masks.items()}
 
+    def _options(self) -> Options:
+        return Options(**{name: getattr(self, name) for name in OPTION_NAMES})
+
     def _config(self) -> dict[str, Any]:
-        return {
-            "sparsity": self.sparsity,
-            "num_batches": self.num_batches,
-            "criterion": self.criterion,
-            "scope": self.scope,
-            "include": self.include,
-            "exclude": self.exclude,
-            "seed": self.seed,
-            # only when set: the state keys (and so the checkpoints) of earlier versions stay valid
-            **({"iterations": self.iterations} if self.iterations is not None else {}),
-            **({"schedule": self.schedule} if self.schedule != "exponential" else {}),
-            **({"min_density": self.min_density} if self.min_density else {}),
-            **({"shuffle": self.shuffle} if self.shuffle else {}),
-        }
+        return self._options().config()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in OPTION_NAMES:
+            self.__dict__.pop("_state_key", None)
 
     @property
     @override
     def state_key(self) -> str:
-        # Lightning reads this on every hook call (profiler names): build it once per configuration
-        config = self._config()
-        if getattr(self, "_state_key_for", None) != config:
-            self._state_key_for, self._state_key = config, self._generate_state_key(**config)
-        return self._state_key
+        # Lightning reads this on every hook call, due or not (profiler names): built once per configuration
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = self._generate_state_key(**self._config())
+        return key
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -388,9 +370,8 @@ class SNIPPruning(_Callback):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._enforcer.detach()
-        returning = stage == "fit" and self._kept and trainer.is_global_zero and os.getpid() != self._home_pid
-        if returning and lightning.is_spawned_worker(trainer):  # the launching process reads it in `_collect_...`
-            torch.save(self.state_dict(), self._return_path())
+        if stage == "fit" and self._kept:  # the launching process reads it in `_collect_from_workers`
+            lightning.hand_back(trainer, self.state_dict, self._home_pid, self._token)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -450,20 +431,12 @@ class SNIPPruning(_Callback):
         self._loaded, self._masks_config, self._module = None, None, None
         self._hold({}, {}, None, {})
 
-    def _return_path(self) -> Path:
-        return Path(tempfile.gettempdir()) / f"lightning-snip-{self._home_pid}-{self._token}.pt"
-
     def _collect_from_workers(self) -> None:
         """In the launching process, take the masks that ``ddp_spawn``/``ddp_fork`` workers handed back."""
-        if os.getpid() != self._home_pid:
-            return
-        path = self._return_path()
-        if not path.exists():
-            return
-        state = torch.load(path, weights_only=True)
-        path.unlink()
-        self.load_state_dict(state)
-        self._loaded_from = "earlier fit"
+        state = lightning.take_handed_back(self._home_pid, self._token)
+        if state is not None:
+            self.load_state_dict(state)
+            self._loaded_from = "earlier fit"
 
     def _log_sparsity(self, trainer: Trainer, step: int) -> None:
         sharded = self._shards is not None  # then every rank counts its shards
@@ -546,122 +519,18 @@ class SNIPPruning(_Callback):
             f" kept ({1 - kept_weights / max(total, 1):.2%} sparsity).",
         )
 
-    def _shared_seed(self, strategy: Strategy) -> int:
-        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        return int(strategy.broadcast(seed, src=0))
-
-    def _candidates(
-        self, trainer: Trainer, pl_module: LightningModule, shapes: dict[str, torch.Size] | None
-    ) -> dict[str, nn.Parameter]:
-        """The candidates (``shapes``: whole shapes of a sharded model), after the checks due before any change."""
-        candidates = find_candidates(pl_module, self.include, self.exclude, shapes)
-        guards.check_scoring_setup(
-            trainer,
-            pl_module,
-            candidates,
-            criterion=self.criterion,
-            scope=self.scope,
-            sharded=shapes is not None,
-            whole_masks_needed=self.min_density > 0 or self.shuffle,
-        )
-        if self._trained_steps:
-            lightning.rank_zero_warn(
-                trainer,
-                f"`SNIPPruning`: the checkpoint holds no `SNIPPruning` masks but weights trained for"
-                f" {self._trained_steps} steps. They are scored and pruned now, which prunes a trained network, not"
-                " one at initialization. To continue a pruned run, resume from a checkpoint written with"
-                " `SNIPPruning`; to prune at initialization, fit a freshly initialized model.",
-            )
-            self._trained_steps = 0
-        return candidates
-
     def _score(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the candidates, select the masks and zero the pruned weights; on failure the model is unchanged."""
-        sharded = lightning.is_sharding(trainer.strategy)
-        shapes = whole_shapes(pl_module) if sharded else None
-        candidates = self._candidates(trainer, pl_module, shapes)
-        shards = shard_layout(candidates, shapes) if shapes is not None else None  # a collective
-        local = {name: local_tensor(p) for name, p in candidates.items()}
-        start = time.perf_counter()
-        scores, seed = self._scores(trainer, pl_module, candidates, local, shards)
-        nonzero = holds_nonzero(scores.values())
-        if shards is not None:
-            kept, rows, dead, packed = select_shard_masks(
-                scores, shards, nonzero, self.sparsity, self.scope, lambda t: _all_reduce_sum(trainer.strategy, t)
-            )
-        else:
-            dead = [name for name, z in zip(scores, nonzero, strict=True) if not z]
-            guards.protect_weight_norm_slices(pl_module, scores, self.sparsity, self.scope)
-            kept, packed = select_masks(scores, self.sparsity, self.scope, self.min_density), {}
-            if self.shuffle:
-                kept = shuffle_masks(kept, torch.Generator().manual_seed(seed + 1))
-                guards.check_weight_norm_slices(pl_module, kept)
-        del scores
-        if candidates and next(iter(local.values())).is_cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-
-        self._hold(candidates, kept, shards, packed)
+        pruned = prune(trainer, pl_module, self._options(), self._trained_steps)
+        self._trained_steps = 0
+        self._hold(pruned.params, pruned.kept, pruned.shards, pruned.packed)
         self._module, self._masks_config = weakref.ref(pl_module), None
         reporting.report_scoring(
             trainer,
             f"{self.criterion}, {self.scope}",
-            dead,
-            elapsed,
-            rows if shards is not None else sparsity_report(self._params),
+            pruned.dead,
+            pruned.seconds,
+            pruned.rows if pruned.shards is not None else sparsity_report(self._params),
             per_layer=self.log_per_layer,
             chart=self.plot,
         )
-
-    def _scores(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        candidates: dict[str, nn.Parameter],
-        local: dict[str, Tensor],
-        shards: dict[str, Shard] | None,
-    ) -> tuple[dict[str, Tensor], int]:
-        """Run the criterion with no trace left but its scores; also return the seed all ranks share."""
-        strategy, criterion = trainer.strategy, get_criterion(self.criterion)
-        batches_needed = criterion.needs_data or (
-            criterion.needs_input and getattr(pl_module, "example_input_array", None) is None
-        )
-        if batches_needed:
-            trainer.fit_loop.setup_data()  # what fit would do next; done outside `leave_no_trace` on purpose
-        with leave_no_trace(pl_module), restore_flat_grads(pl_module), ExitStack() as stack:
-            seed = self._shared_seed(strategy)
-            pl_module.train()
-            loss_fn = None
-            if batches_needed:
-                losses = lightning.training_step_losses(trainer, pl_module, self.num_batches, shards is not None)
-                loss_fn = stack.enter_context(losses)
-            context = ScoringContext(
-                weights=local,
-                loss_fn=loss_fn,
-                num_batches=self.num_batches,
-                all_reduce_mean=lambda t: strategy.reduce(t, reduce_op="mean"),
-                generator=torch.Generator().manual_seed(seed),
-                sparsity=self.sparsity,
-                iterations=self.iterations or criterion.default_iterations or 1,
-                schedule=self.schedule,
-                select=lambda scores, sparsity: self._select_round(pl_module, scores, sparsity),
-                module=pl_module,
-                example_input=lightning.example_input(pl_module, loss_fn) if criterion.needs_input else None,
-            )
-            if shards is not None:  # each rank scores its own shards; FSDP averages the gradients
-                if loss_fn is not None:
-                    context.gradients = lambda: backward_mean_gradients(
-                        candidates, loss_fn, self.num_batches, local_tensor
-                    )
-                context.shapes = {name: shard.shape for name, shard in shards.items()}
-                context.take_local = lambda name, whole: shards[name].take(whole, like=local[name]).clone()
-            return criterion.score(context), seed
-
-    def _select_round(
-        self, pl_module: LightningModule, scores: Mapping[str, Tensor], sparsity: float
-    ) -> dict[str, Tensor]:
-        """The masks between the rounds of an iterative criterion: this scope (layerwise for N:M), exact counts."""
-        scope = self.scope if parse_n_m(self.scope) is None else "layerwise"
-        protected = {name: s.clone() for name, s in scores.items()}
-        guards.protect_weight_norm_slices(pl_module, protected, sparsity, scope)
-        return select_masks(protected, sparsity, scope, self.min_density)
