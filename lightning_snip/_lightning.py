@@ -345,3 +345,29 @@ def take_handed_back(home_pid: int, token: str) -> dict[str, Any] | None:
     state = torch.load(path, weights_only=True)
     path.unlink()
     return state
+
+
+def unclaimed_state(
+    trainer: Trainer, states: Mapping[Any, Any], class_name: str, claimed: set[str]
+) -> dict[str, Any] | None:
+    """The one state of a ``class_name`` callback in a checkpoint's ``callbacks`` that no callback claims, or ``None``.
+
+    Raises:
+        MisconfigurationException: If there are several, so which to restore is ambiguous.
+    """
+    free = [
+        key
+        for key, state in states.items()
+        if isinstance(key, str)
+        and key.startswith(class_name + "{")
+        and isinstance(state, Mapping)
+        and key not in claimed
+    ]
+    if len(free) > 1:
+        raise misconfiguration(
+            trainer,
+            f"The checkpoint holds the masks of {len(free)} `{class_name}` callbacks ({free}) and none matches this"
+            " instance's options, so which to restore is ambiguous. Resume with callbacks configured as when"
+            " the checkpoint was written.",
+        )
+    return copy.deepcopy(dict(states[free[0]])) if free else None

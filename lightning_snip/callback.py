@@ -10,6 +10,7 @@ Which hook does what:
 - ``on_train_start``: bind or score here instead for strategies that restore checkpoints after ``on_fit_start``;
   zero the optimizer state of pruned weights (restored from a checkpoint, say); install a post-step hook on every
   optimizer that re-zeros pruned weights after each step, unless the step provably left them at zero.
+  (The per-step work is ``enforcement.Enforcer``'s; one scoring run is ``pipeline.prune``.)
 - ``on_after_backward``: zero the gradients of pruned weights, so optimizer state never builds up for them.
 - ``on_train_batch_end``: on the steps Lightning logs at, log the sparsity measured from the weights and check that
   every pruned weight is still zero; the check runs again before validation, before every checkpoint and when
@@ -22,12 +23,9 @@ What the callback needs from Lightning's internals, for both ``lightning.pytorch
 
 from __future__ import annotations
 
-import copy
 import os
 import uuid
-import warnings
 import weakref
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,7 +40,7 @@ from lightning_snip.candidates import (
     canonical_parameters,
     parameter_aliases,
 )
-from lightning_snip.enforcement import Enforcer, MaskSet, zero_pruned_entries
+from lightning_snip.enforcement import Enforcer, respects_masks, zero_pruned_entries
 from lightning_snip.packing import differing, pack_mask, pack_state, unpack_mask, unpack_state
 from lightning_snip.pipeline import OPTION_NAMES, Options, prune
 from lightning_snip.report import sparsity_report
@@ -79,19 +77,17 @@ class SNIPPruning(_Callback):
 
     At the start of ``fit``, every candidate weight is scored by its connection sensitivity ``|dL/dw * w|`` on
     ``num_batches`` batches of the trainer's own train dataloader (the loss comes from the module's
-    ``training_step``); the top ``1 - sparsity`` fraction is kept and the rest set to zero. Pruned weights get zero
-    gradients after every backward and are re-zeroed after every optimizer step. PyTorch's elementwise optimizers
-    (SGD, Adam, AdamW and the others in :data:`~lightning_snip.enforcement.ZERO_PRESERVING_OPTIMIZERS`) provably leave a
-    weight with zero gradient and zero state at exactly zero, so after their steps the re-zeroing is skipped (under
-    automatic optimization; manual optimization re-zeros after every step). On the steps Lightning logs at, before
-    validation, before every checkpoint and at the end of training, pruned weights are checked, and if anything else
-    wrote to them they are zeroed, with a warning, and from then on after every step. Masks travel in
-    checkpoints, so a resumed run trains with the same mask whatever the new instance's options say (it warns once
-    about the options that differ) and never scores a trained network again. The model itself is never changed
-    structurally: its ``state_dict`` loads into a never-pruned copy, and every checkpoint holds the zeros.
+    ``training_step``); the top ``1 - sparsity`` fraction is kept and the rest set to zero. Scoring leaves no trace but
+    the zeros: RNG streams, train/eval modes, buffers, ``.grad`` and torchmetrics states are restored.
 
-    Scoring leaves no trace but the zeros: RNG streams, train/eval modes, buffers (BatchNorm statistics), ``.grad``
-    and torchmetrics states are restored, and no optimizer or scheduler steps.
+    Pruned weights then stay exactly zero (:class:`~lightning_snip.enforcement.Enforcer`): their gradients are zeroed
+    after every backward, and after every optimizer step that could move them (any optimizer outside
+    :data:`~lightning_snip.enforcement.ZERO_PRESERVING_OPTIMIZERS`, or manual optimization) the weights too. On the
+    steps Lightning logs at, before validation, before every checkpoint and at the end of training they are checked;
+    a write by anything else is undone, with a warning, and from then on after every step. Masks travel in
+    checkpoints, so a resumed run trains with the same mask whatever the new instance's options say (it warns about
+    those that differ) and never scores a trained network again. The model is never changed structurally: its
+    ``state_dict`` loads into a never-pruned copy.
 
     Args:
         sparsity: Fraction of candidate weights set to zero, ``0 <= sparsity < 1``. Defaults to ``0.9``.
@@ -292,22 +288,10 @@ class SNIPPruning(_Callback):
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return  # Lightning passes it to `load_state_dict` next
-        ours = [
-            key
-            for key, state in states.items()
-            if isinstance(key, str) and key.startswith("SNIPPruning{") and isinstance(state, Mapping)
-        ]
         claimed = {cb.state_key for cb in trainer.callbacks if isinstance(cb, SNIPPruning)}  # type: ignore[attr-defined]
-        free = [key for key in ours if key not in claimed]
-        if len(free) > 1:
-            raise lightning.misconfiguration(
-                trainer,
-                f"The checkpoint holds the masks of {len(free)} `SNIPPruning` callbacks ({free}) and none matches this"
-                " instance's options, so which to restore is ambiguous. Resume with callbacks configured as when"
-                " the checkpoint was written.",
-            )
-        if free:
-            self.load_state_dict(copy.deepcopy(dict(states[free[0]])))
+        state = lightning.unclaimed_state(trainer, states, "SNIPPruning", claimed)
+        if state is not None:
+            self.load_state_dict(state)
         else:
             self._trained_steps = int(checkpoint.get("global_step", 0))
 
@@ -402,13 +386,7 @@ class SNIPPruning(_Callback):
         """
         same = self._module is not None and self._module() is pl_module
         if not same and not lightning.is_sharding(trainer.strategy):
-            whole = self.masks
-            params = canonical_parameters(pl_module)
-            fits = all(name in params and params[name].shape == m.shape for name, m in whole.items())
-            if fits and whole:
-                weights = [params[name] for name in whole]
-                held = MaskSet(m.to(w.device) for m, w in zip(whole.values(), weights, strict=True))
-                same = not any(held.count_pruned_nonzero(weights))
+            same = respects_masks(canonical_parameters(pl_module), self.masks)
         if same:
             kept, total = self._kept_total()
             lightning.rank_zero_info(
@@ -456,16 +434,7 @@ class SNIPPruning(_Callback):
         counts = self._enforcer.repair()
         if not counts or not first:
             return
-        found = ", ".join(f"{count:,} in `{name}`" for name, count in counts.items())
-        message = (
-            f"`SNIPPruning`: pruned weights were non-zero {when} ({found}): something besides the optimizer step wrote"
-            " to them (a callback, `training_step`, or a backward outside `manual_backward`). They are zero again, and"
-            " from now on they are re-zeroed after every optimizer step."
-        )
-        if self._shards is None:
-            lightning.rank_zero_warn(trainer, message)
-        else:  # each rank checks its own shards
-            warnings.warn(f"[rank {trainer.global_rank}] {message}", stacklevel=2)
+        reporting.warn_pruned_writes(trainer, when, counts, per_rank=self._shards is not None)
 
     def _hold(
         self,
@@ -505,19 +474,7 @@ class SNIPPruning(_Callback):
         self._module = weakref.ref(pl_module)
         if not restored:
             return
-        if differing:
-            lightning.rank_zero_warn(
-                trainer,
-                "`SNIPPruning`: the checkpoint's masks are restored as they are, although this instance's options"
-                f" differ: {', '.join(differing)}. Options only shape scoring, and a resumed run does not score; to"
-                " prune with the new options, start a fresh fit without `ckpt_path`.",
-            )
-        kept_weights, total = self._kept_total()
-        lightning.rank_zero_info(
-            trainer,
-            f"SNIPPruning: masks restored from the checkpoint, not scored again: {kept_weights:,} of {total:,} weights"
-            f" kept ({1 - kept_weights / max(total, 1):.2%} sparsity).",
-        )
+        reporting.report_restored(trainer, differing, *self._kept_total())
 
     def _score(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the candidates, select the masks and zero the pruned weights; on failure the model is unchanged."""

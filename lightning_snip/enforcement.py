@@ -469,3 +469,18 @@ def zero_pruned_entries(
                 apply_masks_([part], [mask.to(part.device)])
             elif whole is not None and part.shape == whole[name].shape:
                 apply_masks_([part], [whole[name].to(part.device)])
+
+
+def respects_masks(params: Mapping[str, Tensor], whole: Mapping[str, Tensor]) -> bool:
+    """Whether ``params`` has every masked tensor, shaped like its mask and zero wherever the mask prunes.
+
+    Example::
+
+        >>> respects_masks({"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([True, False])})
+        True
+    """
+    if not whole or not all(name in params and params[name].shape == m.shape for name, m in whole.items()):
+        return False
+    weights = [params[name] for name in whole]
+    held = MaskSet(m.to(w.device) for m, w in zip(whole.values(), weights, strict=True))
+    return not any(held.count_pruned_nonzero(weights))

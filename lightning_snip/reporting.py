@@ -6,6 +6,7 @@ that fails only warns, and training goes on.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -159,3 +160,33 @@ def write_compressed(trainer: Trainer) -> None:
         f"SNIPPruning: compressed weights written to {path}: {size / 1e6:.2f} MB, {ratio:.1f}x smaller than the"
         f" dense tensors ({dense / 1e6:.2f} MB). Load with `lightning_snip.load_compressed(path)`.",
     )
+
+
+def report_restored(trainer: Trainer, differing: list[str], kept: int, total: int) -> None:
+    """Say that masks were restored from a checkpoint, not scored, and warn about the options that differ."""
+    if differing:
+        lightning.rank_zero_warn(
+            trainer,
+            "`SNIPPruning`: the checkpoint's masks are restored as they are, although this instance's options"
+            f" differ: {', '.join(differing)}. Options only shape scoring, and a resumed run does not score; to"
+            " prune with the new options, start a fresh fit without `ckpt_path`.",
+        )
+    lightning.rank_zero_info(
+        trainer,
+        f"SNIPPruning: masks restored from the checkpoint, not scored again: {kept:,} of {total:,} weights"
+        f" kept ({1 - kept / max(total, 1):.2%} sparsity).",
+    )
+
+
+def warn_pruned_writes(trainer: Trainer, when: str, counts: dict[str, int], per_rank: bool) -> None:
+    """Warn that something besides the optimizer step wrote to pruned weights (``counts`` of them, by name)."""
+    found = ", ".join(f"{count:,} in `{name}`" for name, count in counts.items())
+    message = (
+        f"`SNIPPruning`: pruned weights were non-zero {when} ({found}): something besides the optimizer step wrote"
+        " to them (a callback, `training_step`, or a backward outside `manual_backward`). They are zero again, and"
+        " from now on they are re-zeroed after every optimizer step."
+    )
+    if per_rank:  # each rank checks its own shards
+        warnings.warn(f"[rank {trainer.global_rank}] {message}", stacklevel=3)
+    else:
+        lightning.rank_zero_warn(trainer, message)
