@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -36,12 +37,13 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from models import lenet_300_100, resnet18_cifar
 
-import lightning_snip.callback as snip_callback
+import lightning_snip.pipeline as snip_pipeline
 from lightning_snip import SNIPPruning, find_candidates
+from lightning_snip.enforcement import Enforcer, apply_masks_
 
 SPARSITY = 0.9
 CHECK_EVERY = 20  # `log_every_n_steps` for every variant: SNIPPruning checks its pruned weights this often
-_PER_STEP = ("on_after_backward", "on_train_batch_end", "_post_step_hook")
+_PER_STEP = ("on_after_backward", "on_train_batch_end")
 
 
 class TinyTransformerLM(nn.Module):
@@ -125,15 +127,16 @@ class EnforcementTimer:
 
     def __enter__(self) -> EnforcementTimer:
         self.saved = {name: getattr(SNIPPruning, name) for name in _PER_STEP}
-        for name in ("on_after_backward", "on_train_batch_end"):
+        for name in _PER_STEP:
             setattr(SNIPPruning, name, self._timed(self.saved[name]))
-        make_hook = self.saved["_post_step_hook"]
-        setattr(SNIPPruning, "_post_step_hook", lambda cb, *args: self._timed(make_hook(cb, *args)))  # noqa: B010
+        self.make_hook = make_hook = Enforcer._post_step_hook
+        Enforcer._post_step_hook = lambda enforcer, *args: self._timed(make_hook(enforcer, *args))  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *args: Any) -> None:
         for name, function in self.saved.items():
             setattr(SNIPPruning, name, function)
+        Enforcer._post_step_hook = self.make_hook  # type: ignore[method-assign]
 
 
 class StepTimer(pl.Callback):
@@ -161,7 +164,7 @@ class SelectionTimer:
         self.seconds: list[float] = []
 
     def __enter__(self) -> SelectionTimer:
-        self.original = original = snip_callback.select_masks
+        self.original = original = snip_pipeline.select_masks
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -169,11 +172,11 @@ class SelectionTimer:
             self.seconds.append(time.perf_counter() - start)
             return result
 
-        snip_callback.select_masks = timed
+        snip_pipeline.select_masks = timed
         return self
 
     def __exit__(self, *args: Any) -> None:
-        snip_callback.select_masks = self.original
+        snip_pipeline.select_masks = self.original
 
 
 def _targets(module: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -281,6 +284,165 @@ def bench_steps(name: str, rounds: int, steps: int, warmup: int) -> dict[str, An
     result["modelpruning_weights"] = mp_n = sum(getattr(module, f"{attr}_orig").numel() for module, attr in mp_targets)
     result["modelpruning_bytes_per_weight"] = mp_bytes / mp_n
     return result
+
+
+USER_SPARSITY = 0.95
+USER_WARMUP = 5  # first steps of every run dropped
+USER_PLAN = {"lenet300": (80, 5), "resnet18": (16, 3), "transformer": (16, 3)}  # measured steps, rounds
+TARGETS = {"lenet300": 1.05, "resnet18": 1.02}
+ARMS = ("dense", "masked", "snip")
+
+
+class UserModule(Module):
+    """The user's module: SGD with momentum 0.9 and weight decay 5e-4."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+class UserStepTimer(pl.Callback):
+    """What a user writes to time their steps: ``perf_counter`` at batch start and at batch end."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.started = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self.started)
+
+
+class HookTimer:
+    """Wall time inside every hook Lightning calls on one SNIPPruning instance, inside its optimizer post-step hooks,
+    and inside its ``state_key`` (read by Lightning on every hook call, due or not), added up per name."""
+
+    def __init__(self, callback: SNIPPruning) -> None:
+        self.totals: dict[str, float] = {}
+        self.callback = callback
+
+    def _timed(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+        return timed
+
+    def __enter__(self) -> HookTimer:
+        for name in dir(pl.Callback):
+            if name.startswith("on_") or name in ("setup", "teardown"):
+                setattr(self.callback, name, self._timed(name, getattr(self.callback, name)))
+        self.make_hook = make_hook = Enforcer._post_step_hook
+        timed = self._timed
+        Enforcer._post_step_hook = lambda enforcer, *args: timed("optimizer post-step hook", make_hook(enforcer, *args))  # type: ignore[method-assign]
+        self.state_key = prop = cast(property, vars(SNIPPruning)["state_key"])
+        SNIPPruning.state_key = property(self._timed("state_key", cast(Callable[..., Any], prop.fget)))  # type: ignore[assignment, method-assign]
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        Enforcer._post_step_hook = self.make_hook  # type: ignore[method-assign]
+        SNIPPruning.state_key = self.state_key  # type: ignore[method-assign, assignment]
+
+
+def _user_fit(model: Module, loader: DataLoader, callbacks: list[pl.Callback], steps: int, root: str) -> list[float]:
+    timer = UserStepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=USER_WARMUP + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[*callbacks, timer],  # the user's timer last: every hook of the step is inside its window
+    )
+    trainer.fit(model, loader)
+    return timer.times[USER_WARMUP:]
+
+
+def user_view(name: str, rounds: int, steps: int, root: str) -> dict[str, Any]:
+    """The user's-eye step-time ratio, three arms alternated in one process: dense; the same network with the same
+    95% mask applied once and no callback; ``SNIPPruning(sparsity=0.95)`` with its defaults. Then the in-situ
+    breakdown of the callback's per-step time, from extra SNIPPruning runs with every hook timed."""
+    build, loader, sequence = network(name)
+    torch.manual_seed(0)
+    initial = UserModule(build(), sequence).state_dict()
+
+    def fresh() -> Module:
+        model = UserModule(build(), sequence)
+        model.load_state_dict(initial)
+        return model
+
+    probe = SNIPPruning(sparsity=USER_SPARSITY, plot=False)
+    _user_fit(fresh(), loader, [probe], 1, root)  # the masks the masked arm applies, and a warm-up
+    masks = probe.masks
+    medians: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    for r in range(rounds):
+        for arm in ARMS[r % 3 :] + ARMS[: r % 3]:  # the order turns every round
+            model = fresh()
+            if arm == "masked":
+                params = dict(model.named_parameters())
+                apply_masks_([params[n] for n in masks], masks.values())
+            callbacks: list[pl.Callback] = [SNIPPruning(sparsity=USER_SPARSITY)] if arm == "snip" else []
+            medians[arm].append(statistics.median(_user_fit(model, loader, callbacks, steps, root)))
+    ratios = {arm: [m / d for m, d in zip(medians[arm], medians["dense"], strict=True)] for arm in ARMS[1:]}
+    hooks: dict[str, float] = {}
+    measured = 0
+    for _ in range(max(1, rounds // 2)):
+        callback = SNIPPruning(sparsity=USER_SPARSITY)
+        with HookTimer(callback) as timer:
+            _user_fit(fresh(), loader, [callback], steps, root)
+        for hook, seconds in timer.totals.items():
+            if hook not in ("on_fit_start", "on_train_start", "setup", "teardown", "on_train_end", "on_fit_end"):
+                hooks[hook] = hooks.get(hook, 0.0) + seconds
+        measured += USER_WARMUP + steps
+    return {
+        "steps": steps,
+        "rounds": rounds,
+        "dense_ms": 1000 * statistics.median(medians["dense"]),
+        "masked_ratio": statistics.median(ratios["masked"]),
+        "masked_ratios": ratios["masked"],
+        "snip_ratio": statistics.median(ratios["snip"]),
+        "snip_ratios": ratios["snip"],
+        "per_step_us": {
+            hook: 1e6 * seconds / measured for hook, seconds in sorted(hooks.items(), key=lambda kv: -kv[1])
+        },
+    }
+
+
+def user_table(results: dict[str, dict[str, Any]], threads: int) -> str:
+    lines = [
+        "| network (batch) | dense step | masked once, no callback / dense | SNIPPruning / dense (rounds) | target |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        rounds = ", ".join(f"{x:.3f}" for x in r["snip_ratios"])
+        target = f"<= {TARGETS[name]}" if name in TARGETS else "none"
+        lines.append(
+            f"| {_LABELS[name]} | {r['dense_ms']:.2f} ms | {r['masked_ratio']:.3f} | **{r['snip_ratio']:.3f}**"
+            f" ({rounds}) | {target} |"
+        )
+    lines += ["", "| network | SNIPPruning's own time per step, in situ (µs) |", "|---|---|"]
+    for name, r in results.items():
+        parts = ", ".join(f"{hook} {us:.0f}" for hook, us in r["per_step_us"].items() if us >= 0.5)
+        lines.append(f"| {_LABELS[name].split(' (')[0]} | {sum(r['per_step_us'].values()):.0f}: {parts} |")
+    plan = ", ".join(
+        f"{_LABELS[n].split(' (')[0]} {r['steps']} steps x {r['rounds']} rounds" for n, r in results.items()
+    )
+    return "\n".join(lines) + (
+        "\n\nA user's own step timer (a callback reading `time.perf_counter()` in `on_train_batch_start` and"
+        " `on_train_batch_end`, placed last), dense, masked-once and `SNIPPruning(sparsity=0.95)` runs of the same"
+        " seeded model alternated in one process (the order turns every round), SGD with momentum 0.9 and weight"
+        f" decay 5e-4, `logger=False`, no checkpointing, the first {USER_WARMUP} steps of every run dropped; ratio of"
+        f" step-time medians per round, median over rounds. {plan}; {threads} threads. In situ: time inside every"
+        " hook Lightning calls on the callback (those not due included), its optimizer post-step hook and its"
+        " `state_key`, from separate timed runs, per step."
+    )
 
 
 def bench_scoring(name: str, repeats: int) -> dict[str, Any]:
@@ -399,20 +561,37 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--scorings", type=int, default=3, help="fresh models scored per network (default: 3)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--user-only", action="store_true", help="only the user's-eye three-arm measurement (the headline)"
+    )
+    parser.add_argument(
+        "--user-rounds", type=int, help="rounds of the user's-eye measurement (default: 5 LeNet, else 3)"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     threads = torch.get_num_threads()
-    results = {}
+    user: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as root:
+        for name in args.networks:
+            steps, rounds = USER_PLAN[name]
+            user[name] = user_view(name, args.user_rounds or rounds, steps, root)
+            print(f"{name}: user's view done", flush=True)
+    print(user_table(user, threads), flush=True)
+    if args.user_only:
+        if args.json:
+            args.json.write_text(json.dumps({"user_view": user}, indent=1) + "\n")
+        return
+    results: dict[str, Any] = {}
     for name in args.networks:
         steps = args.steps or (40 if name == "lenet300" else 5)
         results[name] = {**bench_steps(name, args.rounds, steps, args.warmup), **bench_scoring(name, args.scorings)}
         print(f"{name}: done", flush=True)
-    print(table(results, threads))
+    print("\n" + table(results, threads))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        args.json.write_text(json.dumps({"user_view": user, **results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
