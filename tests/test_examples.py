@@ -53,7 +53,7 @@ def _write_fake_mnist(root: Path, train_n: int = 30, test_n: int = 10) -> None:
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + labels.tobytes())
 
 
-CONFIGS = ["lenet300_snip.yaml", "lenet300_dense.yaml", "lenet5_snip.yaml", "vgg_cifar10_snip.yaml"]
+CONFIGS = ["lenet300_snip.yaml", "lenet300_dense.yaml", "lenet5_snip.yaml", "vgg_cifar10_snip.yaml", "lstm_snip.yaml"]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.removesuffix(".yaml") for c in CONFIGS])
@@ -190,6 +190,28 @@ def test_reproduction_quick_path(tmp_path, capsys):
         assert (out / picture).read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "[1/6] LeNet-300-100 dense seed 0" in printed
+
+
+def test_reproduction_recurrent_rows_and_resume(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--archs", "lstm", "gru", "--criteria", "snip", "--sparsities", "0.8", "--epochs", "1", "--seeds", "1"]
+    argv += ["--data-dir", str(tmp_path), "--out", str(out)]
+    first = reproduce_mnist.main([*argv[:2], *argv[3:]])  # the LSTM only
+    assert {(r.arch, r.criterion) for r in first} == {("lstm", "dense"), ("lstm", "snip")}
+    lstm = next(r for r in first if r.criterion == "snip")
+    assert lstm.achieved_sparsity == pytest.approx(0.8, abs=1e-4)
+    capsys.readouterr()
+    runs = reproduce_mnist.main([*argv, "--resume"])  # adds the GRU, keeps the LSTM's runs as they were
+    printed = capsys.readouterr().out
+    assert "Keeping 2 runs from" in printed
+    assert "LSTM-128" not in printed.split("Keeping")[1].split("| network")[0]  # no LSTM run again
+    assert [r for r in runs if r.arch == "lstm"] == first
+    assert {(r.arch, r.criterion) for r in runs} == {(a, c) for a in ("lstm", "gru") for c in ("dense", "snip")}
+    table = (out / "results.md").read_text()
+    assert "| LSTM-128 | dense |" in table
+    assert "| GRU-128 | dense |" in table
+    assert "paper" not in table  # no paper row for the recurrent networks
+    assert len(json.loads((out / "results.json").read_text())) == 4
 
 
 def test_reproduction_n_m_study(tmp_path, capsys):

@@ -321,3 +321,88 @@ def test_holds_nonzero():
     t = [torch.zeros(2, 3), torch.tensor([0.0, -1e-30]), torch.tensor([float("nan")]), torch.zeros(0, 4)]
     assert holds_nonzero(t) == [False, True, True, False]
     assert holds_nonzero([]) == []
+
+
+def _forms(masks: MaskSet) -> list[str]:
+    return ["bits" if f is None else "index" if f.index is not None else "factor" for f in masks._forms]
+
+
+def _specials(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Random values with nan, inf, -inf and -0.0 sprinkled in."""
+    t = torch.randn(shape).to(dtype)
+    flat = t.view(-1)
+    flat[::7], flat[1::11], flat[2::13], flat[3::17] = float("nan"), float("inf"), float("-inf"), -0.0
+    return t
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected"),
+    [
+        (10**9, ["factor", "factor", "factor"]),  # all fit: the integer form everywhere
+        (8 * 60 + 8 * 3, ["index", "bits", "index"]),  # the kept positions of the sparse tensors only
+        (8 * 60 + 8 * 3 + 4 * 40, ["index", "factor", "index"]),  # then the integer form where it still fits
+        (0, ["bits", "bits", "bits"]),  # nothing fits: the bit multiply
+    ],
+)
+def test_fast_forms_are_chosen_within_the_budget_and_zero_exactly(budget, expected):
+    g = torch.Generator().manual_seed(0)
+    kept = [torch.zeros(1000, dtype=torch.bool), torch.ones(40, dtype=torch.bool), torch.zeros(5, 6, dtype=torch.bool)]
+    kept[0][torch.randperm(1000, generator=g)[:60]] = True  # 6% kept
+    kept[1][::2] = False  # 50% kept: too dense for the kept positions
+    kept[2][0, :3] = True  # 10% kept
+    like = [torch.zeros(m.shape) for m in kept]
+    masks = MaskSet(kept, like=like, budget=budget)
+    assert _forms(masks) == expected
+    assert masks.fast_form_bytes <= budget
+    reference = MaskSet(kept)  # the plain bit multiply
+    for step in range(2):
+        values = [_specials(m.shape) * (step + 1) for m in kept]
+        expected_values = [v.clone() for v in values]
+        reference.zero_(expected_values)
+        masks.zero_(values)
+        for got, want, mask in zip(values, expected_values, kept, strict=True):
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # bit for bit, nan and -0.0 included
+            assert torch.equal(got.view(torch.int32)[~mask], torch.zeros_like(got.view(torch.int32)[~mask]))
+
+
+def test_fast_forms_fall_back_for_other_widths_devices_and_layouts():
+    kept = [torch.tensor([[True, False, False, False]] * 4)]
+    masks = MaskSet(kept, like=[torch.zeros(4, 4)], budget=10**6)
+    assert _forms(masks) == ["factor"]
+    for value in (_specials((4, 4), torch.float64), _specials((4, 4), torch.bfloat16), _specials((4, 4)).t()):
+        want = value.clone()
+        MaskSet(kept).zero_([want])
+        masks.zero_([value])  # float64, bfloat16 and a transposed view take the bit multiply
+        assert torch.equal(value, want) or torch.equal(value.isnan(), want.isnan())
+        assert not value[~kept[0]].any()
+    sparse = MaskSet([torch.tensor([True] + [False] * 99)], like=[torch.zeros(100)], budget=8)
+    assert _forms(sparse) == ["index"]
+    strided = _specials((200,))[::2]  # not contiguous: the kept positions cannot be used, the bits can
+    sparse.zero_([strided])
+    assert not strided[1:].any()
+
+
+def test_enforcer_masks_gradients_and_hooks_optimizers():
+    from lightning_snip.enforcement import Enforcer
+
+    layer = torch.nn.Linear(6, 4)
+    kept = torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) < 0.3
+    enforcer = Enforcer({"weight": layer.weight}, {"weight": kept})
+    enforcer.zero_weights()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    enforcer.attach([optimizer], automatic=True)
+    for _ in range(3):
+        layer(torch.randn(8, 6)).sum().backward()
+        enforcer.mask_gradients()
+        assert not layer.weight.grad[~kept].any()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert not layer.weight[~kept].any()
+    assert enforcer.repair() == {}
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert enforcer.repair() == {"weight": int((~kept).sum())}
+    assert enforcer.rezero_every_step
+    assert not layer.weight[~kept].any()
+    enforcer.detach()
+    assert not optimizer._optimizer_step_post_hooks
