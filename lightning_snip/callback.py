@@ -42,7 +42,7 @@ from lightning_snip.candidates import (
 )
 from lightning_snip.enforcement import Enforcer, respects_masks, zero_pruned_entries
 from lightning_snip.packing import differing, pack_mask, pack_state, unpack_mask, unpack_state
-from lightning_snip.pipeline import OPTION_NAMES, Options, prune
+from lightning_snip.pipeline import OPTION_NAMES, Options, all_reduce_sum, prune
 from lightning_snip.report import sparsity_report
 from lightning_snip.scoring import (
     CriterionName,
@@ -61,15 +61,10 @@ from lightning_snip.sharding import (
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
     from lightning.pytorch.callbacks import Callback as _Callback
-    from lightning.pytorch.strategies import Strategy
 else:
     _Callback = lightning.callback_base()  # Lightning's Callback, and pytorch_lightning's when it is installed
 
 _CHECK_EVERY_N_STEPS = 50  # how often pruned weights are checked when `log_every_n_steps` is 0
-
-
-def _all_reduce_sum(strategy: Strategy, values: Tensor) -> Tensor:
-    return strategy.reduce(values.to(strategy.root_device), reduce_op="sum").cpu()
 
 
 class SNIPPruning(_Callback):
@@ -422,7 +417,7 @@ class SNIPPruning(_Callback):
             return
         zeros = self._enforcer.count_zeros()
         if self._shards is not None:
-            zeros = int(_all_reduce_sum(trainer.strategy, torch.tensor([zeros]))[0])
+            zeros = int(all_reduce_sum(trainer.strategy, torch.tensor([zeros]))[0])
             total = sum(shard.numel for shard in self._shards.values())
         else:
             total = sum(p.numel() for p in self._params.values())

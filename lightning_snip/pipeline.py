@@ -117,7 +117,7 @@ def prune(trainer: Trainer, pl_module: LightningModule, options: Options, traine
     rows: list[TensorSparsity] = []
     if shards is not None:
         kept, rows, dead, packed = select_shard_masks(
-            scores, shards, nonzero, options.sparsity, options.scope, lambda t: _all_reduce_sum(trainer.strategy, t)
+            scores, shards, nonzero, options.sparsity, options.scope, lambda t: all_reduce_sum(trainer.strategy, t)
         )
     else:
         dead = [name for name, z in zip(scores, nonzero, strict=True) if not z]
@@ -132,7 +132,8 @@ def prune(trainer: Trainer, pl_module: LightningModule, options: Options, traine
     return Pruned(candidates, kept, shards, packed, rows, dead, time.perf_counter() - start)
 
 
-def _all_reduce_sum(strategy: Strategy, values: Tensor) -> Tensor:
+def all_reduce_sum(strategy: Strategy, values: Tensor) -> Tensor:
+    """The sum of ``values`` over all ranks, on CPU."""
     return strategy.reduce(values.to(strategy.root_device), reduce_op="sum").cpu()
 
 
