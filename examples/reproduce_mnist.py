@@ -417,8 +417,7 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     table = markdown_table(
         runs, args.sparsities, args.criteria, data.source.split(" (")[0], paper=args.dataset == "mnist"
     )
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
+    (out / "results.md").write_text(table + "\n")  # results.json is written after every run
     plot_errors(runs, args.sparsities, args.criteria, out / "error_vs_sparsity.png")
     print(
         "\n"

@@ -226,6 +226,12 @@ class SNIPPruning(_Callback):
             return {name: unpack_mask(packed, self._shards[name].shape) for name, packed in self._packed.items()}
         return {name: mask.clone() for name, mask in self._kept.items()}
 
+    def _whole_mask(self, name: str, shape: torch.Size) -> Tensor | None:
+        """On a sharded model, the whole mask of ``name`` when ``shape`` is its whole shape, else ``None``."""
+        assert self._shards is not None
+        whole_shape = self._shards[name].shape
+        return unpack_mask(self._packed[name], whole_shape) if tuple(shape) == tuple(whole_shape) else None
+
     def _packed_masks(self) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
         """The whole masks bit-packed, and their shapes."""
         if self._loaded is None and self._shards is not None:
@@ -336,8 +342,8 @@ class SNIPPruning(_Callback):
         self._check_pruned_weights(trainer, f"before saving a checkpoint at step {trainer.global_step}")
         state = checkpoint.get("state_dict")
         if isinstance(state, dict) and state:  # it may hold copies taken before this hook (gathered shards)
-            whole = None if self._shards is None else self.masks  # a gathered full state dict holds whole tensors
             aliases = parameter_aliases(pl_module)
+            whole = None if self._shards is None else self._whole_mask  # a gathered state dict holds whole tensors
             zero_pruned_entries(state, self._params, self._kept, aliases, whole, local_tensor)
 
     @override

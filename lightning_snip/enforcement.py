@@ -112,6 +112,12 @@ class MaskSet:
     def __len__(self) -> int:
         return len(self.kept)
 
+    def subset(self, indices: Sequence[int]) -> MaskSet:
+        """The masks at ``indices``, sharing this set's prepared forms (no new memory)."""
+        part = MaskSet(self.kept[i] for i in indices)
+        part._forms = tuple(self._forms[i] for i in indices)
+        return part
+
     def _aligned(self, tensors: Iterable[_T]) -> list[_T]:
         values = list(tensors)
         if len(values) != len(self.kept):
@@ -261,13 +267,12 @@ class Enforcer:
         """
         self.detach()
         self.rezero_every_step = False
-        by_id = {id(p): (p, m) for p, m in zip(self.params, self.masks.kept, strict=True)}
+        position = {id(p): i for i, p in enumerate(self.params)}
         for optimizer in optimizers:
-            pairs = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in by_id]
-            if not pairs:
+            held = [position[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in position]
+            if not held:
                 continue
-            params = [p for p, _ in pairs]
-            masks = MaskSet([m for _, m in pairs], like=self._locals(params))
+            params, masks = [self.params[i] for i in held], self.masks.subset(held)
             _zero_optimizer_state(optimizer, params, masks.kept, self._locals)
             hook = self._post_step_hook(params, masks, automatic and keeps_zeros(optimizer))
             self._handles.append(optimizer.register_step_post_hook(hook))
@@ -316,14 +321,14 @@ def _zero_optimizer_state(
     optimizer: torch.optim.Optimizer,
     params: list[Tensor],
     kept: Sequence[Tensor],
-    local: Callable[[list[Tensor]], list[Tensor]],
+    locals_of: Callable[[list[Tensor]], list[Tensor]],
 ) -> None:
     """Zero the pruned entries of the optimizer state (momentum, moments) built before the masks were held."""
     states, masks = [], []
     for param, mask in zip(params, kept, strict=True):
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, Tensor) and value.shape == param.shape:  # not scalars such as Adam's `step`
-                state = local([value])[0]
+                state = locals_of([value])[0]
                 states.append(state)
                 masks.append(mask.to(state.device))  # state may live elsewhere (offloaded)
     if states:
@@ -444,7 +449,7 @@ def zero_pruned_entries(
     params: Mapping[str, Tensor],
     kept: Mapping[str, Tensor],
     aliases: Mapping[str, list[str]],
-    whole: Mapping[str, Tensor] | None = None,
+    whole: Callable[[str, torch.Size], Tensor | None] | None = None,
     local: Callable[[Tensor], Tensor] = lambda t: t,
 ) -> None:
     """Zero the pruned entries of the tensors of a ``state_dict`` (a checkpoint's), in place.
@@ -454,7 +459,8 @@ def zero_pruned_entries(
         params: The pruned parameters by name.
         kept: Their masks, shaped like each parameter's local part.
         aliases: Every name of each parameter in ``state`` (tied weights have several).
-        whole: The whole masks of a sharded model, for the whole tensors of a gathered state dict.
+        whole: On a sharded model, the whole mask of a parameter for a tensor of the given shape when that is the
+            parameter's whole shape (a gathered state dict), else ``None``; called only for such tensors.
         local: The part of a tensor the masks are shaped like (a sharded ``DTensor``'s local shard).
     """
     for name, mask in kept.items():
@@ -467,8 +473,8 @@ def zero_pruned_entries(
                 continue  # the parameter itself
             if part.shape == mask.shape:
                 apply_masks_([part], [mask.to(part.device)])
-            elif whole is not None and part.shape == whole[name].shape:
-                apply_masks_([part], [whole[name].to(part.device)])
+            elif whole is not None and (whole_mask := whole(name, part.shape)) is not None:
+                apply_masks_([part], [whole_mask.to(part.device)])
 
 
 def respects_masks(params: Mapping[str, Tensor], whole: Mapping[str, Tensor]) -> bool:

@@ -67,7 +67,7 @@ class Options:
 
 
 _DEFAULTS: dict[str, Any] = {"iterations": None, "schedule": "exponential", "min_density": 0.0, "shuffle": False}
-OPTION_NAMES = tuple(f.name for f in fields(Options))
+OPTION_NAMES = frozenset(f.name for f in fields(Options))
 
 
 @dataclass
