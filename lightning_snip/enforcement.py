@@ -65,7 +65,7 @@ class MaskSet:
 
     Given ``like`` (the tensors it will zero on every step), it also prepares faster forms for tensors of their element
     width and device, within ``budget`` bytes in all beyond the bool masks: the mask as 0/1 integers of that width
-    (a multiply without a dtype conversion, about 5 times faster on CPU, ``width`` bytes per weight) when all of them
+    (a multiply without a dtype conversion, ``width`` bytes per weight) when all of them
     fit, else the kept positions of tensors that keep at most 15% (8 bytes per kept weight), then the integer form for
     as many of the rest as still fit. Other tensors get the bits multiplied by the mask viewed as ``uint8``.
 
