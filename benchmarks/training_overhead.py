@@ -108,9 +108,10 @@ class ModelPruningAtStart(ModelPruning):
 
 
 class EnforcementTimer:
-    """Adds up, per training step, the time spent in SNIPPruning's per-step work: masking the gradients after
-    backward, the optimizer post-step hooks (re-zeroing the weights where the step can move them), and the batch-end
-    hook (the sparsity log and the check of the pruned weights, every ``log_every_n_steps``)."""
+    """Adds up, per training step, the time spent in SNIPPruning's per-step work: masking the gradients (in backward
+    on one device, after it otherwise), the optimizer post-step hooks (re-zeroing the weights where the step can move
+    them), and the batch-end hook (the sparsity log and the check of the pruned weights, every
+    ``log_every_n_steps``)."""
 
     def __init__(self) -> None:
         self.step_start = self.step_total = 0.0
@@ -131,12 +132,15 @@ class EnforcementTimer:
             setattr(SNIPPruning, name, self._timed(self.saved[name]))
         self.make_hook = make_hook = Enforcer._post_step_hook
         Enforcer._post_step_hook = lambda enforcer, *args: self._timed(make_hook(enforcer, *args))  # type: ignore[method-assign]
+        self.make_gradient_hook = make_gradient_hook = Enforcer._gradient_hook
+        Enforcer._gradient_hook = lambda enforcer, *args: self._timed(make_gradient_hook(enforcer, *args))  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *args: Any) -> None:
         for name, function in self.saved.items():
             setattr(SNIPPruning, name, function)
         Enforcer._post_step_hook = self.make_hook  # type: ignore[method-assign]
+        Enforcer._gradient_hook = self.make_gradient_hook  # type: ignore[method-assign]
 
 
 class StepTimer(pl.Callback):
@@ -339,12 +343,15 @@ class HookTimer:
         self.make_hook = make_hook = Enforcer._post_step_hook
         timed = self._timed
         Enforcer._post_step_hook = lambda enforcer, *args: timed("optimizer post-step hook", make_hook(enforcer, *args))  # type: ignore[method-assign]
+        self.make_gradient_hook = make_gradient_hook = Enforcer._gradient_hook
+        Enforcer._gradient_hook = lambda enforcer, *args: timed("gradient hooks", make_gradient_hook(enforcer, *args))  # type: ignore[method-assign]
         self.state_key = prop = cast(property, vars(SNIPPruning)["state_key"])
         SNIPPruning.state_key = property(self._timed("state_key", cast(Callable[..., Any], prop.fget)))  # type: ignore[assignment, method-assign]
         return self
 
     def __exit__(self, *args: Any) -> None:
         Enforcer._post_step_hook = self.make_hook  # type: ignore[method-assign]
+        Enforcer._gradient_hook = self.make_gradient_hook  # type: ignore[method-assign]
         SNIPPruning.state_key = self.state_key  # type: ignore[method-assign, assignment]
 
 

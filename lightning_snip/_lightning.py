@@ -89,6 +89,15 @@ def is_sharding(strategy: Strategy) -> bool:
     return isinstance(strategy, (strategies.FSDPStrategy, strategies.ModelParallelStrategy))
 
 
+def gradients_private(strategy: Strategy) -> bool:
+    """Whether nothing reads the gradients during backward: one device, no gradient synchronization.
+
+    Not under DDP, whose reducer may copy a gradient into its bucket as soon as it is accumulated. Subclasses of
+    ``SingleDeviceStrategy`` are not assumed to be alike.
+    """
+    return type(strategy) is namespace(strategy).strategies.SingleDeviceStrategy
+
+
 def check_strategy(strategy: Strategy) -> None:
     """Refuse strategies whose parameters the masks cannot follow, naming the one used and the alternatives.
 
@@ -129,6 +138,8 @@ def logging_step(trainer: Trainer) -> int | None:
     (never during gradient accumulation), at ``step = batches that stepped``.
     """
     loop = trainer.fit_loop
+    if (loop.epoch_loop._batches_that_stepped + 1) % trainer.log_every_n_steps and not trainer.should_stop:
+        return None  # `should_update_logs`'s rule for the fit loop, first: the cheap answer on most steps
     if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
         return None
     if not trainer._logger_connector.should_update_logs:
@@ -251,56 +262,18 @@ def training_step_losses(
     ``strategy.training_step``, so a sharded model's forward hooks (which gather the parameters) run around it, as in
     training.
     """
-    combined = trainer.fit_loop._combined_loader
-    if combined is None or not combined.flattened:
-        raise ScoringError(
-            "`SNIPPruning` scores with batches of the train dataloader, but the trainer has none (check"
-            " `limit_train_batches` and the `train_dataloader`). Provide training data or use `criterion='magnitude'`."
-        )
-    if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
-        raise misconfiguration(
-            trainer,
-            "`SNIPPruning` cannot score a `training_step(self, dataloader_iter)`: it needs one batch per call. Use"
-            " `criterion='magnitude'` or `'random'`, or a batch-wise `training_step`.",
-        )
+    combined = _batchwise_train_data(trainer, pl_module)
     pass_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
-    iterator: Iterator[Any] | None = None
     recorded: list[Tensor] = []
 
     def record_backward(loss: Tensor, *args: Any, **kwargs: Any) -> None:
         recorded.append(loss)
 
     with ExitStack() as stack:
-        iterables = apply_to_collection(combined.iterables, DataLoader, _private_loader, stack)
-
-        batches: dict[int, tuple[Any, int]] = {}  # the last `num_batches` batches, on the device, for reuse
-        fetched = 0
-
-        def batch_at(i: int) -> tuple[Any, int]:
-            nonlocal iterator, fetched
-            if iterator is None:
-                iterator = iter(type(combined)(iterables, mode=combined._mode))
-            while fetched <= i:
-                try:
-                    batch, batch_idx, _ = next(iterator)
-                except StopIteration:
-                    raise ScoringError(
-                        f"Scoring needs {i + 1} batch(es) (`num_batches={num_batches}`, times the rounds of an"
-                        f" iterative criterion) but the train dataloader yielded only {fetched} batch(es). Lower"
-                        " `num_batches` or `iterations`, or provide more training data."
-                    ) from None
-                # the same transfer path as Lightning's training loop
-                batch = trainer.precision_plugin.convert_input(batch)
-                batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
-                batches[fetched] = (trainer.strategy.batch_to_device(batch, dataloader_idx=0), batch_idx)
-                batches.pop(fetched - num_batches, None)
-                fetched += 1
-            if i not in batches:
-                raise ScoringError(f"Scoring batch {i} was released; a criterion may reuse the last {num_batches}.")
-            return batches[i]
+        batches = _ScoringBatches(trainer, pl_module, combined, num_batches, stack)
 
         def loss_fn(i: int) -> Tensor:
-            batch, batch_idx = batch_at(i)
+            batch, batch_idx = batches.batch_at(i)
             recorded.clear()
             args = (batch, batch_idx) if pass_batch_idx else (batch,)
             if through_strategy:
@@ -315,7 +288,7 @@ def training_step_losses(
                 total = total + loss
             return total
 
-        loss_fn.batch_at = batch_at  # type: ignore[attr-defined]  # the batch itself, for a model's input shape
+        loss_fn.batch_at = batches.batch_at  # type: ignore[attr-defined]  # the batch itself, for a model's input shape
         stack.enter_context(_override(pl_module, log=_ignore, log_dict=_ignore, manual_backward=record_backward))
         for optimizer in trainer.optimizers:
             stack.enter_context(_override(optimizer, step=_ignore, zero_grad=_ignore))
@@ -324,7 +297,67 @@ def training_step_losses(
         try:
             yield loss_fn
         finally:
-            iterator = None  # ends the workers of a private loader's iterator
+            batches.close()
+
+
+def _batchwise_train_data(trainer: Trainer, pl_module: LightningModule) -> Any:
+    """The trainer's combined train loader, checked to have data and to be stepped one batch per ``training_step``."""
+    combined = trainer.fit_loop._combined_loader
+    if combined is None or not combined.flattened:
+        raise ScoringError(
+            "`SNIPPruning` scores with batches of the train dataloader, but the trainer has none (check"
+            " `limit_train_batches` and the `train_dataloader`). Provide training data or use `criterion='magnitude'`."
+        )
+    if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
+        raise misconfiguration(
+            trainer,
+            "`SNIPPruning` cannot score a `training_step(self, dataloader_iter)`: it needs one batch per call. Use"
+            " `criterion='magnitude'` or `'random'`, or a batch-wise `training_step`.",
+        )
+    return combined
+
+
+class _ScoringBatches:
+    """Train batches for scoring, drawn once each from a private iterator.
+
+    They are moved to the device as Lightning's loop does, and the last ``num_batches`` are kept for reuse.
+    """
+
+    def __init__(
+        self, trainer: Trainer, pl_module: LightningModule, combined: Any, num_batches: int, stack: ExitStack
+    ) -> None:
+        self.trainer, self.pl_module, self.combined, self.num_batches = trainer, pl_module, combined, num_batches
+        self.iterables = apply_to_collection(combined.iterables, DataLoader, _private_loader, stack)
+        self.iterator: Iterator[Any] | None = None
+        self.batches: dict[int, tuple[Any, int]] = {}
+        self.fetched = 0
+
+    def batch_at(self, i: int) -> tuple[Any, int]:
+        """Batch ``i`` on the device, and its index; drawn now if it has not been yet."""
+        if self.iterator is None:
+            self.iterator = iter(type(self.combined)(self.iterables, mode=self.combined._mode))
+        while self.fetched <= i:
+            try:
+                batch, batch_idx, _ = next(self.iterator)
+            except StopIteration:
+                raise ScoringError(
+                    f"Scoring needs {i + 1} batch(es) (`num_batches={self.num_batches}`, times the rounds of an"
+                    f" iterative criterion) but the train dataloader yielded only {self.fetched} batch(es). Lower"
+                    " `num_batches` or `iterations`, or provide more training data."
+                ) from None
+            # the same transfer path as Lightning's training loop
+            batch = self.trainer.precision_plugin.convert_input(batch)
+            batch = self.pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            self.batches[self.fetched] = (self.trainer.strategy.batch_to_device(batch, dataloader_idx=0), batch_idx)
+            self.batches.pop(self.fetched - self.num_batches, None)
+            self.fetched += 1
+        if i not in self.batches:
+            raise ScoringError(f"Scoring batch {i} was released; a criterion may reuse the last {self.num_batches}.")
+        return self.batches[i]
+
+    def close(self) -> None:
+        """Drop the iterator, which ends the workers of a private loader's iterator."""
+        self.iterator = None
 
 
 def _handback_path(home_pid: int, token: str) -> Path:

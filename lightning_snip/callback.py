@@ -11,7 +11,9 @@ Which hook does what:
   zero the optimizer state of pruned weights (restored from a checkpoint, say); install a post-step hook on every
   optimizer that re-zeros pruned weights after each step, unless the step provably left them at zero.
   (The per-step work is ``enforcement.Enforcer``'s; one scoring run is ``pipeline.prune``.)
-- ``on_after_backward``: zero the gradients of pruned weights, so optimizer state never builds up for them.
+- ``on_after_backward``: zero the gradients of pruned weights, so optimizer state never builds up for them. On one
+  device (``SingleDeviceStrategy``) a hook on each pruned parameter has already done it in backward, as soon as the
+  gradient was accumulated, while it was still in cache; under DDP this hook does it, after the gradients are reduced.
 - ``on_train_batch_end``: on the steps Lightning logs at, log the sparsity measured from the weights and check that
   every pruned weight is still zero; the check runs again before validation, before every checkpoint and when
   training ends.
@@ -195,7 +197,10 @@ class SNIPPruning(_Callback):
         self.min_density = float(min_density)
         self.shuffle = shuffle
         self.save_compressed = save_compressed
+        self._init_state()
 
+    def _init_state(self) -> None:
+        """The state held between hooks: masks, where they came from, and the step bookkeeping."""
         self._loaded: dict[str, Tensor] | None = None  # whole kept masks on CPU, not yet bound, from ...
         self._loaded_from = "checkpoint"  # ... a checkpoint, or an "earlier fit" in spawned workers
         self._masks_config: dict[str, Any] | None = None  # the options the held masks were made with, if not these
@@ -308,7 +313,11 @@ class SNIPPruning(_Callback):
         if self._loaded is not None or not self._kept:  # restored after `on_fit_start`, or not scored yet
             self._prepare(trainer, pl_module, score=True)
         self._last_checked_step = -1
-        self._enforcer.attach(trainer.optimizers, automatic=pl_module.automatic_optimization)
+        self._enforcer.attach(
+            trainer.optimizers,
+            automatic=pl_module.automatic_optimization,
+            in_backward=lightning.gradients_private(trainer.strategy),
+        )
         self._enforcer.zero_weights()  # weights may have been restored since binding
 
     @override

@@ -142,28 +142,42 @@ class MaskSet:
                 mask's (a multiply would broadcast the mask silently).
         """
         groups: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
-        slots = zip(self._aligned(tensors), self._factors, self.kept, self._forms, strict=True)
-        for value, factor, mask, form in slots:
+        for index, value in enumerate(self._aligned(tensors)):
             if value is None:
                 continue
-            if form is not None and form.fits(value):
-                if form.index is not None and value.is_contiguous():
-                    flat = value.view(-1)
-                    saved = flat.index_select(0, form.index)
-                    flat.zero_()
-                    flat.index_copy_(0, form.index, saved)
-                    continue
-                if form.factor is not None:
-                    factor = form.factor
-            bits = _as_bits(value)
-            if bits is None:  # no integer of that width (complex128): overwrite instead
-                value.masked_fill_(~mask, 0)
+            factor = self._zero_or_factor(index, value)
+            if factor is None:
                 continue
             group = groups.setdefault(value.device, ([], []))
-            group[0].append(bits)
-            group[1].append(factor)
+            group[0].append(factor[0])
+            group[1].append(factor[1])
         for bits_list, factors in groups.values():
             torch._foreach_mul_(bits_list, factors)
+
+    @torch.no_grad()
+    def zero_one_(self, index: int, value: Tensor) -> None:
+        """:meth:`zero_` for one tensor: the one of mask ``index``, which must be shaped like it (not checked)."""
+        factor = self._zero_or_factor(index, value)
+        if factor is not None:
+            factor[0].mul_(factor[1])
+
+    def _zero_or_factor(self, index: int, value: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Zero ``value`` by its mask's kept positions or by overwriting, or return its bits and the factor for them."""
+        form, factor = self._forms[index], self._factors[index]
+        if form is not None and form.fits(value):
+            if form.index is not None and value.is_contiguous():
+                flat = value.view(-1)
+                saved = flat.index_select(0, form.index)
+                flat.zero_()
+                flat.index_copy_(0, form.index, saved)
+                return None
+            if form.factor is not None:
+                factor = form.factor
+        bits = _as_bits(value)
+        if bits is None:  # no integer of that width (complex128): overwrite instead
+            value.masked_fill_(~self.kept[index], 0)
+            return None
+        return bits, factor
 
     @torch.no_grad()
     def count_pruned_nonzero(self, tensors: Iterable[Tensor]) -> list[int]:
@@ -206,7 +220,9 @@ class Enforcer:
     """Keeps a fixed set of parameters at their masks through training, with plain PyTorch.
 
     The per-step work is :meth:`mask_gradients` after every backward (then optimizer state never builds up for pruned
-    weights) and an optimizer post-step hook per optimizer (:meth:`attach`) that re-zeros the pruned weights, unless
+    weights), or, with ``in_backward``, a hook on each parameter that masks its gradient as soon as backward has
+    accumulated it (while it is still in cache, where a separate pass reads it back from memory), and an optimizer
+    post-step hook per optimizer (:meth:`attach`) that re-zeros the pruned weights, unless
     the step provably left them at zero: the optimizer keeps zeros (:func:`keeps_zeros`), optimization is automatic
     (every backward is followed by :meth:`mask_gradients`), and a masked backward ran since its previous step. Under
     manual optimization every step is followed by the re-zeroing, since a plain ``loss.backward()`` may have set any
@@ -240,6 +256,7 @@ class Enforcer:
         self.masks = MaskSet((kept[name] for name in self.names), like=self._locals(self.params))
         self.masked_backwards = 0  # read by the post-step hooks
         self.rezero_every_step = False
+        self.in_backward = False
         self._handles: list[RemovableHandle] = []
 
     def _locals(self, tensors: Iterable[_T]) -> list[_T]:
@@ -253,20 +270,33 @@ class Enforcer:
         self.masks.zero_(self._locals(self.params))
 
     def mask_gradients(self) -> None:
-        """Set the gradients of pruned weights to exactly zero (parameters without a gradient are skipped)."""
-        self.masks.zero_(self._locals([p.grad for p in self.params]))
+        """Set the gradients of pruned weights to exactly zero (parameters without a gradient are skipped).
+
+        Call it after every backward. With the gradient hooks of ``attach(..., in_backward=True)`` the gradients are
+        already masked, and it only records that a masked backward ran.
+        """
+        if not self.in_backward:
+            self.masks.zero_(self._locals([p.grad for p in self.params]))
         self.masked_backwards += 1
 
-    def attach(self, optimizers: Iterable[torch.optim.Optimizer], automatic: bool) -> None:
+    def attach(self, optimizers: Iterable[torch.optim.Optimizer], automatic: bool, in_backward: bool = False) -> None:
         """Zero the pruned entries of each optimizer's state and hook the re-zeroing after each of its steps.
 
         Args:
             optimizers: The optimizers; those holding none of the parameters are left alone.
             automatic: Whether every backward is followed by :meth:`mask_gradients` (Lightning's automatic
                 optimization).
+            in_backward: Also mask each gradient in backward, as soon as it is accumulated, with a
+                ``register_post_accumulate_grad_hook`` on its parameter. Only where nothing reads the gradients
+                during backward: not under DDP, whose reducer may copy a gradient into its bucket before such a hook
+                runs. Defaults to ``False``.
         """
         self.detach()
         self.rezero_every_step = False
+        if in_backward:
+            for index, param in enumerate(self.params):
+                self._handles.append(param.register_post_accumulate_grad_hook(self._gradient_hook(index)))
+        self.in_backward = in_backward
         position = {id(p): i for i, p in enumerate(self.params)}
         for optimizer in optimizers:
             held = [position[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in position]
@@ -278,10 +308,20 @@ class Enforcer:
             self._handles.append(optimizer.register_step_post_hook(hook))
 
     def detach(self) -> None:
-        """Remove the post-step hooks."""
+        """Remove the hooks; :meth:`mask_gradients` masks the gradients itself again."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.in_backward = False
+
+    def _gradient_hook(self, index: int) -> Callable[[Tensor], None]:
+        masks, local = self.masks, self._local
+
+        def hook(param: Tensor) -> None:
+            if param.grad is not None:
+                masks.zero_one_(index, param.grad if local is None else local(param.grad))
+
+        return hook
 
     def _post_step_hook(self, params: list[Tensor], masks: MaskSet, optimizer_keeps_zeros: bool) -> Any:
         masked_at_previous_step = self.masked_backwards
@@ -314,7 +354,7 @@ class Enforcer:
         return count_zeros(self._locals(self.params))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handles": []}  # hooks belong to this process's optimizers
+        return {**self.__dict__, "_handles": [], "in_backward": False}  # hooks belong to this process's objects
 
 
 def _zero_optimizer_state(

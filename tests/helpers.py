@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import tempfile
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -362,6 +364,22 @@ class LocalZeroChecker(pl.Callback):
         self.violations.append(sum(int((local_tensor(t)[~m] != 0).sum()) for t, m in tensors))
 
 
+class PrunedWriter(pl.Callback):
+    """At the end of every training epoch (before the checkpoint is saved), sets this rank's pruned weights to 1."""
+
+    def __init__(self, pruning: SNIPPruning) -> None:
+        self.pruning = pruning
+        self.written = 0
+
+    @torch.no_grad()
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        from lightning_snip.sharding import local_tensor
+
+        for name, kept in self.pruning._kept.items():
+            local_tensor(self.pruning._params[name]).masked_fill_(~kept, 1.0)
+            self.written += int((~kept).sum())
+
+
 def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strategy: str, criterion: str) -> None:
     """One rank of a sharded run: fit with a checkpoint, then resume from it with a fresh callback."""
 
@@ -371,7 +389,9 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
 
     _set_rank_environment(rank, world_size, port)
 
-    def run(pruning: SNIPPruning, epochs: int, ckpt_path: str | None = None, logged: bool = True) -> list[int]:
+    def run(
+        pruning: SNIPPruning, epochs: int, ckpt_path: str | None = None, logged: bool = True, write: bool = False
+    ) -> list[int]:
         torch.manual_seed(0)  # identical init on every rank, and equal to the single-process reference
         if strategy == "fsdp":
             model: BoringClassifier = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05).double()
@@ -381,9 +401,10 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
             chosen = ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1)
         checker = LocalZeroChecker(pruning)
         checkpoint = ModelCheckpoint(dirpath=f"{out_dir}/ckpt", save_last=True)
+        writers = [PrunedWriter(pruning)] if write else []
         fit(
             model,
-            [pruning, checker, checkpoint],
+            [pruning, checker, *writers, checkpoint],
             DataLoader(make_data(32, dtype=torch.float64), batch_size=4),  # with a DistributedSampler: 4 per rank
             strategy=chosen,
             devices=world_size,  # float64 throughout (FSDP's precision plugin has no '64-true')
@@ -398,7 +419,18 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
 
     criterion = register_recording_snip() if criterion == "snip" else criterion
     first = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion, seed=7)
-    violations = run(first, epochs=1)
+    # the pruned weights written to after the last step: the checkpoint's state dict, gathered before the callback's
+    # `on_save_checkpoint` (FSDP's whole tensors; DTensors under `fully_shard`), must still hold them as zeros
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        violations = run(first, epochs=1, write=True)
+    assert any("non-zero" in str(w.message) for w in caught), "the writes to pruned weights were not reported"
+    # the first checkpoint of the epoch (`last.ckpt` is written after it, from weights already zeroed again)
+    first_file = next(iter(sorted(glob.glob(f"{out_dir}/ckpt/epoch=0-*.ckpt"))))
+    saved = torch.load(first_file, weights_only=False) if strategy == "fsdp" else None
+    saved_pruned_nonzero = (
+        -1 if saved is None else sum(int(saved["state_dict"][n][~m].count_nonzero()) for n, m in first.masks.items())
+    )
     # this rank's slice of each mean gradient, with where it starts in the whole weight's flattening
     gradients = {n: (first._shards[n].start, g.reshape(-1)) for n, g in RECORDED_GRADIENTS.items()}
     resumed = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion, seed=7, save_compressed=True)
@@ -416,6 +448,7 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
             "resumed_violations": resumed_violations,
             "state": first.state_dict(),
             "gradients": gradients,
+            "saved_pruned_nonzero": saved_pruned_nonzero,
         },
         f"{out_dir}/rank{rank}.pt",
     )

@@ -536,3 +536,35 @@ def test_a_step_on_unmasked_gradients_is_followed_by_the_rezeroing(recwarn):
     fit(RawBackward(), [pruning, checker], log_every_n_steps=1)
     assert checker.violations == [0] * 5
     assert not [w for w in recwarn if "non-zero" in str(w.message)]
+
+
+class GradientSpy(pl.Callback):
+    """Placed before SNIPPruning: counts, right after every backward, the pruned gradient entries that are not zero."""
+
+    def __init__(self, pruning: SNIPPruning) -> None:
+        self.pruning = pruning
+        self.unmasked: list[int] = []
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        self.unmasked.append(sum(int(params[n].grad[~m].count_nonzero()) for n, m in self.pruning.masks.items()))
+
+
+def test_on_one_device_gradients_are_masked_in_backward_and_the_hooks_removed_after():
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.8)
+    spy, checker = GradientSpy(pruning), ZeroInvariantChecker(pruning)
+    model = BoringClassifier(optimizer="sgd", lr=0.1, momentum=0.9)
+    fit(model, [spy, pruning, checker], accumulate_grad_batches=2)
+    assert spy.unmasked == [0] * 4  # masked before any `on_after_backward` runs
+    assert checker.violations == [0] * 5
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    assert not pruning._enforcer.in_backward
+
+
+def test_gradients_are_masked_in_backward_only_where_nothing_reads_them_during_backward():
+    from lightning_snip._lightning import gradients_private
+
+    assert gradients_private(SingleDeviceStrategy(torch.device("cpu")))
+    assert not gradients_private(DDPStrategy())
+    assert not gradients_private(FSDPStrategy())

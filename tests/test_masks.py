@@ -406,3 +406,35 @@ def test_enforcer_masks_gradients_and_hooks_optimizers():
     assert not layer.weight[~kept].any()
     enforcer.detach()
     assert not optimizer._optimizer_step_post_hooks
+
+
+def test_enforcer_masks_gradients_in_backward_until_detached():
+    from lightning_snip.enforcement import Enforcer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 300), torch.nn.ReLU(), torch.nn.Linear(300, 3))
+    generator = torch.Generator().manual_seed(2)
+    params = {"0.weight": net[0].weight, "2.weight": net[2].weight}
+    kept = {name: torch.rand(p.shape, generator=generator) < 0.1 for name, p in params.items()}
+    enforcer = Enforcer(params, kept)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    enforcer.attach([optimizer], automatic=True, in_backward=True)
+    assert enforcer.in_backward
+    for _ in range(2):  # accumulated: masked after each backward, nothing called in between
+        net(torch.randn(8, 6)).square().sum().backward()
+        for name, param in params.items():
+            assert param.grad is not None
+            assert param.grad[kept[name]].any()
+            assert not param.grad[~kept[name]].any()
+    grads = {name: p.grad.clone() for name, p in params.items()}
+    enforcer.mask_gradients()  # only counts: the gradients are already masked
+    assert enforcer.masked_backwards == 1
+    assert all(torch.equal(p.grad, grads[n]) for n, p in params.items())
+    enforcer.detach()
+    assert not enforcer.in_backward
+    assert all(not p._post_accumulate_grad_hooks for p in params.values())
+    net.zero_grad()
+    net(torch.randn(8, 6)).square().sum().backward()
+    assert net[0].weight.grad[~kept["0.weight"]].any()  # no hook left behind
+    enforcer.mask_gradients()
+    assert not net[0].weight.grad[~kept["0.weight"]].any()

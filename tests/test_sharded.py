@@ -61,6 +61,8 @@ def test_sharded_masks_equal_single_process_and_survive_resume(tmp_path, strateg
             state = rank["state"]
             assert torch.equal(unpack_mask(state["masks"][name], state["shapes"][name]), mask)
         assert rank["violations"] == [0] * 4
+        if strategy == "fsdp":  # a gathered (whole) state dict: pruned weights written after the last step are zero
+            assert rank["saved_pruned_nonzero"] == 0
         if criterion == "snip":  # the mean gradients' values, reassembled from the two ranks' slices
             for name, grad in union_mean_gradients(_scoring_order()).items():
                 whole = torch.full((grad.numel(),), float("nan"), dtype=grad.dtype)
