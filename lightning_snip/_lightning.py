@@ -138,7 +138,8 @@ def logging_step(trainer: Trainer) -> int | None:
     (never during gradient accumulation), at ``step = batches that stepped``.
     """
     loop = trainer.fit_loop
-    if (loop.epoch_loop._batches_that_stepped + 1) % trainer.log_every_n_steps and not trainer.should_stop:
+    every = trainer.log_every_n_steps  # type: ignore[attr-defined]
+    if (loop.epoch_loop._batches_that_stepped + 1) % every and not trainer.should_stop:
         return None  # `should_update_logs`'s rule for the fit loop, first: the cheap answer on most steps
     if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
         return None
