@@ -319,8 +319,8 @@ class UserStepTimer(pl.Callback):
 
 
 class HookTimer:
-    """Wall time inside every hook Lightning calls on one SNIPPruning instance, inside its optimizer post-step hooks,
-    and inside its ``state_key`` (read by Lightning on every hook call, due or not), added up per name."""
+    """Wall time inside every hook Lightning calls on one SNIPPruning instance and inside its gradient and optimizer
+    post-step hooks, added up per name (``state_key``, read by Lightning on every hook call, is a plain attribute)."""
 
     def __init__(self, callback: SNIPPruning) -> None:
         self.totals: dict[str, float] = {}
@@ -345,14 +345,11 @@ class HookTimer:
         Enforcer._post_step_hook = lambda enforcer, *args: timed("optimizer post-step hook", make_hook(enforcer, *args))  # type: ignore[method-assign]
         self.make_gradient_hook = make_gradient_hook = Enforcer._gradient_hook
         Enforcer._gradient_hook = lambda enforcer, *args: timed("gradient hooks", make_gradient_hook(enforcer, *args))  # type: ignore[method-assign]
-        self.state_key = prop = cast(property, vars(SNIPPruning)["state_key"])
-        SNIPPruning.state_key = property(self._timed("state_key", cast(Callable[..., Any], prop.fget)))  # type: ignore[assignment, method-assign]
         return self
 
     def __exit__(self, *args: Any) -> None:
         Enforcer._post_step_hook = self.make_hook  # type: ignore[method-assign]
         Enforcer._gradient_hook = self.make_gradient_hook  # type: ignore[method-assign]
-        SNIPPruning.state_key = self.state_key  # type: ignore[method-assign, assignment]
 
 
 def _user_fit(model: Module, loader: DataLoader, callbacks: list[pl.Callback], steps: int, root: str) -> list[float]:
@@ -447,8 +444,8 @@ def user_table(results: dict[str, dict[str, Any]], threads: int) -> str:
         " seeded model alternated in one process (the order turns every round), SGD with momentum 0.9 and weight"
         f" decay 5e-4, `logger=False`, no checkpointing, the first {USER_WARMUP} steps of every run dropped; ratio of"
         f" step-time medians per round, median over rounds. {plan}; {threads} threads. In situ: time inside every"
-        " hook Lightning calls on the callback (those not due included), its optimizer post-step hook and its"
-        " `state_key`, from separate timed runs, per step."
+        " hook Lightning calls on the callback (those not due included), its gradient hooks and optimizer post-step"
+        " hook, from separate timed runs, per step."
     )
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import uuid
 import weakref
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -253,16 +254,14 @@ class SNIPPruning(_Callback):
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         if name in OPTION_NAMES:
-            self.__dict__.pop("_state_key", None)
+            self.__dict__.pop("state_key", None)
 
-    @property
+    @cached_property
     @override
     def state_key(self) -> str:
-        # Lightning reads this on every hook call, due or not (profiler names): built once per configuration
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = self.__dict__["_state_key"] = self._generate_state_key(**self._config())
-        return key
+        # Lightning reads this on every hook call, due or not (profiler names): built once per configuration, then
+        # read from the instance's dict like a plain attribute, until an option changes
+        return self._generate_state_key(**self._config())
 
     @override
     def state_dict(self) -> dict[str, Any]:

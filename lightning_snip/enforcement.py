@@ -161,6 +161,45 @@ class MaskSet:
         if factor is not None:
             factor[0].mul_(factor[1])
 
+    def zeroer(self, index: int, like: Tensor) -> Callable[[Tensor], None]:
+        """:meth:`zero_one_` for tensors of ``like``'s dtype and device, prepared once: no checks on each call.
+
+        For a per-tensor hook, where the checks would cost more than the zeroing itself on a small network. The caller
+        makes sure each tensor has ``like``'s dtype, device and shape (it fails, or zeroes wrongly, otherwise) and that
+        autograd is not recording.
+        """
+        form, factor, kept = self._forms[index], self._factors[index], self.kept[index]
+        bits = _BITS_OF_SIZE.get(like.element_size())
+        if form is not None and form.fits(like):
+            if form.index is not None:
+                positions = form.index
+
+                def by_positions(value: Tensor) -> None:
+                    if not value.is_contiguous():
+                        self.zero_one_(index, value)
+                        return
+                    flat = value.view(-1)
+                    saved = flat.index_select(0, positions)
+                    flat.zero_()
+                    flat.index_copy_(0, positions, saved)
+
+                return by_positions
+            if form.factor is not None:
+                factor = form.factor
+        if bits is None:  # no integer of that width (complex128)
+            pruned = ~kept
+
+            def by_overwriting(value: Tensor) -> None:
+                value.masked_fill_(pruned, 0)
+
+            return by_overwriting
+        bits_dtype = bits
+
+        def by_bits(value: Tensor) -> None:
+            value.view(bits_dtype).mul_(factor)
+
+        return by_bits
+
     def _zero_or_factor(self, index: int, value: Tensor) -> tuple[Tensor, Tensor] | None:
         """Zero ``value`` by its mask's kept positions or by overwriting, or return its bits and the factor for them."""
         form, factor = self._forms[index], self._factors[index]
@@ -316,10 +355,19 @@ class Enforcer:
 
     def _gradient_hook(self, index: int) -> Callable[[Tensor], None]:
         masks, local = self.masks, self._local
+        like = self._locals([self.params[index]])[0]
+        dtype, device, zero = like.dtype, like.device, masks.zeroer(index, like)
 
         def hook(param: Tensor) -> None:
-            if param.grad is not None:
-                masks.zero_one_(index, param.grad if local is None else local(param.grad))
+            grad = param.grad
+            if grad is None:
+                return
+            if local is not None:
+                grad = local(grad)
+            if grad.dtype is dtype and grad.device == device and not torch.is_grad_enabled():
+                zero(grad)  # the prepared form, with no checks: the common case
+            else:
+                masks.zero_one_(index, grad)
 
         return hook
 

@@ -438,3 +438,34 @@ def test_enforcer_masks_gradients_in_backward_until_detached():
     assert net[0].weight.grad[~kept["0.weight"]].any()  # no hook left behind
     enforcer.mask_gradients()
     assert not net[0].weight.grad[~kept["0.weight"]].any()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "budget", "form"),
+    [
+        (torch.float32, 10**6, "factor"),
+        (torch.float32, 8 * 10, "index"),
+        (torch.float32, 0, "bits"),
+        (torch.bfloat16, 10**6, "factor"),
+        (torch.complex128, 10**6, "bits"),
+    ],
+)
+def test_a_prepared_zeroer_equals_zero_one_for_every_form(dtype, budget, form):
+    kept = torch.zeros(10, 10, dtype=torch.bool)
+    kept.view(-1)[torch.randperm(100, generator=torch.Generator().manual_seed(3))[:10]] = True
+    like = torch.zeros(10, 10, dtype=dtype)
+    masks = MaskSet([kept], like=[like], budget=budget)
+    assert _forms(masks) == [form]
+    zero = masks.zeroer(0, like)
+    value = _specials((10, 10), dtype) if dtype != torch.complex128 else torch.randn(10, 10, dtype=dtype)
+    want = value.clone()
+    MaskSet([kept]).zero_([want])
+    zero(value)
+    assert torch.equal(value.view(torch.uint8), want.view(torch.uint8))  # bit for bit, nan and -0.0 included
+    assert not value[~kept].any()
+    if form == "index":  # not contiguous: the kept positions cannot be used, so it falls back to the bits
+        strided = _specials((10, 20), dtype)[:, ::2]
+        want = strided.clone()
+        MaskSet([kept]).zero_([want])
+        zero(strided)
+        assert torch.equal(strided.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
