@@ -294,7 +294,7 @@ USER_SPARSITY = 0.95
 USER_WARMUP = 5  # first steps of every run dropped
 USER_PLAN = {"lenet300": (80, 5), "resnet18": (16, 3), "transformer": (16, 3)}  # measured steps, rounds
 TARGETS = {"lenet300": 1.05, "resnet18": 1.02}
-ARMS = ("dense", "masked", "snip")
+ARMS = ("dense", "masked", "empty", "snip")
 
 
 class UserModule(Module):
@@ -316,6 +316,10 @@ class UserStepTimer(pl.Callback):
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.times.append(time.perf_counter() - self.started)
+
+
+class EmptyCallback(pl.Callback):
+    """A callback that overrides nothing: what Lightning's dispatch of every hook to any callback costs."""
 
 
 class HookTimer:
@@ -370,8 +374,9 @@ def _user_fit(model: Module, loader: DataLoader, callbacks: list[pl.Callback], s
 
 
 def user_view(name: str, rounds: int, steps: int, root: str) -> dict[str, Any]:
-    """The user's-eye step-time ratio, three arms alternated in one process: dense; the same network with the same
-    95% mask applied once and no callback; ``SNIPPruning(sparsity=0.95)`` with its defaults. Then the in-situ
+    """The user's-eye step-time ratio, four arms alternated in one process: dense; the same network with the same
+    95% mask applied once and no callback; dense with a callback that overrides nothing (Lightning's cost of any
+    callback); ``SNIPPruning(sparsity=0.95)`` with its defaults. Then the in-situ
     breakdown of the callback's per-step time, from extra SNIPPruning runs with every hook timed."""
     build, loader, sequence = network(name)
     torch.manual_seed(0)
@@ -387,12 +392,14 @@ def user_view(name: str, rounds: int, steps: int, root: str) -> dict[str, Any]:
     masks = probe.masks
     medians: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for r in range(rounds):
-        for arm in ARMS[r % 3 :] + ARMS[: r % 3]:  # the order turns every round
+        for arm in ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]:  # the order turns every round
             model = fresh()
             if arm == "masked":
                 params = dict(model.named_parameters())
                 apply_masks_([params[n] for n in masks], masks.values())
-            callbacks: list[pl.Callback] = [SNIPPruning(sparsity=USER_SPARSITY)] if arm == "snip" else []
+            callbacks: list[pl.Callback] = (
+                [SNIPPruning(sparsity=USER_SPARSITY)] if arm == "snip" else [EmptyCallback()] if arm == "empty" else []
+            )
             medians[arm].append(statistics.median(_user_fit(model, loader, callbacks, steps, root)))
     ratios = {arm: [m / d for m, d in zip(medians[arm], medians["dense"], strict=True)] for arm in ARMS[1:]}
     hooks: dict[str, float] = {}
@@ -411,6 +418,8 @@ def user_view(name: str, rounds: int, steps: int, root: str) -> dict[str, Any]:
         "dense_ms": 1000 * statistics.median(medians["dense"]),
         "masked_ratio": statistics.median(ratios["masked"]),
         "masked_ratios": ratios["masked"],
+        "empty_ratio": statistics.median(ratios["empty"]),
+        "empty_ratios": ratios["empty"],
         "snip_ratio": statistics.median(ratios["snip"]),
         "snip_ratios": ratios["snip"],
         "per_step_us": {
@@ -421,14 +430,16 @@ def user_view(name: str, rounds: int, steps: int, root: str) -> dict[str, Any]:
 
 def user_table(results: dict[str, dict[str, Any]], threads: int) -> str:
     lines = [
-        "| network (batch) | dense step | masked once, no callback / dense | SNIPPruning / dense (rounds) | target |",
-        "|---|---|---|---|---|",
+        "| network (batch) | dense step | masked once, no callback / dense | an empty callback / dense |"
+        " SNIPPruning / dense (rounds) | target |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         rounds = ", ".join(f"{x:.3f}" for x in r["snip_ratios"])
         target = f"<= {TARGETS[name]}" if name in TARGETS else "none"
         lines.append(
-            f"| {_LABELS[name]} | {r['dense_ms']:.2f} ms | {r['masked_ratio']:.3f} | **{r['snip_ratio']:.3f}**"
+            f"| {_LABELS[name]} | {r['dense_ms']:.2f} ms | {r['masked_ratio']:.3f} | {r['empty_ratio']:.3f} |"
+            f" **{r['snip_ratio']:.3f}**"
             f" ({rounds}) | {target} |"
         )
     lines += ["", "| network | SNIPPruning's own time per step, in situ (µs) |", "|---|---|"]
@@ -440,12 +451,12 @@ def user_table(results: dict[str, dict[str, Any]], threads: int) -> str:
     )
     return "\n".join(lines) + (
         "\n\nA user's own step timer (a callback reading `time.perf_counter()` in `on_train_batch_start` and"
-        " `on_train_batch_end`, placed last), dense, masked-once and `SNIPPruning(sparsity=0.95)` runs of the same"
-        " seeded model alternated in one process (the order turns every round), SGD with momentum 0.9 and weight"
-        f" decay 5e-4, `logger=False`, no checkpointing, the first {USER_WARMUP} steps of every run dropped; ratio of"
-        f" step-time medians per round, median over rounds. {plan}; {threads} threads. In situ: time inside every"
-        " hook Lightning calls on the callback (those not due included), its gradient hooks and optimizer post-step"
-        " hook, from separate timed runs, per step."
+        " `on_train_batch_end`, placed last), dense, masked-once, empty-callback and `SNIPPruning(sparsity=0.95)`"
+        " runs of the same seeded model alternated in one process (the order turns every round), SGD with momentum"
+        f" 0.9 and weight decay 5e-4, `logger=False`, no checkpointing, the first {USER_WARMUP} steps of every run"
+        f" dropped; ratio of step-time medians per round, median over rounds. {plan}; {threads} threads. In situ:"
+        " time inside every hook Lightning calls on the callback (those not due included), its gradient hooks and"
+        " optimizer post-step hook, from separate timed runs, per step."
     )
 
 
@@ -566,7 +577,7 @@ def main() -> None:
     parser.add_argument("--scorings", type=int, default=3, help="fresh models scored per network (default: 3)")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
-        "--user-only", action="store_true", help="only the user's-eye three-arm measurement (the headline)"
+        "--user-only", action="store_true", help="only the user's-eye four-arm measurement (the headline)"
     )
     parser.add_argument(
         "--user-rounds", type=int, help="rounds of the user's-eye measurement (default: 5 LeNet, else 3)"
