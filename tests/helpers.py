@@ -369,7 +369,6 @@ class PrunedWriter(pl.Callback):
 
     def __init__(self, pruning: SNIPPruning) -> None:
         self.pruning = pruning
-        self.written = 0
 
     @torch.no_grad()
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -377,7 +376,6 @@ class PrunedWriter(pl.Callback):
 
         for name, kept in self.pruning._kept.items():
             local_tensor(self.pruning._params[name]).masked_fill_(~kept, 1.0)
-            self.written += int((~kept).sum())
 
 
 def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strategy: str, criterion: str) -> None:
@@ -425,12 +423,10 @@ def sharded_rank_main(rank: int, world_size: int, port: int, out_dir: str, strat
         warnings.simplefilter("always")
         violations = run(first, epochs=1, write=True)
     assert any("non-zero" in str(w.message) for w in caught), "the writes to pruned weights were not reported"
-    # the first checkpoint of the epoch (`last.ckpt` is written after it, from weights already zeroed again)
-    first_file = next(iter(sorted(glob.glob(f"{out_dir}/ckpt/epoch=0-*.ckpt"))))
-    saved = torch.load(first_file, weights_only=False) if strategy == "fsdp" else None
-    saved_pruned_nonzero = (
-        -1 if saved is None else sum(int(saved["state_dict"][n][~m].count_nonzero()) for n, m in first.masks.items())
-    )
+    saved_pruned_nonzero = -1  # `fully_shard` writes a distributed checkpoint (a folder of DTensor shards)
+    if strategy == "fsdp":  # the epoch's checkpoint: `last.ckpt` is written after it, from weights zeroed again
+        saved = torch.load(glob.glob(f"{out_dir}/ckpt/epoch=0-*.ckpt")[0], weights_only=False)["state_dict"]
+        saved_pruned_nonzero = sum(int(saved[n][~m].count_nonzero()) for n, m in first.masks.items())
     # this rank's slice of each mean gradient, with where it starts in the whole weight's flattening
     gradients = {n: (first._shards[n].start, g.reshape(-1)) for n, g in RECORDED_GRADIENTS.items()}
     resumed = SNIPPruning(sparsity=0.8, num_batches=2, criterion=criterion, seed=7, save_compressed=True)
