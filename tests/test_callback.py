@@ -568,3 +568,24 @@ def test_gradients_are_masked_in_backward_only_where_nothing_reads_them_during_b
     assert gradients_private(SingleDeviceStrategy(torch.device("cpu")))
     assert not gradients_private(DDPStrategy())
     assert not gradients_private(FSDPStrategy())
+
+
+class FailsAtBatch(BoringClassifier):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 2:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_failed_fit_leaves_no_hook_behind():
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.8)
+    model = FailsAtBatch(optimizer="sgd", lr=0.1)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(model, [pruning])
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    assert not model.trainer.optimizers[0]._optimizer_step_post_hooks
+    model.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(4, 16)), torch.tensor([0, 1, 2, 3])).backward()
+    weight, kept = model.net[0].weight, pruning.masks["net.0.weight"]
+    assert weight.grad[~kept].any()  # outside training, gradients are the model's own
