@@ -108,8 +108,8 @@ class ModelPruningAtStart(ModelPruning):
 
 
 class EnforcementTimer:
-    """Adds up, per training step, the time spent in SNIPPruning's per-step work: masking the gradients (in backward
-    on one device, after it otherwise), the optimizer post-step hooks (re-zeroing the weights where the step can move
+    """Adds up, per training step, the time spent in SNIPPruning's per-step work: masking the gradients (in
+    ``on_after_backward``), the optimizer post-step hooks (re-zeroing the weights where the step can move
     them), and the batch-end hook (the sparsity log and the check of the pruned weights, every
     ``log_every_n_steps``)."""
 
@@ -132,15 +132,12 @@ class EnforcementTimer:
             setattr(SNIPPruning, name, self._timed(self.saved[name]))
         self.make_hook = make_hook = Enforcer._post_step_hook
         Enforcer._post_step_hook = lambda enforcer, *args: self._timed(make_hook(enforcer, *args))  # type: ignore[method-assign]
-        self.make_gradient_hook = make_gradient_hook = Enforcer._gradient_hook
-        Enforcer._gradient_hook = lambda enforcer, *args: self._timed(make_gradient_hook(enforcer, *args))  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *args: Any) -> None:
         for name, function in self.saved.items():
             setattr(SNIPPruning, name, function)
         Enforcer._post_step_hook = self.make_hook  # type: ignore[method-assign]
-        Enforcer._gradient_hook = self.make_gradient_hook  # type: ignore[method-assign]
 
 
 class StepTimer(pl.Callback):
@@ -323,8 +320,9 @@ class EmptyCallback(pl.Callback):
 
 
 class HookTimer:
-    """Wall time inside every hook Lightning calls on one SNIPPruning instance and inside its gradient and optimizer
-    post-step hooks, added up per name (``state_key``, read by Lightning on every hook call, is a plain attribute)."""
+    """Wall time inside every hook Lightning calls on one SNIPPruning instance (the gradient masking is in
+    ``on_after_backward``) and inside its optimizer post-step hook, added up per name (``state_key``, read by
+    Lightning on every hook call, is a plain attribute)."""
 
     def __init__(self, callback: SNIPPruning) -> None:
         self.totals: dict[str, float] = {}
@@ -347,13 +345,10 @@ class HookTimer:
         self.make_hook = make_hook = Enforcer._post_step_hook
         timed = self._timed
         Enforcer._post_step_hook = lambda enforcer, *args: timed("optimizer post-step hook", make_hook(enforcer, *args))  # type: ignore[method-assign]
-        self.make_gradient_hook = make_gradient_hook = Enforcer._gradient_hook
-        Enforcer._gradient_hook = lambda enforcer, *args: timed("gradient hooks", make_gradient_hook(enforcer, *args))  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *args: Any) -> None:
         Enforcer._post_step_hook = self.make_hook  # type: ignore[method-assign]
-        Enforcer._gradient_hook = self.make_gradient_hook  # type: ignore[method-assign]
 
 
 def _user_fit(model: Module, loader: DataLoader, callbacks: list[pl.Callback], steps: int, root: str) -> list[float]:
@@ -455,8 +450,8 @@ def user_table(results: dict[str, dict[str, Any]], threads: int) -> str:
         " runs of the same seeded model alternated in one process (the order turns every round), SGD with momentum"
         f" 0.9 and weight decay 5e-4, `logger=False`, no checkpointing, the first {USER_WARMUP} steps of every run"
         f" dropped; ratio of step-time medians per round, median over rounds. {plan}; {threads} threads. In situ:"
-        " time inside every hook Lightning calls on the callback (those not due included), its gradient hooks and"
-        " optimizer post-step hook, from separate timed runs, per step."
+        " time inside every hook Lightning calls on the callback (those not due included; the gradient masking is in"
+        " `on_after_backward`) and its optimizer post-step hook, from separate timed runs, per step."
     )
 
 

@@ -89,15 +89,6 @@ def is_sharding(strategy: Strategy) -> bool:
     return isinstance(strategy, (strategies.FSDPStrategy, strategies.ModelParallelStrategy))
 
 
-def gradients_private(strategy: Strategy) -> bool:
-    """Whether nothing reads the gradients during backward: one device, no gradient synchronization.
-
-    Not under DDP, whose reducer may copy a gradient into its bucket as soon as it is accumulated. Subclasses of
-    ``SingleDeviceStrategy`` are not assumed to be alike.
-    """
-    return type(strategy) is namespace(strategy).strategies.SingleDeviceStrategy
-
-
 def check_strategy(strategy: Strategy) -> None:
     """Refuse strategies whose parameters the masks cannot follow, naming the one used and the alternatives.
 

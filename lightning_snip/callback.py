@@ -312,11 +312,7 @@ class SNIPPruning(_Callback):
         if self._loaded is not None or not self._kept:  # restored after `on_fit_start`, or not scored yet
             self._prepare(trainer, pl_module, score=True)
         self._last_checked_step = -1
-        self._enforcer.attach(
-            trainer.optimizers,
-            automatic=pl_module.automatic_optimization,
-            in_backward=lightning.gradients_private(trainer.strategy),
-        )
+        self._enforcer.attach(trainer.optimizers, automatic=pl_module.automatic_optimization)
         self._enforcer.zero_weights()  # weights may have been restored since binding
 
     @override

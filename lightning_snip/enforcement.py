@@ -153,43 +153,45 @@ class MaskSet:
         for bits_list, factors in groups.values():
             torch._foreach_mul_(bits_list, factors)
 
-    @torch.no_grad()
-    def zero_one_(self, index: int, value: Tensor) -> None:
-        """:meth:`zero_` for one tensor: the one of mask ``index``, which must be shaped like it (not checked)."""
-        factor = self._zero_or_factor(index, value)
-        if factor is not None:
-            factor[0].mul_(factor[1])
+    def batch_zeroer(self, like: Sequence[Tensor]) -> Callable[[Sequence[Tensor | None]], None]:
+        """:meth:`zero_` for tensors of ``like``'s dtypes, prepared once: one multiply over all of them.
 
-    def zeroer(self, index: int, like: Tensor) -> Callable[[Tensor], None]:
-        """:meth:`zero_one_` for tensors of ``like``'s dtype and device, prepared once: no checks on each call.
-
-        For a per-tensor hook, where the checks would cost more than the zeroing itself on a small network. The caller
-        makes sure each tensor has ``like``'s dtype, device and shape (it fails, or zeroes wrongly, otherwise) and that
-        autograd is not recording.
+        For the per-step masking of gradients, where on a small network every Python step and every operator call
+        costs more than the multiply itself. When every mask has its integer factor (:class:`MaskSet`'s faster form)
+        for its tensor and all are on one device, the call checks only that each tensor is there with its prepared
+        dtype and needs no gradient, then multiplies all their bits by the factors with one ``torch._foreach_mul_``;
+        any other call, and any other set of masks, goes through :meth:`zero_` with its checks. The tensors must be
+        shaped like their masks (not checked: a tensor's gradient always is).
         """
-        how, payload = self._how(index, like)
-        if how == "positions":
+        values = self._aligned(like)
+        plan = [self._how(index, value) for index, value in enumerate(values)]
+        bits = [_BITS_OF_SIZE.get(value.element_size()) for value in values]
+        if (
+            not values
+            or len({value.device for value in values}) > 1
+            or any(how != "bits" or payload.dtype != b for (how, payload), b in zip(plan, bits, strict=True))
+        ):
+            return self.zero_
+        dtypes = [value.dtype for value in values]
+        views_as = [payload.dtype for _, payload in plan]  # the integer type of each tensor's width
+        factors = [payload for _, payload in plan]
+        zero_ = self.zero_
 
-            def by_positions(value: Tensor) -> None:
-                if value.is_contiguous():
-                    _keep_only(value, payload)
+        prepared = list(zip(dtypes, views_as, strict=True))
+
+        def zero_all(tensors: Sequence[Tensor | None]) -> None:
+            if len(tensors) == len(prepared):
+                views = []
+                for tensor, (dtype, view_as) in zip(tensors, prepared):  # noqa: B905  # lengths checked above
+                    if tensor is None or tensor.dtype is not dtype or tensor.requires_grad:
+                        break
+                    views.append(tensor.view(view_as))
                 else:
-                    self.zero_one_(index, value)
+                    torch._foreach_mul_(views, factors)
+                    return
+            zero_(tensors)
 
-            return by_positions
-        if how == "overwrite":
-            pruned = ~payload
-
-            def by_overwriting(value: Tensor) -> None:
-                value.masked_fill_(pruned, 0)
-
-            return by_overwriting
-        bits = _BITS_OF_SIZE[like.element_size()]
-
-        def by_bits(value: Tensor) -> None:
-            value.view(bits).mul_(payload)
-
-        return by_bits
+        return zero_all
 
     def _how(self, index: int, like: Tensor) -> tuple[str, Tensor]:
         """How mask ``index`` zeroes tensors like ``like``, and with what.
@@ -269,10 +271,9 @@ class Enforcer:
     """Keeps a fixed set of parameters at their masks through training, with plain PyTorch.
 
     The per-step work is :meth:`mask_gradients` after every backward (then optimizer state never builds up for pruned
-    weights), or, with ``in_backward``, a hook on each parameter that masks its gradient as soon as backward has
-    accumulated it (while it is still in cache, where a separate pass reads it back from memory), and an optimizer
-    post-step hook per optimizer (:meth:`attach`) that re-zeros the pruned weights, unless the step provably left them
-    at zero: the optimizer keeps zeros (:func:`keeps_zeros`), optimization is automatic
+    weights): on unsharded parameters one prepared multiply over all their gradients (:meth:`MaskSet.batch_zeroer`),
+    and an optimizer post-step hook per optimizer (:meth:`attach`) that re-zeros the pruned weights, unless the step
+    provably left them at zero: the optimizer keeps zeros (:func:`keeps_zeros`), optimization is automatic
     (every backward is followed by :meth:`mask_gradients`), and a masked backward ran since its previous step. Under
     manual optimization every step is followed by the re-zeroing, since a plain ``loss.backward()`` may have set any
     optimizer's gradients. :meth:`repair` is the occasional check; once it finds a write to pruned weights, every
@@ -303,9 +304,9 @@ class Enforcer:
         self.params = [params[name] for name in self.names]
         self._local = local
         self.masks = MaskSet((kept[name] for name in self.names), like=self._locals(self.params))
+        self._zero_grads = self.masks.batch_zeroer(self.params) if local is None else self.masks.zero_
         self.masked_backwards = 0  # read by the post-step hooks
         self.rezero_every_step = False
-        self.in_backward = False
         self._handles: list[RemovableHandle] = []
 
     def _locals(self, tensors: Iterable[_T]) -> list[_T]:
@@ -321,31 +322,24 @@ class Enforcer:
     def mask_gradients(self) -> None:
         """Set the gradients of pruned weights to exactly zero (parameters without a gradient are skipped).
 
-        Call it after every backward. With the gradient hooks of ``attach(..., in_backward=True)`` the gradients are
-        already masked, and it only records that a masked backward ran.
+        Call it after every backward.
         """
-        if not self.in_backward:
-            self.masks.zero_(self._locals([p.grad for p in self.params]))
+        if self._local is None:
+            self._zero_grads([p.grad for p in self.params])
+        else:
+            self._zero_grads(self._locals([p.grad for p in self.params]))
         self.masked_backwards += 1
 
-    def attach(self, optimizers: Iterable[torch.optim.Optimizer], automatic: bool, in_backward: bool = False) -> None:
+    def attach(self, optimizers: Iterable[torch.optim.Optimizer], automatic: bool) -> None:
         """Zero the pruned entries of each optimizer's state and hook the re-zeroing after each of its steps.
 
         Args:
             optimizers: The optimizers; those holding none of the parameters are left alone.
             automatic: Whether every backward is followed by :meth:`mask_gradients` (Lightning's automatic
                 optimization).
-            in_backward: Also mask each gradient in backward, as soon as it is accumulated, with a
-                ``register_post_accumulate_grad_hook`` on its parameter. Only where nothing reads the gradients
-                during backward: not under DDP, whose reducer may copy a gradient into its bucket before such a hook
-                runs. Defaults to ``False``.
         """
         self.detach()
         self.rezero_every_step = False
-        if in_backward:
-            for index, param in enumerate(self.params):
-                self._handles.append(param.register_post_accumulate_grad_hook(self._gradient_hook(index)))
-        self.in_backward = in_backward
         position = {id(p): i for i, p in enumerate(self.params)}
         for optimizer in optimizers:
             held = [position[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in position]
@@ -357,29 +351,10 @@ class Enforcer:
             self._handles.append(optimizer.register_step_post_hook(hook))
 
     def detach(self) -> None:
-        """Remove the hooks; :meth:`mask_gradients` masks the gradients itself again."""
+        """Remove the optimizer hooks."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.in_backward = False
-
-    def _gradient_hook(self, index: int) -> Callable[[Tensor], None]:
-        masks, local = self.masks, self._local
-        like = self._locals([self.params[index]])[0]
-        dtype, device, zero = like.dtype, like.device, masks.zeroer(index, like)
-
-        def hook(param: Tensor) -> None:
-            grad = param.grad
-            if grad is None:
-                return
-            if local is not None:
-                grad = local(grad)
-            if grad.dtype is dtype and grad.device == device and not torch.is_grad_enabled():
-                zero(grad)  # the prepared form, with no checks: the common case
-            else:
-                masks.zero_one_(index, grad)
-
-        return hook
 
     def _post_step_hook(self, params: list[Tensor], masks: MaskSet, optimizer_keeps_zeros: bool) -> Any:
         masked_at_previous_step = self.masked_backwards
@@ -412,7 +387,7 @@ class Enforcer:
         return count_zeros(self._locals(self.params))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handles": [], "in_backward": False}  # hooks belong to this process's objects
+        return {**self.__dict__, "_handles": []}  # hooks belong to this process's objects
 
 
 def _zero_optimizer_state(

@@ -408,7 +408,7 @@ def test_enforcer_masks_gradients_and_hooks_optimizers():
     assert not optimizer._optimizer_step_post_hooks
 
 
-def test_enforcer_masks_gradients_in_backward_until_detached():
+def test_enforcer_masks_every_gradient_with_one_prepared_multiply():
     from lightning_snip.enforcement import Enforcer
 
     torch.manual_seed(0)
@@ -417,55 +417,64 @@ def test_enforcer_masks_gradients_in_backward_until_detached():
     params = {"0.weight": net[0].weight, "2.weight": net[2].weight}
     kept = {name: torch.rand(p.shape, generator=generator) < 0.1 for name, p in params.items()}
     enforcer = Enforcer(params, kept)
+    assert enforcer._zero_grads != enforcer.masks.zero_  # the prepared multiply, not the checked path
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    enforcer.attach([optimizer], automatic=True, in_backward=True)
-    assert enforcer.in_backward
-    for _ in range(2):  # accumulated: masked after each backward, nothing called in between
+    enforcer.attach([optimizer], automatic=True)
+    for _ in range(2):
         net(torch.randn(8, 6)).square().sum().backward()
+        assert net[0].weight.grad[~kept["0.weight"]].any()  # nothing masks them during backward
+        enforcer.mask_gradients()
         for name, param in params.items():
             assert param.grad is not None
             assert param.grad[kept[name]].any()
             assert not param.grad[~kept[name]].any()
-    grads = {name: p.grad.clone() for name, p in params.items()}
-    enforcer.mask_gradients()  # only counts: the gradients are already masked
-    assert enforcer.masked_backwards == 1
-    assert all(torch.equal(p.grad, grads[n]) for n, p in params.items())
+    assert enforcer.masked_backwards == 2
     enforcer.detach()
-    assert not enforcer.in_backward
-    assert all(not p._post_accumulate_grad_hooks for p in params.values())
-    net.zero_grad()
-    net(torch.randn(8, 6)).square().sum().backward()
-    assert net[0].weight.grad[~kept["0.weight"]].any()  # no hook left behind
-    enforcer.mask_gradients()
-    assert not net[0].weight.grad[~kept["0.weight"]].any()
+    assert not optimizer._optimizer_step_post_hooks
 
 
 @pytest.mark.parametrize(
-    ("dtype", "budget", "form"),
+    ("dtypes", "budget", "prepared"),
     [
-        (torch.float32, 10**6, "factor"),
-        (torch.float32, 8 * 10, "index"),
-        (torch.float32, 0, "bits"),
-        (torch.bfloat16, 10**6, "factor"),
-        (torch.complex128, 10**6, "bits"),
+        ((torch.float32, torch.float32), 10**6, True),
+        ((torch.bfloat16, torch.float64), 10**6, True),  # each tensor viewed as integers of its own width
+        ((torch.float32, torch.float32), 8 * 20, False),  # kept positions: the checked path
+        ((torch.float32, torch.float32), 0, False),  # the uint8 mask: the checked path
+        ((torch.complex128, torch.float32), 10**6, False),  # no integer of complex128's width
     ],
 )
-def test_a_prepared_zeroer_equals_zero_one_for_every_form(dtype, budget, form):
-    kept = torch.zeros(10, 10, dtype=torch.bool)
-    kept.view(-1)[torch.randperm(100, generator=torch.Generator().manual_seed(3))[:10]] = True
-    like = torch.zeros(10, 10, dtype=dtype)
-    masks = MaskSet([kept], like=[like], budget=budget)
-    assert _forms(masks) == [form]
-    zero = masks.zeroer(0, like)
-    value = _specials((10, 10), dtype) if dtype != torch.complex128 else torch.randn(10, 10, dtype=dtype)
-    want = value.clone()
-    MaskSet([kept]).zero_([want])
-    zero(value)
-    assert torch.equal(value.view(torch.uint8), want.view(torch.uint8))  # bit for bit, nan and -0.0 included
-    assert not value[~kept].any()
-    if form == "index":  # not contiguous: the kept positions cannot be used, so it falls back to the bits
-        strided = _specials((10, 20), dtype)[:, ::2]
-        want = strided.clone()
-        MaskSet([kept]).zero_([want])
-        zero(strided)
-        assert torch.equal(strided.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
+def test_a_batch_zeroer_equals_zero_for_every_form(dtypes, budget, prepared):
+    generator = torch.Generator().manual_seed(3)
+    kept = [torch.rand(10, 10, generator=generator) < 0.1 for _ in dtypes]
+    like = [torch.zeros(10, 10, dtype=dtype) for dtype in dtypes]
+    masks = MaskSet(kept, like=like, budget=budget)
+    zero = masks.batch_zeroer(like)
+    assert (zero != masks.zero_) == prepared
+    for dtype_of_call in (dtypes, (torch.float16,) * len(dtypes)):  # a dtype other than prepared: the checked path
+        values = [
+            _specials((10, 10), d) if d != torch.complex128 else torch.randn(10, 10, dtype=d) for d in dtype_of_call
+        ]
+        values[0] = values[0].t().contiguous().t()  # strided alike: a multiply follows each element's position
+        want = [v.clone() for v in values]
+        MaskSet(kept).zero_(want)
+        zero(values)
+        for value, expected, mask in zip(values, want, kept, strict=True):
+            assert torch.equal(value.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8))
+            assert not value[~mask].any()  # bit for bit, nan and -0.0 included; pruned entries exactly zero
+
+
+def test_a_batch_zeroer_skips_missing_gradients_and_checks_what_it_is_given():
+    kept = [torch.tensor([True, False]), torch.tensor([False, True, True])]
+    like = [torch.zeros(2), torch.zeros(3)]
+    zero = MaskSet(kept, like=like).batch_zeroer(like)
+    second = torch.tensor([5.0, float("nan"), 7.0])
+    zero([None, second])
+    assert second.tolist()[0] == 0.0
+    assert second.isnan().tolist() == [False, True, False]
+    needs_grad = torch.tensor([1.0, 2.0], requires_grad=True)
+    zero([needs_grad, torch.ones(3)])  # checked path, under no_grad: no in-place error on a leaf
+    assert needs_grad.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="Got 1 tensors for 2 masks"):
+        zero([torch.ones(2)])
+    with pytest.raises(ValueError, match="Tensor 1 has shape"):
+        MaskSet(kept).batch_zeroer([torch.zeros(2), torch.zeros(4)])
