@@ -165,33 +165,17 @@ class MaskSet:
         """
         values = self._aligned(like)
         plan = [self._how(index, value) for index, value in enumerate(values)]
-        bits = [_BITS_OF_SIZE.get(value.element_size()) for value in values]
         if (
             not values
             or len({value.device for value in values}) > 1
-            or any(how != "bits" or payload.dtype != b for (how, payload), b in zip(plan, bits, strict=True))
+            or any(
+                how != "bits" or payload.dtype != _BITS_OF_SIZE.get(value.element_size())
+                for value, (how, payload) in zip(values, plan, strict=True)
+            )
         ):
             return self.zero_
-        dtypes = [value.dtype for value in values]
-        views_as = [payload.dtype for _, payload in plan]  # the integer type of each tensor's width
-        factors = [payload for _, payload in plan]
-        zero_ = self.zero_
-
-        prepared = list(zip(dtypes, views_as, strict=True))
-
-        def zero_all(tensors: Sequence[Tensor | None]) -> None:
-            if len(tensors) == len(prepared):
-                views = []
-                for tensor, (dtype, view_as) in zip(tensors, prepared):  # noqa: B905  # lengths checked above
-                    if tensor is None or tensor.dtype is not dtype or tensor.requires_grad:
-                        break
-                    views.append(tensor.view(view_as))
-                else:
-                    torch._foreach_mul_(views, factors)
-                    return
-            zero_(tensors)
-
-        return zero_all
+        prepared = [(value.dtype, payload.dtype) for value, (_, payload) in zip(values, plan, strict=True)]
+        return _BatchZeroing(self, prepared, [payload for _, payload in plan])
 
     def _how(self, index: int, like: Tensor) -> tuple[str, Tensor]:
         """How mask ``index`` zeroes tensors like ``like``, and with what.
@@ -249,6 +233,28 @@ class MaskSet:
         # booleans is several times slower on CPU; the exact count only for tensors that have one
         flags = _to_host([_largest_pruned(v, m) for v, m in zip(values, self.kept, strict=True)])
         return [int(((v != 0) & ~m).sum()) if f != 0 else 0 for v, m, f in zip(values, self.kept, flags, strict=True)]
+
+
+class _BatchZeroing:
+    """:meth:`MaskSet.zero_` prepared for tensors of fixed dtypes: see :meth:`MaskSet.batch_zeroer`.
+
+    A class rather than a closure, so that an :class:`Enforcer` holding one pickles (``ddp_spawn`` does).
+    """
+
+    def __init__(self, masks: MaskSet, prepared: list[tuple[torch.dtype, torch.dtype]], factors: list[Tensor]) -> None:
+        self.masks, self.prepared, self.factors = masks, prepared, factors  # (dtype, integer view) per tensor
+
+    def __call__(self, tensors: Sequence[Tensor | None]) -> None:
+        if len(tensors) == len(self.prepared):
+            views = []
+            for tensor, (dtype, view_as) in zip(tensors, self.prepared):  # noqa: B905  # lengths checked above
+                if tensor is None or tensor.dtype is not dtype or tensor.requires_grad:
+                    break
+                views.append(tensor.view(view_as))
+            else:
+                torch._foreach_mul_(views, self.factors)
+                return
+        self.masks.zero_(tensors)
 
 
 def _keep_only(value: Tensor, positions: Tensor) -> None:
@@ -324,10 +330,8 @@ class Enforcer:
 
         Call it after every backward.
         """
-        if self._local is None:
-            self._zero_grads([p.grad for p in self.params])
-        else:
-            self._zero_grads(self._locals([p.grad for p in self.params]))
+        grads = [p.grad for p in self.params]
+        self._zero_grads(grads if self._local is None else self._locals(grads))
         self.masked_backwards += 1
 
     def attach(self, optimizers: Iterable[torch.optim.Optimizer], automatic: bool) -> None:

@@ -478,3 +478,17 @@ def test_a_batch_zeroer_skips_missing_gradients_and_checks_what_it_is_given():
         zero([torch.ones(2)])
     with pytest.raises(ValueError, match="Tensor 1 has shape"):
         MaskSet(kept).batch_zeroer([torch.zeros(2), torch.zeros(4)])
+
+
+def test_an_enforcer_with_its_prepared_multiply_pickles_and_masks_after_loading():
+    import pickle
+
+    from lightning_snip.enforcement import Enforcer
+
+    layer = torch.nn.Linear(4, 3)
+    kept = torch.rand(3, 4, generator=torch.Generator().manual_seed(4)) < 0.5
+    loaded = pickle.loads(pickle.dumps(Enforcer({"weight": layer.weight}, {"weight": kept})))
+    weight = loaded.params[0]
+    weight.grad = torch.full((3, 4), float("inf"))
+    loaded.mask_gradients()
+    assert torch.equal(weight.grad == 0, ~kept)
