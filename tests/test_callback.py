@@ -582,3 +582,14 @@ def test_a_failed_fit_leaves_no_hook_behind():
     nn.functional.cross_entropy(model(torch.randn(4, 16)), torch.tensor([0, 1, 2, 3])).backward()
     weight, kept = model.net[0].weight, pruning.masks["net.0.weight"]
     assert weight.grad[~kept].any()  # outside training, gradients are the model's own
+
+
+def test_the_callback_pickles_after_a_fit_for_a_later_spawned_one():
+    import pickle
+
+    pl.seed_everything(0)
+    pruning = SNIPPruning(sparsity=0.8)
+    fit(BoringClassifier(), [pruning])
+    loaded = pickle.loads(pickle.dumps(pruning))  # what `ddp_spawn` does to the callbacks of the next fit
+    assert loaded.masks.keys() == pruning.masks.keys()
+    assert all(torch.equal(loaded.masks[n], m) for n, m in pruning.masks.items())
