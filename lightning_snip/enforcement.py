@@ -316,8 +316,9 @@ class Enforcer:
         self._handles: list[RemovableHandle] = []
 
     def _locals(self, tensors: Iterable[_T]) -> list[_T]:
+        """The parts the masks are shaped like (the tensors themselves, unsharded: a list is returned as it is)."""
         if self._local is None:
-            return list(tensors)
+            return tensors if isinstance(tensors, list) else list(tensors)
         local = self._local
         return [t if t is None else cast(_T, local(t)) for t in tensors]
 
@@ -330,8 +331,7 @@ class Enforcer:
 
         Call it after every backward.
         """
-        grads = [p.grad for p in self.params]
-        self._zero_grads(grads if self._local is None else self._locals(grads))
+        self._zero_grads(self._locals([p.grad for p in self.params]))
         self.masked_backwards += 1
 
     def attach(self, optimizers: Iterable[torch.optim.Optimizer], automatic: bool) -> None:
