@@ -1,6 +1,6 @@
 """How much of a LeNet-300-100 step one pass of gradient masking costs, in a plain PyTorch loop (no Lightning).
 
-Four arms train the same seeded LeNet-300-100 (batch 100, SGD with momentum 0.9 and weight decay 5e-4) with the same
+Five arms train the same seeded LeNet-300-100 (batch 100, SGD with momentum 0.9 and weight decay 5e-4) with the same
 95%-sparse masks (the layer densities SNIP picks on MNIST), alternated in one process, the order turning every round:
 
 - ``dense``: no masking;
@@ -10,9 +10,13 @@ Four arms train the same seeded LeNet-300-100 (batch 100, SGD with momentum 0.9 
   by its mask as soon as it is accumulated, while it is still in cache: exact too, one Python call and one operator
   call per parameter;
 - ``float mask after backward``: one multiply of every gradient by a float 0/1 mask. Not exact (``inf * 0`` is
-  ``nan``), so never used; it needs no integer view of the gradients, a floor for an exact pass.
+  ``nan``), so never used; it needs no integer view of the gradients, a floor for an exact pass;
+- ``after backward, twice``: ``Enforcer.mask_gradients()`` twice in a row. The second pass does the same arithmetic
+  over the same bytes, but on gradients and masks the first pass has just touched: the difference between the two
+  passes is the cost of reaching gradients the backward has just written, not of the multiply.
 
-It prints the median step time per arm and its ratio to dense (median of the per-round ratios).
+It prints the median step time per arm and its ratio to dense (median of the per-round ratios), and the median time
+of each masking pass, timed around it in the same steps.
 
     python benchmarks/gradient_masking_floor.py
     python benchmarks/gradient_masking_floor.py --rounds 9 --steps 400
@@ -31,7 +35,7 @@ from torch import nn
 from lightning_snip.enforcement import Enforcer
 
 DENSITIES = (0.023, 0.24, 0.66)  # kept fractions SNIP picks for LeNet-300-100's three weights at 95% sparsity
-ARMS = ("dense", "after backward", "in backward", "float mask after backward")
+ARMS = ("dense", "after backward", "in backward", "float mask after backward", "after backward, twice")
 WARMUP = 20
 
 
@@ -49,8 +53,8 @@ def _bits_hook(factor: torch.Tensor) -> Callable[[torch.Tensor], None]:
     return hook
 
 
-def run(arm: str, steps: int) -> float:
-    """Median step time, in seconds, of one run of ``arm``."""
+def run(arm: str, steps: int) -> tuple[float, list[float]]:
+    """Median step time, in seconds, of one run of ``arm``, and the median time of each of its masking passes."""
     net = _lenet()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     weights = {name: p for name, p in net.named_parameters() if name.endswith("weight")}
@@ -59,7 +63,8 @@ def run(arm: str, steps: int) -> float:
     kept = {name: torch.rand(p.shape, generator=generator) < densities[name] for name, p in weights.items()}
     enforcer = Enforcer(weights, kept)
     enforcer.zero_weights()  # every arm trains the same sparse weights
-    if arm == "after backward":  # the post-step rule as SNIPPruning has it: no weight pass for SGD
+    passes = 2 if arm == "after backward, twice" else 1 if arm == "after backward" else 0
+    if passes:  # the post-step rule as SNIPPruning has it: no weight pass for SGD
         enforcer.attach([optimizer], automatic=True)
     handles = []
     if arm == "in backward":
@@ -67,21 +72,24 @@ def run(arm: str, steps: int) -> float:
     grads_of = list(weights.values())
     floats = [kept[n].float() for n in weights]
     x, y = torch.randn(100, 1, 28, 28, generator=generator), torch.randint(0, 10, (100,), generator=generator)
-    times = []
+    times: list[float] = []
+    pass_times: list[list[float]] = [[] for _ in range(passes)]
     for _ in range(WARMUP + steps):
         start = time.perf_counter()
         optimizer.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
-        if arm == "after backward":
+        for spent in pass_times:
+            began = time.perf_counter()
             enforcer.mask_gradients()
-        elif arm == "float mask after backward":
+            spent.append(time.perf_counter() - began)
+        if arm == "float mask after backward":
             torch._foreach_mul_([p.grad for p in grads_of], floats)  # type: ignore[misc,arg-type]
         optimizer.step()
         times.append(time.perf_counter() - start)
     enforcer.detach()
     for handle in handles:
         handle.remove()
-    return statistics.median(times[WARMUP:])
+    return statistics.median(times[WARMUP:]), [statistics.median(spent[WARMUP:]) for spent in pass_times]
 
 
 def main() -> None:
@@ -90,14 +98,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
     medians: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    passes: dict[str, list[list[float]]] = {arm: [] for arm in ARMS}
     for r in range(args.rounds):
         for arm in ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]:
-            medians[arm].append(run(arm, args.steps))
-    print("| arm | step | / dense |")
-    print("|---|---|---|")
+            step, pass_times = run(arm, args.steps)
+            medians[arm].append(step)
+            passes[arm].append(pass_times)
+    print("| arm | step | / dense | masking passes, each |")
+    print("|---|---|---|---|")
     for arm in ARMS:
         ratio = statistics.median(m / d for m, d in zip(medians[arm], medians["dense"], strict=True))
-        print(f"| {arm} | {1e6 * statistics.median(medians[arm]):.0f} µs | {ratio:.3f} |")
+        each = [statistics.median(column) for column in zip(*passes[arm], strict=True)]
+        timed = ", ".join(f"{1e6 * t:.0f} µs" for t in each) or "-"
+        print(f"| {arm} | {1e6 * statistics.median(medians[arm]):.0f} µs | {ratio:.3f} | {timed} |")
     print(
         f"\nLeNet-300-100, batch 100, {args.rounds} rounds of {args.steps} steps per arm (first {WARMUP} dropped),"
         f" {torch.get_num_threads()} threads."

@@ -1,0 +1,61 @@
+"""The benchmarks behind the README's overhead figures run, and report what the README reads from them."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import gradient_masking_floor  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("arm", "passes"),
+    [
+        ("dense", 0),
+        ("after backward", 1),
+        ("in backward", 0),
+        ("float mask after backward", 0),
+        ("after backward, twice", 2),
+    ],
+)
+def test_gradient_masking_floor_times_each_pass_of_its_arm(arm: str, passes: int) -> None:
+    step, pass_times = gradient_masking_floor.run(arm, steps=3)
+    assert step > 0
+    assert len(pass_times) == passes
+    assert all(t > 0 for t in pass_times)
+    if passes:
+        assert all(t < step for t in pass_times)  # timed inside the step
+
+
+def test_gradient_masking_floor_prints_every_arm_against_dense(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["gradient_masking_floor.py", "--rounds", "2", "--steps", "2"])
+    gradient_masking_floor.main()
+    rows = {
+        match[1]: match.groups()[1:]
+        for match in re.finditer(r"^\| ([^|]+?) \| (\d+) µs \| ([\d.]+) \| ([^|]+) \|$", capsys.readouterr().out, re.M)
+    }
+    assert list(rows) == list(gradient_masking_floor.ARMS)
+    assert rows["dense"][1] == "1.000"
+    assert rows["dense"][2] == "-"
+    assert re.fullmatch(r"\d+ µs", rows["after backward"][2])
+    assert re.fullmatch(r"\d+ µs, \d+ µs", rows["after backward, twice"][2])
+
+
+@pytest.mark.slow
+def test_training_overhead_user_view_reports_four_arms_and_the_hooks(tmp_path: Path) -> None:
+    import training_overhead
+
+    result = training_overhead.user_view("lenet300", rounds=1, steps=3, root=str(tmp_path))
+    assert result["dense_ms"] > 0
+    for arm in ("masked", "empty", "snip"):
+        assert len(result[f"{arm}_ratios"]) == 1
+        assert result[f"{arm}_ratio"] > 0
+    assert "on_after_backward" in result["per_step_us"]  # where the gradients are masked
+    table = training_overhead.user_table({"lenet300": result}, threads=1)
+    assert "<= 1.05" in table
