@@ -13,6 +13,7 @@ backward pass on the same batch, warm and on a fresh model at fit start. It prin
 
     python benchmarks/training_overhead.py                     # LeNet-300-100, ResNet-18 (CIFAR), Transformer
     python benchmarks/training_overhead.py --networks lenet300 --rounds 5 --steps 40
+    python benchmarks/training_overhead.py --networks lenet300 --user-only --user-logger csv   # with a logger
 """
 
 from __future__ import annotations
@@ -351,13 +352,29 @@ class HookTimer:
         Enforcer._post_step_hook = self.make_hook  # type: ignore[method-assign]
 
 
-def _user_fit(model: Module, loader: DataLoader, callbacks: list[pl.Callback], steps: int, root: str) -> list[float]:
+USER_LOGGERS = ("none", "csv", "tensorboard")
+
+
+def _logger(kind: str, root: str) -> pl.loggers.Logger | bool:
+    """A fresh logger of ``kind`` under ``root`` (a new version folder each fit), or ``False`` for ``none``."""
+    if kind == "csv":
+        return pl.loggers.CSVLogger(root, name="user")
+    if kind == "tensorboard":
+        return pl.loggers.TensorBoardLogger(root, name="user")
+    if kind == "none":
+        return False
+    raise ValueError(f"logger={kind!r} is not one of {USER_LOGGERS}")
+
+
+def _user_fit(
+    model: Module, loader: DataLoader, callbacks: list[pl.Callback], steps: int, root: str, logger: str = "none"
+) -> list[float]:
     timer = UserStepTimer()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=USER_WARMUP + steps,
-        logger=False,
+        logger=_logger(logger, root),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -368,11 +385,12 @@ def _user_fit(model: Module, loader: DataLoader, callbacks: list[pl.Callback], s
     return timer.times[USER_WARMUP:]
 
 
-def user_view(name: str, rounds: int, steps: int, root: str) -> dict[str, Any]:
+def user_view(name: str, rounds: int, steps: int, root: str, logger: str = "none") -> dict[str, Any]:
     """The user's-eye step-time ratio, four arms alternated in one process: dense; the same network with the same
     95% mask applied once and no callback; dense with a callback that overrides nothing (Lightning's cost of any
     callback); ``SNIPPruning(sparsity=0.95)`` with its defaults. Then the in-situ
-    breakdown of the callback's per-step time, from extra SNIPPruning runs with every hook timed."""
+    breakdown of the callback's per-step time, from extra SNIPPruning runs with every hook timed. Every fit has a
+    fresh logger of kind ``logger`` (``none``, ``csv`` or ``tensorboard``)."""
     build, loader, sequence = network(name)
     torch.manual_seed(0)
     initial = UserModule(build(), sequence).state_dict()
@@ -395,14 +413,14 @@ def user_view(name: str, rounds: int, steps: int, root: str) -> dict[str, Any]:
             callbacks: list[pl.Callback] = (
                 [SNIPPruning(sparsity=USER_SPARSITY)] if arm == "snip" else [EmptyCallback()] if arm == "empty" else []
             )
-            medians[arm].append(statistics.median(_user_fit(model, loader, callbacks, steps, root)))
+            medians[arm].append(statistics.median(_user_fit(model, loader, callbacks, steps, root, logger)))
     ratios = {arm: [m / d for m, d in zip(medians[arm], medians["dense"], strict=True)] for arm in ARMS[1:]}
     hooks: dict[str, float] = {}
     measured = 0
     for _ in range(max(1, rounds // 2)):
         callback = SNIPPruning(sparsity=USER_SPARSITY)
         with HookTimer(callback) as timer:
-            _user_fit(fresh(), loader, [callback], steps, root)
+            _user_fit(fresh(), loader, [callback], steps, root, logger)
         for hook, seconds in timer.totals.items():
             if hook not in ("on_fit_start", "on_train_start", "setup", "teardown", "on_train_end", "on_fit_end"):
                 hooks[hook] = hooks.get(hook, 0.0) + seconds
@@ -410,6 +428,7 @@ def user_view(name: str, rounds: int, steps: int, root: str) -> dict[str, Any]:
     return {
         "steps": steps,
         "rounds": rounds,
+        "logger": logger,
         "dense_ms": 1000 * statistics.median(medians["dense"]),
         "masked_ratio": statistics.median(ratios["masked"]),
         "masked_ratios": ratios["masked"],
@@ -444,11 +463,13 @@ def user_table(results: dict[str, dict[str, Any]], threads: int) -> str:
     plan = ", ".join(
         f"{_LABELS[n].split(' (')[0]} {r['steps']} steps x {r['rounds']} rounds" for n, r in results.items()
     )
+    kinds = {r.get("logger", "none") for r in results.values()}
+    logging = "`logger=False`" if kinds == {"none"} else f"a fresh {'/'.join(sorted(kinds))} logger per run"
     return "\n".join(lines) + (
         "\n\nA user's own step timer (a callback reading `time.perf_counter()` in `on_train_batch_start` and"
         " `on_train_batch_end`, placed last), dense, masked-once, empty-callback and `SNIPPruning(sparsity=0.95)`"
         " runs of the same seeded model alternated in one process (the order turns every round), SGD with momentum"
-        f" 0.9 and weight decay 5e-4, `logger=False`, no checkpointing, the first {USER_WARMUP} steps of every run"
+        f" 0.9 and weight decay 5e-4, {logging}, no checkpointing, the first {USER_WARMUP} steps of every run"
         f" dropped; ratio of step-time medians per round, median over rounds. {plan}; {threads} threads. In situ:"
         " time inside every hook Lightning calls on the callback (those not due included; the gradient masking is in"
         " `on_after_backward`) and its optimizer post-step hook, from separate timed runs, per step."
@@ -577,6 +598,12 @@ def main() -> None:
     parser.add_argument(
         "--user-rounds", type=int, help="rounds of the user's-eye measurement (default: 5 LeNet, else 3)"
     )
+    parser.add_argument(
+        "--user-logger",
+        choices=USER_LOGGERS,
+        default="none",
+        help="the logger of every fit of the user's-eye measurement (default: none, `logger=False`)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import logging
@@ -587,7 +614,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for name in args.networks:
             steps, rounds = USER_PLAN[name]
-            user[name] = user_view(name, args.user_rounds or rounds, steps, root)
+            user[name] = user_view(name, args.user_rounds or rounds, steps, root, args.user_logger)
             print(f"{name}: user's view done", flush=True)
     print(user_table(user, threads), flush=True)
     if args.user_only:

@@ -48,10 +48,12 @@ def test_gradient_masking_floor_prints_every_arm_against_dense(
 
 
 @pytest.mark.slow
-def test_training_overhead_user_view_reports_four_arms_and_the_hooks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("logger", ["none", "csv"])
+def test_training_overhead_user_view_reports_four_arms_and_the_hooks(tmp_path: Path, logger: str) -> None:
     import training_overhead
 
-    result = training_overhead.user_view("lenet300", rounds=1, steps=3, root=str(tmp_path))
+    result = training_overhead.user_view("lenet300", rounds=1, steps=50, root=str(tmp_path), logger=logger)
+    assert result["logger"] == logger
     assert result["dense_ms"] > 0
     for arm in ("masked", "empty", "snip"):
         assert len(result[f"{arm}_ratios"]) == 1
@@ -59,3 +61,18 @@ def test_training_overhead_user_view_reports_four_arms_and_the_hooks(tmp_path: P
     assert "on_after_backward" in result["per_step_us"]  # where the gradients are masked
     table = training_overhead.user_table({"lenet300": result}, threads=1)
     assert "<= 1.05" in table
+    assert ("`logger=False`" in table) == (logger == "none")
+    logged = sorted(tmp_path.glob("user/version_*/metrics.csv"))
+    if logger == "none":
+        assert not logged
+    else:  # every fit logged; SNIPPruning's fits logged the sparsity at the step Lightning logs at (50)
+        sparsity = [path for path in logged if "snip/sparsity" in path.read_text().splitlines()[0].split(",")]
+        assert len(sparsity) == 2  # the timed SNIPPruning arm and the hook-timed run
+        assert len(list(tmp_path.glob("user/version_*"))) == 5  # the dense, masked and empty arms had theirs
+
+
+def test_training_overhead_refuses_an_unknown_logger(tmp_path: Path) -> None:
+    import training_overhead
+
+    with pytest.raises(ValueError, match="logger='wandb' is not one of"):
+        training_overhead._logger("wandb", str(tmp_path))
