@@ -48,7 +48,7 @@ def test_gradient_masking_floor_prints_every_arm_against_dense(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("logger", ["none", "csv"])
+@pytest.mark.parametrize("logger", ["none", "csv", "tensorboard"])
 def test_training_overhead_user_view_reports_four_arms_and_the_hooks(tmp_path: Path, logger: str) -> None:
     import training_overhead
 
@@ -62,13 +62,17 @@ def test_training_overhead_user_view_reports_four_arms_and_the_hooks(tmp_path: P
     table = training_overhead.user_table({"lenet300": result}, threads=1)
     assert "<= 1.05" in table
     assert ("`logger=False`" in table) == (logger == "none")
+    versions = sorted(tmp_path.glob("user/version_*"))
     logged = sorted(tmp_path.glob("user/version_*/metrics.csv"))
     if logger == "none":
-        assert not logged
-    else:  # every fit logged; SNIPPruning's fits logged the sparsity at the step Lightning logs at (50)
+        assert not versions
+    elif logger == "tensorboard":
+        assert len(versions) == 5  # one per fit: dense, masked, empty, SNIPPruning, hook-timed SNIPPruning
+        assert all(list(version.glob("events.out.tfevents.*")) for version in versions)
+    else:  # SNIPPruning's fits logged the sparsity at the step Lightning logs at (50); the others logged nothing
+        assert len(versions) == 5
         sparsity = [path for path in logged if "snip/sparsity" in path.read_text().splitlines()[0].split(",")]
-        assert len(sparsity) == 2  # the timed SNIPPruning arm and the hook-timed run
-        assert len(list(tmp_path.glob("user/version_*"))) == 5  # the dense, masked and empty arms had theirs
+        assert len(sparsity) == 2
 
 
 def test_training_overhead_refuses_an_unknown_logger(tmp_path: Path) -> None:
