@@ -13,7 +13,8 @@ Five arms train the same seeded LeNet-300-100 (batch 100, SGD with momentum 0.9 
   ``nan``), so never used; it needs no integer view of the gradients, a floor for an exact pass;
 - ``after backward, twice``: ``Enforcer.mask_gradients()`` twice in a row. The second pass does the same arithmetic
   over the same bytes, but on gradients and masks the first pass has just touched: the difference between the two
-  passes is the cost of reaching gradients the backward has just written, not of the multiply.
+  passes is the cost of reaching gradients the backward has just written and masks untouched since the previous
+  step, not of the multiply.
 
 It prints the median step time per arm and its ratio to dense (median of the per-round ratios), and the median time
 of each masking pass, timed around it in the same steps.
