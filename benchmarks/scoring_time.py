@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from models import lenet_5_caffe, lenet_300_100
 
 from lightning_snip import SNIPPruning, available_criteria, get_criterion
+from lightning_snip.scoring import CriterionName
 
 NETWORKS = {"lenet300": ("LeNet-300-100", lenet_300_100), "lenet5": ("LeNet-5-Caffe", lenet_5_caffe)}
 
@@ -98,7 +99,9 @@ def scoring_seconds(build: Any, criterion: str, iterations: int | None, sparsity
     trainer = pl.Trainer(
         max_steps=1,
         logger=recorder,
-        callbacks=[SNIPPruning(sparsity=sparsity, criterion=criterion, iterations=iterations, plot=False)],
+        callbacks=[
+            SNIPPruning(sparsity=sparsity, criterion=cast(CriterionName, criterion), iterations=iterations, plot=False)
+        ],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,

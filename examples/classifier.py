@@ -66,7 +66,7 @@ class ImageClassifier(pl.LightningModule):
         self.test_accuracy.reset()
 
     def configure_optimizers(self) -> Any:
-        h = self.hparams
+        h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
         optimizer = torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
         if not h.lr_milestones:
             return optimizer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import gzip
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -52,7 +53,7 @@ class _InMemoryDigits(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True)
+        return DataLoader(self.train_set, batch_size=self.hparams["batch_size"], shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=1000)
@@ -91,7 +92,7 @@ class MNISTDataModule(_InMemoryDigits):
         self.source = ""
 
     def _full_mnist(self) -> tuple[TensorDataset, TensorDataset, TensorDataset] | None:
-        h = self.hparams
+        h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
         try:
             train = torchvision.datasets.MNIST(h.data_dir, train=True, download=h.download)
             test = torchvision.datasets.MNIST(h.data_dir, train=False, download=h.download)
@@ -111,7 +112,7 @@ class MNISTDataModule(_InMemoryDigits):
     def setup(self, stage: str) -> None:
         if self.source:
             return
-        h = self.hparams
+        h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
         full = self._full_mnist()
         if full is not None:
             self.train_set, self.val_set, self.test_set = full
@@ -189,7 +190,7 @@ class FashionMNISTDataModule(_InMemoryDigits):
     def setup(self, stage: str) -> None:
         if self.source:
             return
-        h = self.hparams
+        h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
         places = [Path(h.data_dir) / "FashionMNIST" / "raw", Path(h.system_dir)]
         found = find_fashion_mnist(places)
         if found is None:
@@ -242,7 +243,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.save_hyperparameters()
 
     def _dataset(self, train: bool, augment: bool) -> torchvision.datasets.CIFAR10:
-        h = self.hparams
+        h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
         steps: list = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
         transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(self.MEAN, self.STD)])
         try:
@@ -255,7 +256,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             ) from error
 
     def setup(self, stage: str) -> None:
-        h = self.hparams
+        h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
         train_full = self._dataset(train=True, augment=True)
         val_full = self._dataset(train=True, augment=False)
         order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(h.seed)).tolist()
@@ -264,7 +265,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.test_set = self._dataset(train=False, augment=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        h = self.hparams
+        h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
         return DataLoader(
             dataset,
             batch_size=h.batch_size,

@@ -62,7 +62,7 @@ class RowRNN(nn.Module):
         return self.head(rows[:, -1])
 
 
-_VGG_D = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+_VGG_D: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
 def vgg_d(num_classes: int = 10) -> nn.Module:

@@ -30,6 +30,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -37,9 +38,11 @@ import lightning.pytorch as pl
 import torch
 from classifier import ImageClassifier
 from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule, MNISTDataModule
+from models import Arch
 
 from lightning_snip import SNIPPruning, get_criterion
 from lightning_snip.enforcement import count_zeros
+from lightning_snip.scoring import CriterionName
 
 ARCH_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe", "lstm": "LSTM-128", "gru": "GRU-128"}
 # Test error (%) reported by Lee et al. (2019), Table 1 / Figure 1, on full MNIST.
@@ -100,12 +103,12 @@ def train_and_test(
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
     model = ImageClassifier(
-        arch=arch, lr=LR[arch], lr_milestones=[round(0.6 * epochs), round(0.85 * epochs)], weight_decay=5e-4
+        arch=cast(Arch, arch), lr=LR[arch], lr_milestones=[round(0.6 * epochs), round(0.85 * epochs)], weight_decay=5e-4
     )
     pruning = (
         SNIPPruning(
             sparsity=sparsity,
-            criterion=criterion,
+            criterion=cast(CriterionName, criterion),
             scope=scope,
             iterations=iterations if get_criterion(criterion).default_iterations else None,
             log_per_layer=False,
@@ -430,7 +433,7 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     return runs
 
 
-def _n_m_study(args: argparse.Namespace, data: MNISTDataModule, out: Path) -> list[Run]:
+def _n_m_study(args: argparse.Namespace, data: MNISTDataModule | FashionMNISTDataModule, out: Path) -> list[Run]:
     archs = args.archs if args.archs_given else ["lenet5"]
     plan = [
         (arch, criterion, sparsity, scope, seed)

@@ -26,13 +26,14 @@ warnings.filterwarnings("ignore", ".*GPU available but not used.*")
 
 def summary(trainer: pl.Trainer, model: pl.LightningModule, test_error: float) -> str:
     """One line: the network, the pruning, the test error, and the sparsity measured from the weights."""
-    pruning = next((cb for cb in trainer.callbacks if isinstance(cb, SNIPPruning)), None)
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+    pruning = next((cb for cb in callbacks if isinstance(cb, SNIPPruning)), None)
     params = dict(model.named_parameters())
     weights = {n: params[n] for n in pruning.masks} if pruning else find_candidates(model)
     rows = sparsity_report(weights)
     kept, total = sum(r.kept for r in rows), sum(r.total for r in rows)
     how = f"{pruning.criterion} pruning at {pruning.sparsity:.0%}" if pruning else "dense"
-    source = getattr(trainer.datamodule, "source", "")
+    source = getattr(getattr(trainer, "datamodule", None), "source", "")
     return (
         f"RESULT {model.hparams.get('arch', type(model).__name__)} ({how}): test error {test_error:.2%};"
         f" sparsity {1 - kept / total:.2%} ({kept:,} of {total:,} weights kept)"
@@ -50,7 +51,11 @@ def where(trainer: pl.Trainer) -> str:
     if chart.exists():
         lines.append(f"  sparsity chart: {chart}")
     checkpoint = trainer.checkpoint_callback
-    lines.append(f"  checkpoints: {checkpoint.dirpath}" if checkpoint else "  checkpoints: none (enable_checkpointing)")
+    lines.append(
+        f"  checkpoints: {getattr(checkpoint, 'dirpath', None)}"
+        if checkpoint
+        else "  checkpoints: none (enable_checkpointing)"
+    )
     return "\n".join(["Where things went:", *(lines if trainer.loggers else ["  loggers: none", *lines])])
 
 
