@@ -112,7 +112,7 @@ class MNISTDataModule(_InMemoryDigits):
     def setup(self, stage: str) -> None:
         if self.source:
             return
-        h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
+        h: Any = self.hparams
         full = self._full_mnist()
         if full is not None:
             self.train_set, self.val_set, self.test_set = full
@@ -190,7 +190,7 @@ class FashionMNISTDataModule(_InMemoryDigits):
     def setup(self, stage: str) -> None:
         if self.source:
             return
-        h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
+        h: Any = self.hparams
         places = [Path(h.data_dir) / "FashionMNIST" / "raw", Path(h.system_dir)]
         found = find_fashion_mnist(places)
         if found is None:
@@ -243,7 +243,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.save_hyperparameters()
 
     def _dataset(self, train: bool, augment: bool) -> torchvision.datasets.CIFAR10:
-        h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
+        h: Any = self.hparams
         steps: list = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
         transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(self.MEAN, self.STD)])
         try:
@@ -256,7 +256,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             ) from error
 
     def setup(self, stage: str) -> None:
-        h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
+        h: Any = self.hparams
         train_full = self._dataset(train=True, augment=True)
         val_full = self._dataset(train=True, augment=False)
         order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(h.seed)).tolist()
@@ -265,7 +265,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.test_set = self._dataset(train=False, augment=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
+        h: Any = self.hparams
         return DataLoader(
             dataset,
             batch_size=h.batch_size,
