@@ -463,13 +463,13 @@ def user_table(results: dict[str, dict[str, Any]], threads: int) -> str:
     plan = ", ".join(
         f"{_LABELS[n].split(' (')[0]} {r['steps']} steps x {r['rounds']} rounds" for n, r in results.items()
     )
-    kinds = {r.get("logger", "none") for r in results.values()}
-    logging = "`logger=False`" if kinds == {"none"} else f"a fresh {'/'.join(sorted(kinds))} logger per run"
+    kinds = sorted({r["logger"] for r in results.values()})
+    logged_by = "`logger=False`" if kinds == ["none"] else f"a fresh {'/'.join(kinds)} logger per run"
     return "\n".join(lines) + (
         "\n\nA user's own step timer (a callback reading `time.perf_counter()` in `on_train_batch_start` and"
         " `on_train_batch_end`, placed last), dense, masked-once, empty-callback and `SNIPPruning(sparsity=0.95)`"
         " runs of the same seeded model alternated in one process (the order turns every round), SGD with momentum"
-        f" 0.9 and weight decay 5e-4, {logging}, no checkpointing, the first {USER_WARMUP} steps of every run"
+        f" 0.9 and weight decay 5e-4, {logged_by}, no checkpointing, the first {USER_WARMUP} steps of every run"
         f" dropped; ratio of step-time medians per round, median over rounds. {plan}; {threads} threads. In situ:"
         " time inside every hook Lightning calls on the callback (those not due included; the gradient masking is in"
         " `on_after_backward`) and its optimizer post-step hook, from separate timed runs, per step."
