@@ -159,9 +159,10 @@ class MaskSet:
         For the per-step masking of gradients, where on a small network every Python step and every operator call
         costs more than the multiply itself. When every mask has its integer factor (:class:`MaskSet`'s faster form)
         for its tensor and all are on one device, the call checks only that each tensor is there with its prepared
-        dtype and needs no gradient, then multiplies all their bits by the factors with one ``torch._foreach_mul_``;
-        any other call, and any other set of masks, goes through :meth:`zero_` with its checks. The tensors must be
-        shaped like their masks (not checked: a tensor's gradient always is).
+        dtype and needs no gradient, then multiplies all their bits by the factors: one operator call per tensor on
+        CPU (cheaper there than ``torch._foreach_mul_``, a loop of the same calls), one fused ``torch._foreach_mul_``
+        on other devices. Any other call, and any other set of masks, goes through :meth:`zero_` with its checks. The
+        tensors must be shaped like their masks (not checked: a tensor's gradient always is).
         """
         values = self._aligned(like)
         plan = [self._how(index, value) for index, value in enumerate(values)]
@@ -243,18 +244,37 @@ class _BatchZeroing:
 
     def __init__(self, masks: MaskSet, prepared: list[tuple[torch.dtype, torch.dtype]], factors: list[Tensor]) -> None:
         self.masks, self.prepared, self.factors = masks, prepared, factors  # (dtype, integer view) per tensor
+        self.fused = bool(factors) and factors[0].device.type != "cpu"
 
     def __call__(self, tensors: Sequence[Tensor | None]) -> None:
-        if len(tensors) == len(self.prepared):
-            views = []
-            for tensor, (dtype, view_as) in zip(tensors, self.prepared):  # noqa: B905  # lengths checked above
-                if tensor is None or tensor.dtype is not dtype or tensor.requires_grad:
-                    break
-                views.append(tensor.view(view_as))
-            else:
-                torch._foreach_mul_(views, self.factors)
-                return
+        if len(tensors) == len(self.prepared) and self._multiply(tensors):
+            return
         self.masks.zero_(tensors)
+
+    def zero_grads_of(self, params: Sequence[Tensor]) -> None:
+        """The call on the gradients of ``params`` (one per mask), read without building a list first."""
+        if not self._multiply(params, grads=True):
+            self.masks.zero_([p.grad for p in params])
+
+    def _multiply(self, tensors: Sequence[Tensor | None], grads: bool = False) -> bool:
+        """Multiply the bits of every tensor (or its gradient) by its factor; ``False`` at the first not prepared for.
+
+        Tensors multiplied before that one stay multiplied: zeroing is idempotent, and the caller then zeroes all of
+        them by :meth:`MaskSet.zero_`. On CPU one operator call per tensor, which costs less than one
+        ``torch._foreach_mul_`` (there a loop of the same calls); elsewhere one fused ``torch._foreach_mul_``.
+        """
+        views = []
+        for tensor, (dtype, view_as), factor in zip(tensors, self.prepared, self.factors):  # noqa: B905  # checked
+            value = tensor.grad if grads else tensor  # type: ignore[union-attr]  # params are never None
+            if value is None or value.dtype is not dtype or value.requires_grad:
+                return False
+            if self.fused:
+                views.append(value.view(view_as))
+            else:
+                value.view(view_as).mul_(factor)
+        if self.fused:
+            torch._foreach_mul_(views, self.factors)
+        return True
 
 
 def _keep_only(value: Tensor, positions: Tensor) -> None:
@@ -277,7 +297,7 @@ class Enforcer:
     """Keeps a fixed set of parameters at their masks through training, with plain PyTorch.
 
     The per-step work is :meth:`mask_gradients` after every backward (then optimizer state never builds up for pruned
-    weights): on unsharded parameters one prepared multiply over all their gradients (:meth:`MaskSet.batch_zeroer`),
+    weights): on unsharded parameters the prepared multiply of their gradients (:meth:`MaskSet.batch_zeroer`),
     and an optimizer post-step hook per optimizer (:meth:`attach`) that re-zeros the pruned weights, unless the step
     provably left them at zero: the optimizer keeps zeros (:func:`keeps_zeros`), optimization is automatic
     (every backward is followed by :meth:`mask_gradients`), and a masked backward ran since its previous step. Under
@@ -310,7 +330,8 @@ class Enforcer:
         self.params = [params[name] for name in self.names]
         self._local = local
         self.masks = MaskSet((kept[name] for name in self.names), like=self._locals(self.params))
-        self._zero_grads = self.masks.batch_zeroer(self.params) if local is None else self.masks.zero_
+        zeroer = self.masks.batch_zeroer(self.params) if local is None else None
+        self._batch = zeroer if isinstance(zeroer, _BatchZeroing) else None
         self.masked_backwards = 0  # read by the post-step hooks
         self.rezero_every_step = False
         self._handles: list[RemovableHandle] = []
@@ -331,7 +352,10 @@ class Enforcer:
 
         Call it after every backward.
         """
-        self._zero_grads(self._locals([p.grad for p in self.params]))
+        if self._batch is not None:
+            self._batch.zero_grads_of(self.params)
+        else:
+            self.masks.zero_(self._locals([p.grad for p in self.params]))
         self.masked_backwards += 1
 
     def attach(self, optimizers: Iterable[torch.optim.Optimizer], automatic: bool) -> None:

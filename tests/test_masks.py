@@ -417,7 +417,7 @@ def test_enforcer_masks_every_gradient_with_one_prepared_multiply():
     params = {"0.weight": net[0].weight, "2.weight": net[2].weight}
     kept = {name: torch.rand(p.shape, generator=generator) < 0.1 for name, p in params.items()}
     enforcer = Enforcer(params, kept)
-    assert enforcer._zero_grads != enforcer.masks.zero_  # the prepared multiply, not the checked path
+    assert enforcer._batch is not None  # the prepared multiply, not the checked path
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     enforcer.attach([optimizer], automatic=True)
     for _ in range(2):
@@ -478,6 +478,39 @@ def test_a_batch_zeroer_skips_missing_gradients_and_checks_what_it_is_given():
         zero([torch.ones(2)])
     with pytest.raises(ValueError, match="Tensor 1 has shape"):
         MaskSet(kept).batch_zeroer([torch.zeros(2), torch.zeros(4)])
+
+
+@pytest.mark.parametrize("fused", [False, True])  # one call per tensor (CPU), one foreach call (elsewhere)
+def test_an_enforcer_masks_gradients_it_was_not_prepared_for_through_the_checked_path(fused):
+    from lightning_snip.enforcement import Enforcer
+
+    layers = [torch.nn.Linear(4, 4, bias=False) for _ in range(3)]
+    params = {str(i): layer.weight for i, layer in enumerate(layers)}
+    generator = torch.Generator().manual_seed(5)
+    kept = {name: torch.rand(4, 4, generator=generator) < 0.5 for name in params}
+    enforcer = Enforcer(params, kept)
+    assert enforcer._batch is not None
+    assert not enforcer._batch.fused  # CPU tensors: one call per tensor
+    enforcer._batch.fused = fused
+    specials = _specials((4, 4), torch.float32)
+    for broken in ("none", "dtype", None):  # the middle gradient missing, of another dtype, or all as prepared
+        grads = [specials.clone() for _ in layers]
+        if broken == "dtype":
+            grads[1] = grads[1].double()
+            layers[1].weight.data = layers[1].weight.data.double()
+        for layer, grad in zip(layers, grads, strict=True):
+            layer.weight.grad = grad
+        if broken == "none":
+            layers[1].weight.grad = None
+        enforcer.mask_gradients()
+        for name, layer in zip(params, layers, strict=True):
+            grad = layer.weight.grad
+            if grad is None:
+                continue
+            want = torch.where(kept[name], specials.to(grad.dtype), 0)
+            assert torch.equal(grad.view(torch.uint8), want.view(torch.uint8))  # bit for bit; pruned exactly +0
+        layers[1].weight.data = layers[1].weight.data.float()
+    assert enforcer.masked_backwards == 3
 
 
 def test_an_enforcer_with_its_prepared_multiply_pickles_and_masks_after_loading():
