@@ -253,11 +253,20 @@ class _BatchZeroing:
 
     def zero_grads_of(self, params: Sequence[Tensor]) -> None:
         """The call on the gradients of ``params`` (one per mask), read without building a list first."""
-        if not self._multiply(params, grads=True):
-            self.masks.zero_([p.grad for p in params])
+        if self.fused:
+            grads = [p.grad for p in params]
+            if not self._multiply(grads):
+                self.masks.zero_(grads)
+            return
+        for param, (dtype, view_as), factor in zip(params, self.prepared, self.factors):  # noqa: B905
+            grad = param.grad  # the loop of `_multiply`, with the fewest steps: it runs on every backward
+            if grad is None or grad.dtype is not dtype or grad.requires_grad:
+                self.masks.zero_([p.grad for p in params])
+                return
+            grad.view(view_as).mul_(factor)
 
-    def _multiply(self, tensors: Sequence[Tensor | None], grads: bool = False) -> bool:
-        """Multiply the bits of every tensor (or its gradient) by its factor; ``False`` at the first not prepared for.
+    def _multiply(self, tensors: Sequence[Tensor | None]) -> bool:
+        """Multiply the bits of every tensor by its factor; ``False`` at the first one not prepared for.
 
         Tensors multiplied before that one stay multiplied: zeroing is idempotent, and the caller then zeroes all of
         them by :meth:`MaskSet.zero_`. On CPU one operator call per tensor, which costs less than one
@@ -265,13 +274,12 @@ class _BatchZeroing:
         """
         views = []
         for tensor, (dtype, view_as), factor in zip(tensors, self.prepared, self.factors):  # noqa: B905  # checked
-            value = tensor.grad if grads else tensor  # type: ignore[union-attr]  # params are never None
-            if value is None or value.dtype is not dtype or value.requires_grad:
+            if tensor is None or tensor.dtype is not dtype or tensor.requires_grad:
                 return False
             if self.fused:
-                views.append(value.view(view_as))
+                views.append(tensor.view(view_as))
             else:
-                value.view(view_as).mul_(factor)
+                tensor.view(view_as).mul_(factor)
         if self.fused:
             torch._foreach_mul_(views, self.factors)
         return True
