@@ -4,7 +4,7 @@ Five arms train the same seeded LeNet-300-100 (batch 100, SGD with momentum 0.9 
 95%-sparse masks (the layer densities SNIP picks on MNIST), alternated in one process, the order turning every round:
 
 - ``dense``: no masking;
-- ``after backward``: ``Enforcer.mask_gradients()`` after ``loss.backward()``: one prepared multiply of every
+- ``after backward``: ``Enforcer.mask_gradients()`` after ``loss.backward()``: the prepared multiply of every
   gradient's bits by its mask (what ``SNIPPruning`` does, in ``on_after_backward``);
 - ``in backward``: a ``register_post_accumulate_grad_hook`` on each pruned parameter multiplying its gradient's bits
   by its mask as soon as it is accumulated, while it is still in cache: exact too, one Python call and one operator

@@ -12,7 +12,7 @@ Which hook does what:
   optimizer that re-zeros pruned weights after each step, unless the step provably left them at zero.
   (The per-step work is ``enforcement.Enforcer``'s; one scoring run is ``pipeline.prune``.)
 - ``on_after_backward``: zero the gradients of pruned weights, so optimizer state never builds up for them (under DDP
-  and the sharded strategies after the gradients are reduced), with one multiply over all of them prepared when
+  and the sharded strategies after the gradients are reduced), with a multiply of each of them prepared when
   training starts.
 - ``on_train_batch_end``: on the steps Lightning logs at, log the sparsity measured from the weights and check that
   every pruned weight is still zero; the check runs again before validation, before every checkpoint and when
