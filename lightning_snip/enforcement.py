@@ -247,42 +247,37 @@ class _BatchZeroing:
         self.fused = bool(factors) and factors[0].device.type != "cpu"
 
     def __call__(self, tensors: Sequence[Tensor | None]) -> None:
-        if len(tensors) == len(self.prepared) and self._multiply(tensors):
-            return
+        if len(tensors) == len(self.prepared):
+            views = []
+            for tensor, (dtype, view_as) in zip(tensors, self.prepared):  # noqa: B905  # lengths checked above
+                if tensor is None or tensor.dtype is not dtype or tensor.requires_grad:
+                    break
+                views.append(tensor.view(view_as))
+            else:
+                if self.fused:
+                    torch._foreach_mul_(views, self.factors)
+                else:  # on CPU `_foreach_mul_` is a loop of these calls behind more bookkeeping
+                    for view, factor in zip(views, self.factors):  # noqa: B905
+                        view.mul_(factor)
+                return
         self.masks.zero_(tensors)
 
     def zero_grads_of(self, params: Sequence[Tensor]) -> None:
-        """The call on the gradients of ``params`` (one per mask), read without building a list first."""
+        """The call on the gradients of ``params`` (one per mask), as :class:`Enforcer` makes after every backward.
+
+        On CPU one loop that reads each gradient and multiplies it at once: the fewest Python steps, about 3 µs less
+        than building the list first on LeNet-300-100. A gradient not prepared for sends them all through
+        :meth:`MaskSet.zero_` (those already multiplied are zeroed again, which changes nothing).
+        """
         if self.fused:
-            grads = [p.grad for p in params]
-            if not self._multiply(grads):
-                self.masks.zero_(grads)
+            self([p.grad for p in params])
             return
-        for param, (dtype, view_as), factor in zip(params, self.prepared, self.factors):  # noqa: B905
-            grad = param.grad  # the loop of `_multiply`, with the fewest steps: it runs on every backward
+        for param, (dtype, view_as), factor in zip(params, self.prepared, self.factors):  # noqa: B905  # one per mask
+            grad = param.grad
             if grad is None or grad.dtype is not dtype or grad.requires_grad:
                 self.masks.zero_([p.grad for p in params])
                 return
             grad.view(view_as).mul_(factor)
-
-    def _multiply(self, tensors: Sequence[Tensor | None]) -> bool:
-        """Multiply the bits of every tensor by its factor; ``False`` at the first one not prepared for.
-
-        Tensors multiplied before that one stay multiplied: zeroing is idempotent, and the caller then zeroes all of
-        them by :meth:`MaskSet.zero_`. On CPU one operator call per tensor, which costs less than one
-        ``torch._foreach_mul_`` (there a loop of the same calls); elsewhere one fused ``torch._foreach_mul_``.
-        """
-        views = []
-        for tensor, (dtype, view_as), factor in zip(tensors, self.prepared, self.factors):  # noqa: B905  # checked
-            if tensor is None or tensor.dtype is not dtype or tensor.requires_grad:
-                return False
-            if self.fused:
-                views.append(tensor.view(view_as))
-            else:
-                tensor.view(view_as).mul_(factor)
-        if self.fused:
-            torch._foreach_mul_(views, self.factors)
-        return True
 
 
 def _keep_only(value: Tensor, positions: Tensor) -> None:

@@ -489,9 +489,10 @@ def test_an_enforcer_masks_gradients_it_was_not_prepared_for_through_the_checked
     generator = torch.Generator().manual_seed(5)
     kept = {name: torch.rand(4, 4, generator=generator) < 0.5 for name in params}
     enforcer = Enforcer(params, kept)
-    assert enforcer._batch is not None
-    assert not enforcer._batch.fused  # CPU tensors: one call per tensor
-    enforcer._batch.fused = fused
+    zeroing = enforcer._batch
+    assert zeroing is not None
+    assert not zeroing.fused  # CPU tensors: one call per tensor
+    zeroing.fused = fused
     specials = _specials((4, 4), torch.float32)
     for broken in ("none", "dtype", None):  # the middle gradient missing, of another dtype, or all as prepared
         grads = [specials.clone() for _ in layers]
