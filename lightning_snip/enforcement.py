@@ -150,8 +150,8 @@ class MaskSet:
             group = groups.setdefault(value.device, ([], []))
             group[0].append(factor[0])
             group[1].append(factor[1])
-        for bits_list, factors in groups.values():
-            torch._foreach_mul_(bits_list, factors)
+        for device, (bits_list, factors) in groups.items():
+            _multiply_(bits_list, factors, fused=device.type != "cpu")
 
     def batch_zeroer(self, like: Sequence[Tensor]) -> Callable[[Sequence[Tensor | None]], None]:
         """:meth:`zero_` for tensors of ``like``'s dtypes, prepared once: one multiply over all of them.
@@ -254,11 +254,7 @@ class _BatchZeroing:
                     break
                 views.append(tensor.view(view_as))
             else:
-                if self.fused:
-                    torch._foreach_mul_(views, self.factors)
-                else:  # on CPU `_foreach_mul_` is a loop of these calls behind more bookkeeping
-                    for view, factor in zip(views, self.factors):  # noqa: B905
-                        view.mul_(factor)
+                _multiply_(views, self.factors, self.fused)
                 return
         self.masks.zero_(tensors)
 
@@ -278,6 +274,19 @@ class _BatchZeroing:
                 self.masks.zero_([p.grad for p in params])
                 return
             grad.view(view_as).mul_(factor)
+
+
+def _multiply_(tensors: list[Tensor], factors: list[Tensor], fused: bool) -> None:
+    """Multiply each tensor by its factor in place: one ``torch._foreach_mul_`` if ``fused``, else one call each.
+
+    Fused on GPUs (one kernel launch); one call per tensor on CPU, where ``torch._foreach_mul_`` is a loop of the same
+    calls behind more bookkeeping.
+    """
+    if fused:
+        torch._foreach_mul_(tensors, factors)
+        return
+    for tensor, factor in zip(tensors, factors, strict=True):
+        tensor.mul_(factor)
 
 
 def _keep_only(value: Tensor, positions: Tensor) -> None:
