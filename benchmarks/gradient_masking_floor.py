@@ -36,7 +36,15 @@ from torch import nn
 from lightning_snip.enforcement import Enforcer
 
 DENSITIES = (0.023, 0.24, 0.66)  # kept fractions SNIP picks for LeNet-300-100's three weights at 95% sparsity
-ARMS = ("dense", "after backward", "in backward", "float mask after backward", "after backward, twice")
+ARMS = (
+    "dense",
+    "after backward",
+    "in backward",
+    "float mask after backward",
+    "after backward, twice",
+    "after backward, gradients read first",
+    "after backward, masks read first",
+)
 WARMUP = 20
 
 
@@ -56,6 +64,8 @@ def _bits_hook(factor: torch.Tensor) -> Callable[[torch.Tensor], None]:
 
 def run(arm: str, steps: int) -> tuple[float, list[float]]:
     """Median step time, in seconds, of one run of ``arm``, and the median time of each of its masking passes."""
+    if arm not in ARMS:
+        raise ValueError(f"`arm` must be one of {ARMS}; got {arm!r}.")
     net = _lenet()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     weights = {name: p for name, p in net.named_parameters() if name.endswith("weight")}
@@ -64,7 +74,7 @@ def run(arm: str, steps: int) -> tuple[float, list[float]]:
     kept = {name: torch.rand(p.shape, generator=generator) < densities[name] for name, p in weights.items()}
     enforcer = Enforcer(weights, kept)
     enforcer.zero_weights()  # every arm trains the same sparse weights
-    passes = 2 if arm == "after backward, twice" else 1 if arm == "after backward" else 0
+    passes = 2 if arm == "after backward, twice" else 1 if arm.startswith("after backward") else 0
     if passes:  # the post-step rule as SNIPPruning has it: no weight pass for SGD
         enforcer.attach([optimizer], automatic=True)
     handles = []
@@ -72,6 +82,8 @@ def run(arm: str, steps: int) -> tuple[float, list[float]]:
         handles = [p.register_post_accumulate_grad_hook(_bits_hook(kept[n].int())) for n, p in weights.items()]
     grads_of = list(weights.values())
     floats = [kept[n].float() for n in weights]
+    assert enforcer._batch is not None  # the prepared multiply: LeNet-300-100's integer masks fit the budget
+    factors = enforcer._batch.factors  # what the pass multiplies by
     x, y = torch.randn(100, 1, 28, 28, generator=generator), torch.randint(0, 10, (100,), generator=generator)
     times: list[float] = []
     pass_times: list[list[float]] = [[] for _ in range(passes)]
@@ -79,6 +91,9 @@ def run(arm: str, steps: int) -> tuple[float, list[float]]:
         start = time.perf_counter()
         optimizer.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
+        if arm.endswith("read first"):
+            for tensor in factors if arm.startswith("after backward, masks") else [p.grad for p in grads_of]:
+                tensor.sum()  # type: ignore[union-attr]
         for spent in pass_times:
             began = time.perf_counter()
             enforcer.mask_gradients()

@@ -20,6 +20,8 @@ import gradient_masking_floor  # noqa: E402
         ("in backward", 0),
         ("float mask after backward", 0),
         ("after backward, twice", 2),
+        ("after backward, gradients read first", 1),
+        ("after backward, masks read first", 1),
     ],
 )
 def test_gradient_masking_floor_times_each_pass_of_its_arm(arm: str, passes: int) -> None:
