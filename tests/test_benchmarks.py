@@ -33,6 +33,11 @@ def test_gradient_masking_floor_times_each_pass_of_its_arm(arm: str, passes: int
         assert all(t < step for t in pass_times)  # timed inside the step
 
 
+def test_gradient_masking_floor_refuses_an_unknown_arm() -> None:
+    with pytest.raises(ValueError, match=r"`arm` must be one of .*got 'after backwards'"):
+        gradient_masking_floor.run("after backwards", steps=1)
+
+
 def test_gradient_masking_floor_prints_every_arm_against_dense(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
