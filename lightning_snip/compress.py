@@ -8,14 +8,22 @@ Plain PyTorch, no Lightning. Each floating-point tensor is stored in the smalles
 - ``"dense"``: the tensor as it is, when neither form is smaller (or it is not floating point).
 
 Zeros are not stored; where some are ``-0.0`` (as multiplying a negative weight by a zero mask leaves them), one bit
-per zero records its sign. ``nan`` and ``inf`` are values like any other, so decompression is bit-identical.
-Every entry carries the CRC-32 of its tensor's bytes, checked after decompression, so a damaged entry is an error
-that names its key, never a wrong tensor. The compressed dict holds only tensors and plain Python values:
-``torch.save`` it and read it back with ``torch.load(path, weights_only=True)``.
+per zero records its sign. ``nan`` and ``inf`` are values like any other, and zeros and signs are read from the bits,
+so decompression is bit-identical for every floating-point dtype (float8 included). Complex tensors, integer and
+bool tensors are stored dense; quantized, sparse, meta and subclassed tensors are refused with a ``TypeError``
+naming the key.
+
+Nested ``dict``, ``OrderedDict``, ``list`` and ``tuple`` containers are stored the same way, so whole checkpoints and
+optimizer states shrink too. Every tensor carries the CRC-32 of its bytes, and the whole dict a CRC-32 of its keys,
+plain values, containers, dtypes and shapes, both checked on decompression: damage is an error that names the key,
+never a wrong tensor or a value under another key. The compressed dict is a snapshot (it shares no memory with what
+was compressed) and holds only tensors and plain Python values: ``torch.save`` it and read it back with
+``torch.load(path, weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import zlib
 from collections import OrderedDict
@@ -29,7 +37,9 @@ from torch import Tensor
 from lightning_snip.packing import pack_mask, unpack_mask
 
 FORMAT = "lightning_snip.compressed_state_dict"
-VERSION = 1
+#: 1: flat state dicts, a checksum per tensor; 2: nested containers, and a checksum over keys, values and structure.
+VERSION = 2
+_READ_VERSIONS = (1, 2)
 _RECORD_BYTES = 128  # what one more stored tensor costs in a `torch.save` file (zip header, alignment), roughly
 _INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -71,14 +81,43 @@ def _is_compressible(t: Tensor) -> bool:
     return t.is_floating_point() and t.layout == torch.strided and t.dim() >= 1 and t.element_size() in _INT_OF_SIZE
 
 
+def _sign_bit(dtype: torch.dtype) -> int:
+    """The sign bit of an integer view of ``dtype``'s width (``uint8`` for one byte, else the signed type)."""
+    return 0x80 if dtype == torch.uint8 else torch.iinfo(dtype).min
+
+
+def _storable(t: Tensor, key: str) -> Tensor:
+    """``t`` detached, on the CPU, with conjugate and negative views resolved; or a ``TypeError`` naming ``key``."""
+    if t.layout != torch.strided:
+        raise TypeError(f"`state_dict{key}` is a {t.layout} tensor; only strided tensors are stored.")
+    if t.is_quantized:
+        raise TypeError(
+            f"`state_dict{key}` is a quantized tensor ({t.dtype}), which is not stored. Store its"
+            " `int_repr()`, scale and zero point, or `dequantize()` it."
+        )
+    if t.is_meta:
+        raise TypeError(f"`state_dict{key}` is a {t.dtype} tensor on the meta device: it holds no values to store.")
+    if type(t) not in (Tensor, torch.nn.Parameter):
+        raise TypeError(
+            f"`state_dict{key}` is a {type(t).__name__} ({t.dtype}), not a plain tensor. Store its full local"
+            " value (e.g. `full_tensor()` of a DTensor)."
+        )
+    return t.detach().cpu().resolve_conj().resolve_neg()
+
+
 def _compress_tensor(t: Tensor) -> dict[str, Any]:
-    t = t.detach().cpu()
+    """The smallest exact form of a (storable, CPU) tensor; it never shares memory with ``t``.
+
+    Zeros and signs are read from the bits (an integer view of the same width), so every floating-point format is
+    exact: ``-0.0``, ``nan`` payloads and the float8 formats whose ``0x80`` is ``nan`` included.
+    """
     entry: dict[str, Any] = {"shape": list(t.shape), "crc32": _crc32(t)}
     if _is_compressible(t) and t.numel():
-        flat = t.reshape(-1)
-        nonzero = flat != 0  # `nan` is not zero; -0.0 is, and its sign is kept apart
+        bits = _bits(t).reshape(-1)
+        sign = _sign_bit(bits.dtype)
+        nonzero = (bits & ~sign) != 0  # any bit but the sign: every value that is not +-0
+        negative_zeros = ~nonzero & (bits != 0)
         nnz = int(nonzero.sum())
-        negative_zeros = ~nonzero & flat.signbit()
         signs = pack_mask(negative_zeros[~nonzero]) if bool(negative_zeros.any()) else None
         size = t.element_size()
         rows, cols = _as_rows(tuple(t.shape))
@@ -90,12 +129,12 @@ def _compress_tensor(t: Tensor) -> dict[str, Any]:
             "csr": (rows + 1) * crow_dtype.itemsize + nnz * (col_dtype.itemsize + size) + 2 * _RECORD_BYTES + extra,
         }
         form = min(costs, key=lambda k: costs[k])  # ties keep the earlier, simpler form
-        if signs is not None:
-            entry["zero_signs"] = signs  # one bit per zero: set where it is -0.0
-        values = flat[nonzero].clone() if form != "dense" else flat
-        if form == "bitmask":
-            return {**entry, "form": "bitmask", "mask": pack_mask(nonzero), "values": values}
-        if form == "csr":
+        if form != "dense":
+            values = bits[nonzero].view(t.dtype)  # boolean indexing copies
+            if signs is not None:
+                entry["zero_signs"] = signs  # one bit per zero: set where its sign bit is set
+            if form == "bitmask":
+                return {**entry, "form": "bitmask", "mask": pack_mask(nonzero), "values": values}
             grid = nonzero.view(rows, cols)
             crow = torch.zeros(rows + 1, dtype=torch.int64)
             torch.cumsum(grid.sum(dim=1), dim=0, out=crow[1:])
@@ -107,28 +146,96 @@ def _compress_tensor(t: Tensor) -> dict[str, Any]:
                 "col_indices": cols_of.to(col_dtype),
                 "values": values,
             }
-        entry.pop("zero_signs", None)
-    if t.layout == torch.strided and t.untyped_storage().nbytes() != t.nbytes:
-        t = t.clone()  # a view saves its whole storage: keep only its own bytes
-    return {**entry, "form": "dense", "tensor": t}
+    # a copy of its own bytes: no aliasing of the caller's tensor, and a view does not save its whole storage
+    return {**entry, "form": "dense", "tensor": t.clone(memory_format=torch.contiguous_format)}
+
+
+_CONTAINERS = (dict, OrderedDict, list, tuple)
+_KEY_TYPES = (str, int, float, bool, type(None))
+
+
+def _where(parent: str, key: Any) -> str:
+    """Where a value sits, as its subscripts: ``['optimizer_states'][0]['state']``."""
+    return f"{parent}[{key!r}]"
+
+
+def _pack(value: Any, where: str, signature: list[Any]) -> dict[str, Any]:
+    """The entry of one value (a tensor, a plain value or a container of them); ``signature`` records its structure."""
+    if isinstance(value, Tensor):
+        packed = _compress_tensor(_storable(value, where))
+        signature.append(("tensor", str(value.dtype), tuple(value.shape), packed["crc32"]))
+        return packed
+    if _is_plain(value):
+        signature.append(("value", repr(value)))
+        return {"form": "value", "value": copy.deepcopy(value)}
+    if type(value) in (dict, OrderedDict):
+        keys = list(value)
+        for key in keys:
+            if not isinstance(key, _KEY_TYPES):
+                raise TypeError(
+                    f"`state_dict{where}` has a key {key!r} of type {type(key).__name__}; keys of nested dicts must"
+                    " be strings, numbers, booleans or None."
+                )
+        signature.append((type(value).__name__, repr(keys)))
+        entry: dict[str, Any] = {
+            "form": "dict",
+            "ordered": type(value) is OrderedDict,
+            "keys": keys,
+            "items": [_pack(value[key], _where(where, key), signature) for key in keys],
+        }
+        metadata = _plain_metadata(value)
+        if metadata is not None:
+            entry["metadata"] = metadata
+            signature.append(("metadata", repr(metadata)))
+        return entry
+    if type(value) in (list, tuple):
+        signature.append((type(value).__name__, len(value)))
+        return {
+            "form": type(value).__name__,
+            "items": [_pack(item, _where(where, index), signature) for index, item in enumerate(value)],
+        }
+    raise TypeError(
+        f"`state_dict{where}` is a {type(value).__name__}, which `torch.load(..., weights_only=True)` cannot read"
+        " back. Store tensors, plain values (numbers, strings, None) and dict, OrderedDict, list or tuple"
+        " containers of them; convert others first (e.g. `dict(hparams)`, `vars(namespace)`)."
+    )
+
+
+def _plain_metadata(value: Any) -> dict[str, Any] | None:
+    metadata = getattr(value, "_metadata", None)
+    if isinstance(metadata, Mapping) and _is_plain(dict(metadata)):
+        return {str(k): dict(v) for k, v in metadata.items()}  # module versions, as `load_state_dict` reads them
+    return None
+
+
+def _checksum(signature: list[Any]) -> int:
+    """The CRC-32 of the structure: every key, container, plain value, dtype, shape and tensor checksum, in order."""
+    return zlib.crc32(repr(signature).encode())
 
 
 def compress_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Store a (pruned) ``state_dict`` compactly and exactly; :func:`decompress_state_dict` restores it bit for bit.
 
     Floating-point tensors that are mostly zeros are stored as a bit-packed nonzero map plus their values, or in
-    compressed sparse rows, whichever is smaller; all other tensors as they are. The result holds only tensors (on
-    the CPU) and plain Python values, so ``torch.load(path, weights_only=True)`` reads a saved one.
+    compressed sparse rows, whichever is smaller; all other tensors as they are. Nested containers (``dict``,
+    ``OrderedDict``, ``list``, ``tuple``) of tensors and plain values are stored the same way, so a whole Lightning
+    checkpoint or an optimizer's state dict shrinks too. The result is a snapshot: it shares no memory with
+    ``state_dict`` (training on does not change it, and what :func:`decompress_state_dict` returns does not write
+    into the model). It holds only tensors (on the CPU) and plain Python values, so ``torch.load(path,
+    weights_only=True)`` reads a saved one. A checksum covers every tensor's bytes, and another the keys, the plain
+    values, the containers, dtypes and shapes.
 
     Args:
-        state_dict: Tensors and plain values (``bool``, ``int``, ``float``, ``str``, ``None``, lists and dicts of
-            them) by key, such as ``model.state_dict()``.
+        state_dict: Tensors, plain values (``bool``, ``int``, ``float``, ``str``, ``None``) and ``dict``,
+            ``OrderedDict``, ``list`` or ``tuple`` containers of them, by string key: ``model.state_dict()``, an
+            optimizer's ``state_dict()`` or a loaded Lightning checkpoint.
 
     Returns:
         The compressed dict, for ``torch.save``.
 
     Raises:
-        TypeError: If a value is neither a tensor nor a plain value (it would not load with ``weights_only=True``).
+        TypeError: If a value cannot be stored exactly (another class, a quantized, sparse, meta or subclassed
+            tensor); the message names its key and type.
 
     Example::
 
@@ -144,39 +251,36 @@ def compress_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"`state_dict` must be a mapping of names to tensors, got {type(state_dict).__name__}.")
     entries: dict[str, Any] = {}
+    signature: list[Any] = []
     for key, value in state_dict.items():
         if not isinstance(key, str):
             raise TypeError(f"`state_dict` keys must be strings, got {key!r}.")
-        if isinstance(value, Tensor):
-            if value.layout != torch.strided:
-                raise TypeError(f"`state_dict[{key!r}]` is a {value.layout} tensor; only strided tensors are stored.")
-            entries[key] = _compress_tensor(value)
-        elif _is_plain(value):
-            entries[key] = {"form": "value", "value": value}
-        else:
-            raise TypeError(
-                f"`state_dict[{key!r}]` is a {type(value).__name__}, which `torch.load(..., weights_only=True)` cannot"
-                " read back. Store only tensors and plain values (numbers, strings, lists and dicts of them)."
-            )
-    metadata = getattr(state_dict, "_metadata", None)
+        signature.append(("key", key))
+        entries[key] = _pack(value, _where("", key), signature)
     out: dict[str, Any] = {"format": FORMAT, "version": VERSION, "entries": entries}
-    if isinstance(metadata, Mapping) and _is_plain(dict(metadata)):
-        out["metadata"] = {str(k): dict(v) for k, v in metadata.items()}  # module versions, as `load_state_dict` reads
+    metadata = _plain_metadata(state_dict)
+    if metadata is not None:
+        out["metadata"] = metadata
+        signature.append(("metadata", repr(metadata)))
+    out["checksum"] = _checksum(signature)
     return out
 
 
 def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is a plain value, or a ``dict``/``OrderedDict``/``list``/``tuple`` of them (no tensors)."""
     if isinstance(value, _PLAIN):
-        return True
-    if isinstance(value, (list, tuple)):
+        return type(value) in _PLAIN  # not a subclass (an IntEnum, say), which `weights_only` would not read
+    if type(value) in (list, tuple):
         return all(_is_plain(v) for v in value)
-    if isinstance(value, Mapping):
-        return all(isinstance(k, (str, int)) and _is_plain(v) for k, v in value.items())
+    if type(value) in (dict, OrderedDict):
+        return all(isinstance(k, _KEY_TYPES) and _is_plain(v) for k, v in value.items())
     return False
 
 
 def _fail(key: str, why: str) -> CompressedStateError:
-    return CompressedStateError(f"Compressed entry {key!r} is damaged: {why}. Write the file again from the model.")
+    return CompressedStateError(
+        f"Compressed entry state_dict{key} is damaged: {why}. Write the file again from the model."
+    )
 
 
 def _tensor_field(entry: Mapping[str, Any], key: str, field: str, dtypes: tuple[torch.dtype, ...] | None) -> Tensor:
@@ -200,6 +304,7 @@ def _decompress_tensor(key: str, entry: Mapping[str, Any]) -> Tensor:
         out = _tensor_field(entry, key, "tensor", None)
         if tuple(out.shape) != shape:
             raise _fail(key, f"it holds shape {tuple(out.shape)} for {shape}")
+        out = out.clone()  # the restored dict does not alias the compressed one
     elif form in ("bitmask", "csr"):
         values = _tensor_field(entry, key, "values", None)
         if not _is_compressible(values) or not shape:
@@ -227,8 +332,8 @@ def _decompress_tensor(key: str, entry: Mapping[str, Any]) -> Tensor:
             nonzero[flat_index] = True
         if int(nonzero.sum()) != values.numel():
             raise _fail(key, f"it has {values.numel()} values for {int(nonzero.sum())} nonzero positions")
-        out = torch.zeros(total, dtype=values.dtype)
-        out[nonzero] = values
+        bits = torch.zeros(total, dtype=_INT_OF_SIZE[values.element_size()])  # written bit for bit, as read
+        bits[nonzero] = _bits(values)
         if "zero_signs" in entry:
             zeros = total - values.numel()
             packed_signs = _tensor_field(entry, key, "zero_signs", (torch.uint8,))
@@ -236,8 +341,8 @@ def _decompress_tensor(key: str, entry: Mapping[str, Any]) -> Tensor:
                 raise _fail(key, f"its zero signs have {packed_signs.numel()} bytes for {zeros} zeros")
             negative = torch.zeros(total, dtype=torch.bool)
             negative[~nonzero] = unpack_mask(packed_signs, (zeros,))
-            out[negative] = -0.0
-        out = out.reshape(shape)
+            bits[negative] = _sign_bit(bits.dtype)
+        out = bits.view(values.dtype).reshape(shape)
     else:
         raise _fail(key, f"its form is {form!r}")
     if _crc32(out) != entry.get("crc32"):
@@ -245,11 +350,46 @@ def _decompress_tensor(key: str, entry: Mapping[str, Any]) -> Tensor:
     return out
 
 
+def _unpack(entry: Any, where: str, signature: list[Any]) -> Any:
+    """The value an entry of :func:`_pack` stands for, its structure recorded in ``signature`` as when packed."""
+    if not isinstance(entry, Mapping):
+        raise _fail(where, f"it is a {type(entry).__name__}, not a mapping")
+    form = entry.get("form")
+    if form == "value":
+        value = copy.deepcopy(entry.get("value"))
+        signature.append(("value", repr(value)))
+        return value
+    if form == "dict":
+        keys, items = entry.get("keys"), entry.get("items")
+        if not isinstance(keys, list) or not isinstance(items, list) or len(keys) != len(items):
+            raise _fail(where, "its keys and items do not match")
+        container: dict[Any, Any] = OrderedDict() if entry.get("ordered") else {}
+        signature.append((type(container).__name__, repr(keys)))
+        for key, item in zip(keys, items, strict=True):
+            container[key] = _unpack(item, _where(where, key), signature)
+        metadata = entry.get("metadata")
+        if isinstance(metadata, Mapping):
+            container._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+            signature.append(("metadata", repr(dict(metadata))))
+        return container
+    if form in ("list", "tuple"):
+        items = entry.get("items")
+        if not isinstance(items, list):
+            raise _fail(where, "its items are not a list")
+        signature.append((form, len(items)))
+        restored = [_unpack(item, _where(where, index), signature) for index, item in enumerate(items)]
+        return restored if form == "list" else tuple(restored)
+    out = _decompress_tensor(where, entry)
+    signature.append(("tensor", str(out.dtype), tuple(out.shape), entry.get("crc32")))
+    return out
+
+
 def decompress_state_dict(compressed: Mapping[str, Any]) -> dict[str, Any]:
     """Restore the ``state_dict`` that :func:`compress_state_dict` compressed, bit for bit.
 
-    Same keys in the same order, same dtypes, shapes and values (signed zeros, ``nan`` and ``inf`` included), every
-    tensor on the CPU; it loads with ``strict=True`` into the never-pruned model.
+    Same keys in the same order, same containers, dtypes, shapes and values (signed zeros, ``nan`` and ``inf``
+    included), every tensor on the CPU; a model's state dict loads with ``strict=True`` into the never-pruned model.
+    The result shares no memory with ``compressed``.
 
     Args:
         compressed: What :func:`compress_state_dict` returned (or ``torch.load`` of a saved one).
@@ -258,30 +398,38 @@ def decompress_state_dict(compressed: Mapping[str, Any]) -> dict[str, Any]:
         The state dict, an ``OrderedDict`` carrying the original ``_metadata`` (module versions) when there was one.
 
     Raises:
-        CompressedStateError: (a ``ValueError``) If ``compressed`` is not a compressed state dict, or an entry is
-            damaged (its message names the key): never a wrong tensor.
+        CompressedStateError: (a ``ValueError``) If ``compressed`` is not a compressed state dict, an entry is
+            damaged (its message names the key), or its keys, plain values or structure do not match the checksum
+            written with them: never a wrong tensor or a value under a wrong key.
     """
     if not isinstance(compressed, Mapping) or compressed.get("format") != FORMAT:
         raise CompressedStateError(
             "`compressed` is not a compressed state dict (no 'format' of "
             f"{FORMAT!r}); make one with `lightning_snip.compress_state_dict(model.state_dict())`."
         )
-    if compressed.get("version") != VERSION:
+    version = compressed.get("version")
+    if version not in _READ_VERSIONS:
         raise CompressedStateError(
-            f"This compressed state dict has version {compressed.get('version')!r}; this lightning-snip reads version"
-            f" {VERSION}. Upgrade lightning-snip."
+            f"This compressed state dict has version {version!r}; this lightning-snip reads versions"
+            f" {list(_READ_VERSIONS)}. Upgrade lightning-snip."
         )
     entries = compressed.get("entries")
     if not isinstance(entries, Mapping):
         raise CompressedStateError("The compressed state dict has no 'entries' mapping.")
     out: OrderedDict[str, Any] = OrderedDict()
+    signature: list[Any] = []
     for key, entry in entries.items():
-        if not isinstance(entry, Mapping):
-            raise _fail(str(key), f"it is a {type(entry).__name__}, not a mapping")
-        out[key] = entry.get("value") if entry.get("form") == "value" else _decompress_tensor(str(key), entry)
+        signature.append(("key", key))
+        out[key] = _unpack(entry, _where("", key), signature)
     metadata = compressed.get("metadata")
     if isinstance(metadata, Mapping):
         out._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+        signature.append(("metadata", repr(dict(metadata))))
+    if version >= 2 and compressed.get("checksum") != _checksum(signature):
+        raise CompressedStateError(
+            "The compressed state dict's keys, plain values or structure do not match the checksum written with them"
+            " (a damaged key name or value, say). Write the file again from the model."
+        )
     return out
 
 

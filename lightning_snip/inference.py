@@ -76,10 +76,14 @@ def _csr_ok(weight: Tensor) -> bool:
 
 
 class _InferenceOnly(torch.autograd.Function):
-    """The sparse product, whose backward refuses: the sparse weight is not a trainable parameter."""
+    """The sparse product, whose backward refuses: the sparse weight is not a trainable parameter.
+
+    ``guard`` is an empty tensor that requires grad, so the output is part of the graph even when neither the input
+    nor the bias requires grad (a bias-free first layer): a backward pass through the layer always raises.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, bias: Tensor | None, layer: SparseLinear) -> Tensor:
+    def forward(ctx: Any, x: Tensor, bias: Tensor | None, guard: Tensor, layer: SparseLinear) -> Tensor:
         return layer._product(x, bias)
 
     @staticmethod
@@ -95,9 +99,13 @@ class SparseLinear(nn.Module):
     """An ``nn.Linear`` for inference whose weight is stored and multiplied as a sparse tensor.
 
     Made by :func:`sparsify`; computes ``x @ weight.T + bias`` like the layer it replaces, for inputs of any
-    leading shape, also under ``torch.inference_mode()``. ``state_dict`` writes the weight dense, under the same keys
-    as ``nn.Linear``, so the state dict of a sparsified model loads into the dense model and back. A backward pass
-    through it raises: use :meth:`to_linear` or :func:`densify` to train.
+    leading shape, positional or as ``input=`` (``nn.Linear``'s name), also under ``torch.inference_mode()``. It
+    takes over the replaced layer's forward hooks and forward pre-hooks and its train/eval mode, and
+    :meth:`to_linear` hands them back. Under ``torch.autocast`` the sparse product runs in the weight's dtype (no
+    sparse kernel takes bfloat16 on the CPU) and its result is cast to the autocast dtype, as the dense layer's
+    would be. ``state_dict`` writes the weight dense, under the same keys as ``nn.Linear``, so the state dict of a
+    sparsified model loads into the dense model and back. Any backward pass through it raises (whether or not its
+    input requires grad): use :meth:`to_linear` or :func:`densify` to train.
 
     ``.to(device)`` and casts move the weight. A CSR weight must stay float32 or float64 on the CPU (a half-precision
     one is refused when called). A 2:4 weight is rebuilt from its dense values: it stays 2:4 where the new device and
@@ -121,6 +129,8 @@ class SparseLinear(nn.Module):
         self.zero_fraction = float((weight == 0).sum()) / max(weight.numel(), 1)
         self.register_buffer("weight", self._convert(weight), persistent=False)  # `state_dict` writes it dense
         self.bias = linear.bias
+        self.train(linear.training)
+        _copy_forward_hooks(linear, self)
         # A module that reads `.weight` itself rather than calling this layer (the fused fast path of
         # `nn.TransformerEncoderLayer`) skips it when a submodule has hooks, and takes the standard path instead.
         self.register_forward_pre_hook(_standard_path)
@@ -156,6 +166,8 @@ class SparseLinear(nn.Module):
             linear.weight.copy_(weight)
         if self.bias is not None:
             linear.bias = self.bias
+        _copy_forward_hooks(self, linear)
+        linear.train(self.training)
         return linear
 
     def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -168,18 +180,26 @@ class SparseLinear(nn.Module):
             out = torch.addmm(bias.unsqueeze(1), self.weight, rows.t()).t()
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x @ weight.T + bias`` for ``x`` of shape ``(*, in_features)``."""
+    def forward(self, input: Tensor) -> Tensor:
+        """``input @ weight.T + bias`` for ``input`` of shape ``(*, in_features)``."""
+        x = input
         if self.kernel == "csr" and not _csr_ok(self.weight):
             raise RuntimeError(
                 f"This CSR `SparseLinear` holds a {self.weight.dtype} weight on {self.weight.device}, which no sparse"
                 " kernel multiplies (the CPU needs float32 or float64). Cast it back, or get the dense model with"
                 " `lightning_snip.densify` before casting it."
             )
+        cast_to = _autocast_dtype(x.device.type)
+        if cast_to is not None:  # the product in the weight's dtype, its result in the autocast dtype
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.to(self.weight.dtype)).to(cast_to)
         if x.dtype != self.weight.dtype:
             raise TypeError(f"`SparseLinear` got a {x.dtype} input for its {self.weight.dtype} weight; cast the input.")
-        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
-            return _InferenceOnly.apply(x, self.bias, self)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return _InferenceOnly.apply(x, self.bias, torch.empty(0, requires_grad=True), self)
         return self._product(x, self.bias)
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> SparseLinear:
@@ -248,6 +268,53 @@ def _standard_path(module: nn.Module, args: Any) -> None:
     return None
 
 
+_FORWARD_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _copy_forward_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` the forward hooks and forward pre-hooks of ``source`` (same order, same flags).
+
+    :func:`sparsify`'s own pre-hook (:func:`_standard_path`) is not carried to a dense layer.
+    """
+    for attribute in _FORWARD_HOOK_DICTS:
+        hooks = getattr(source, attribute, None)
+        if hooks is None:  # an older torch without this kind of hook
+            continue
+        own = getattr(target, attribute)
+        for key, hook in hooks.items():
+            if hook is not _standard_path:
+                own[key] = hook
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on ``device_type``, or ``None`` when it is off there."""
+    if device_type not in ("cpu", "cuda"):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _refuse_old_weight_norm(model: nn.Module) -> None:
+    """The deprecated ``torch.nn.utils.weight_norm`` makes a module that ``copy.deepcopy`` cannot copy: say so."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for name, module in model.named_modules():
+        if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
+            raise TypeError(
+                f"`sparsify` copies the model, but module {name or '<model>'!r} ({type(module).__name__}) uses the"
+                " deprecated `torch.nn.utils.weight_norm`, whose computed weight cannot be copied. Fold it in first"
+                " with `torch.nn.utils.remove_weight_norm(module)` (the weight then holds g * v / ||v||, the same"
+                " outputs), or build the model with `torch.nn.utils.parametrizations.weight_norm` instead."
+            )
+
+
 def _call(model: nn.Module, example_input: Any) -> Any:
     if isinstance(example_input, Mapping):
         return model(**example_input)
@@ -306,8 +373,10 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
 
     The kernel is 2:4 semi-structured where the GPU, dtype, shape and pattern allow, else CSR (float32/float64 on
     the CPU). Other layers, convolutions included, are left as they are. The copy is in eval mode; ``model`` is not
-    changed. Each decision is logged at INFO level on the ``lightning_snip.inference`` logger, and ``print`` of the
-    result shows the sparse layers.
+    changed at all (every submodule keeps its own train/eval mode). Forward hooks and forward pre-hooks of a replaced
+    layer run on its sparse replacement, so outputs match the dense model's; the copy runs under ``torch.autocast``
+    too (see :class:`SparseLinear`). Each decision is logged at INFO level on the ``lightning_snip.inference``
+    logger, and ``print`` of the result shows the sparse layers.
 
     Args:
         model: A trained, pruned model (its pruned weights are zeros), on the device it will run on.
@@ -316,6 +385,10 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
 
     Returns:
         The model for inference.
+
+    Raises:
+        TypeError: If ``model`` is not a module, or uses the deprecated ``torch.nn.utils.weight_norm`` (which cannot
+            be copied; the message says how to fold it in).
 
     Example::
 
@@ -331,15 +404,19 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an `nn.Module`, got {type(model).__name__}.")
-    was_training = model.training
+    _refuse_old_weight_norm(model)
     result = copy.deepcopy(model).eval()
     linears = {name: m for name, m in result.named_modules() if type(m) is nn.Linear}
     seen: dict[str, Tensor] = {}
     if example_input is not None:
-        handles = [
-            m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0]))
-            for name, m in linears.items()
-        ]
+
+        def record(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                seen.setdefault(name, args[0] if args else kwargs["input"])
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(record(name), with_kwargs=True) for name, m in linears.items()]
         try:
             with torch.inference_mode():
                 _call(result, example_input)
@@ -379,14 +456,14 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
             sparse = replaced.get(id(child))
             if sparse is not None:
                 setattr(parent, child_name, sparse)
-    model.train(was_training)
     return result
 
 
 def densify(model: nn.Module) -> nn.Module:
     """A copy of a sparsified model with every :class:`SparseLinear` turned back into an ``nn.Linear``.
 
-    The result is the ordinary dense model: trainable, with the same outputs and the same ``state_dict``. ``model``
+    The result is the ordinary dense model: trainable, with the same outputs and the same ``state_dict``; each
+    rebuilt ``nn.Linear`` has the mode and forward hooks of the layer it replaces, and a bias of its own. ``model``
     is not changed.
 
     Example::
