@@ -212,6 +212,14 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _closure_only(closure: Callable[[], Any] | None = None, *args: Any, **kwargs: Any) -> Any:
+    """An optimizer step that runs its closure (whose ``manual_backward`` records the loss) and steps nothing."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _generators(loader: DataLoader) -> list[torch.Generator]:
     """The random generators a loader draws from besides the global one: its own, its samplers'."""
     found: list[torch.Generator] = []
@@ -252,7 +260,11 @@ def training_step_losses(
     ``self.log`` is a no-op, ``manual_backward`` records the loss instead of stepping, and optimizer and scheduler
     steps do nothing, so manual optimization scores too. With ``through_strategy`` the step runs through
     ``strategy.training_step``, so a sharded model's forward hooks (which gather the parameters) run around it, as in
-    training.
+    training. An optimizer step given a closure (``opt.step(closure=closure)``, Lightning's documented pattern, and
+    the one L-BFGS needs) runs the closure and steps nothing, so its ``manual_backward`` gives the loss.
+
+    When scoring needs more batches than one pass over the loader holds (an iterative criterion's rounds), a fresh
+    pass begins, as a new epoch would; only a loader that yields nothing is an error.
     """
     combined = _batchwise_train_data(trainer, pl_module)
     pass_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
@@ -282,8 +294,8 @@ def training_step_losses(
 
         loss_fn.batch_at = batches.batch_at  # type: ignore[attr-defined]  # the batch itself, for a model's input shape
         stack.enter_context(_override(pl_module, log=_ignore, log_dict=_ignore, manual_backward=record_backward))
-        for optimizer in trainer.optimizers:
-            stack.enter_context(_override(optimizer, step=_ignore, zero_grad=_ignore))
+        for optimizer in [*trainer.optimizers, *getattr(trainer.strategy, "_lightning_optimizers", [])]:
+            stack.enter_context(_override(optimizer, step=_closure_only, zero_grad=_ignore))
         for config in trainer.lr_scheduler_configs:
             stack.enter_context(_override(config.scheduler, step=_ignore))
         try:
@@ -322,21 +334,20 @@ class _ScoringBatches:
         self.iterables = apply_to_collection(combined.iterables, DataLoader, _private_loader, stack)
         self.iterator: Iterator[Any] | None = None
         self.batches: dict[int, tuple[Any, int]] = {}
-        self.fetched = 0
+        self.fetched = 0  # batches drawn so far, over all passes
+        self.pass_start = 0  # how many had been drawn when the current pass began
+        self.passes = 0  # passes that ran out
 
     def batch_at(self, i: int) -> tuple[Any, int]:
-        """Batch ``i`` on the device, and its index; drawn now if it has not been yet."""
-        if self.iterator is None:
-            self.iterator = iter(type(self.combined)(self.iterables, mode=self.combined._mode))
+        """Batch ``i`` on the device, and its index; drawn now if it has not been yet.
+
+        When a pass over the loader ends before batch ``i``, a fresh pass begins (as the next epoch would).
+
+        Raises:
+            ScoringError: If a pass over the loader yields no batch at all.
+        """
         while self.fetched <= i:
-            try:
-                batch, batch_idx, _ = next(self.iterator)
-            except StopIteration:
-                raise ScoringError(
-                    f"Scoring needs {i + 1} batch(es) (`num_batches={self.num_batches}`, times the rounds of an"
-                    f" iterative criterion) but the train dataloader yielded only {self.fetched} batch(es). Lower"
-                    " `num_batches` or `iterations`, or provide more training data."
-                ) from None
+            batch, batch_idx = self._next()
             # the same transfer path as Lightning's training loop
             batch = self.trainer.precision_plugin.convert_input(batch)
             batch = self.pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
@@ -346,6 +357,31 @@ class _ScoringBatches:
         if i not in self.batches:
             raise ScoringError(f"Scoring batch {i} was released; a criterion may reuse the last {self.num_batches}.")
         return self.batches[i]
+
+    def _next(self) -> tuple[Any, int]:
+        """The next batch of the current pass over the loader, beginning a fresh pass when one ends."""
+        for _ in range(2):
+            if self.iterator is None:
+                self.iterator = iter(type(self.combined)(self.iterables, mode=self.combined._mode))
+                self.pass_start = self.fetched
+            try:
+                batch, batch_idx, _ = next(self.iterator)
+                return batch, batch_idx
+            except StopIteration:
+                self.iterator = None
+                if self.fetched == self.pass_start:
+                    break
+                if self.passes == 0:
+                    rank_zero_info(
+                        self.trainer,
+                        f"SNIPPruning: scoring needs more batches than the train dataloader's {self.fetched} per pass"
+                        " (the rounds of an iterative criterion, or `num_batches`): a fresh pass over it begins.",
+                    )
+                self.passes += 1
+        raise ScoringError(
+            "`SNIPPruning` scores with batches of the train dataloader, but a pass over it yielded no batch. Provide"
+            " training data (check `limit_train_batches` and the dataset) or use `criterion='magnitude'`."
+        )
 
     def close(self) -> None:
         """Drop the iterator, which ends the workers of a private loader's iterator."""

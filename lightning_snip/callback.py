@@ -45,7 +45,7 @@ from lightning_snip.candidates import (
 )
 from lightning_snip.enforcement import Enforcer, respects_masks, zero_pruned_entries
 from lightning_snip.packing import differing, pack_mask, pack_state, unpack_mask, unpack_state
-from lightning_snip.pipeline import OPTION_NAMES, Options, all_reduce_sum, prune
+from lightning_snip.pipeline import OPTION_NAMES, Options, all_reduce_sum, prune, with_defaults
 from lightning_snip.report import sparsity_report
 from lightning_snip.scoring import (
     CriterionName,
@@ -284,7 +284,8 @@ class SNIPPruning(_Callback):
             >>> pruning.differing_options()
             ['num_batches=1 (this instance: 2)']
         """
-        return differing(self._masks_config, self._config())
+        held = None if self._masks_config is None else with_defaults(self._masks_config)
+        return differing(held, with_defaults(self._config()))
 
     # ------------------------------------------------------------------ hooks
 

@@ -52,7 +52,7 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _is_default_candidate(name_aliases: list[str], ndim: int, param: nn.Parameter, norm_ids: set[int]) -> bool:
-    if ndim < 2 or id(param) in norm_ids:  # norm_ids: normalization layers and weight-norm gains
+    if ndim < 2 or id(param) in norm_ids or param.is_complex():  # norm_ids: normalization layers and weight-norm gains
         return False
     return not any("bias" in alias.rsplit(".", 1)[-1] for alias in name_aliases)
 
@@ -77,7 +77,8 @@ def find_candidates(
 
     By default every trainable parameter with ``ndim >= 2`` is a candidate (Linear, ConvNd, RNN/LSTM/GRU matrices,
     Embedding, MultiheadAttention projections), except biases (any name containing ``bias``), the parameters of
-    normalization layers, and the gains ``g`` of weight normalization (whose direction ``v`` is a candidate; see
+    normalization layers, complex-valued parameters (see :func:`complex_parameters`), and the gains ``g`` of weight
+    normalization (whose direction ``v`` is a candidate; see
     :func:`weight_norm_directions`). ``include`` replaces that default by shell-style glob patterns over parameter
     names and may name any trainable parameter, biases too; ``exclude`` removes matches. A tied parameter is one
     candidate, kept under its canonical name, and matches a pattern when any of its names does.
@@ -93,7 +94,8 @@ def find_candidates(
         The candidates by canonical name (wrapper prefixes removed), in ``named_parameters()`` order.
 
     Raises:
-        ValueError: If a pattern matches no parameter, or if no candidate remains.
+        ValueError: If a pattern matches no parameter, ``include`` names a complex parameter, or no candidate
+            remains.
 
     Example::
 
@@ -124,6 +126,12 @@ def find_candidates(
         ndim = len(shapes[name]) if name in shapes else param.ndim
         chosen = matches(names, include) if include is not None else _is_default_candidate(names, ndim, param, norm_ids)
         if chosen and not matches(names, exclude or []):
+            if param.is_complex():
+                raise ValueError(
+                    f"`include` names `{name}`, a {param.dtype} parameter: complex weights are not pruned (their"
+                    " scores and masks are defined for real weights only). Leave it out of `include`, or `exclude`"
+                    " it."
+                )
             candidates[name] = param
 
     if not candidates:
@@ -208,6 +216,18 @@ def sparse_gradient_parameters(model: nn.Module) -> list[str]:
     """
     ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
     return [name for name, p in canonical_parameters(model).items() if id(p) in ids]
+
+
+def complex_parameters(model: nn.Module) -> list[str]:
+    """Canonical names of the trainable complex-valued parameters with ``ndim >= 2``, which are never candidates.
+
+    Example::
+
+        >>> import torch
+        >>> complex_parameters(nn.ParameterDict({"z": nn.Parameter(torch.zeros(2, 2, dtype=torch.cfloat))}))
+        ['z']
+    """
+    return [n for n, p in canonical_parameters(model).items() if p.is_complex() and p.requires_grad and p.ndim >= 2]
 
 
 def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

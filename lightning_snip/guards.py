@@ -6,13 +6,19 @@ is touched.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from torch import Size, Tensor, nn
 
 from lightning_snip import _lightning as lightning
-from lightning_snip.candidates import other_parametrizations, sparse_gradient_parameters, weight_norm_directions
+from lightning_snip.candidates import (
+    complex_parameters,
+    other_parametrizations,
+    sparse_gradient_parameters,
+    weight_norm_directions,
+)
 from lightning_snip.scoring import ScoringError, get_criterion
 from lightning_snip.selection import kept_count, n_m_unfit, parse_n_m, protect_slices_
 
@@ -29,14 +35,37 @@ def check_scoring_setup(
     scope: str,
     sharded: bool,
     whole_masks_needed: bool,
+    exclude: Sequence[str] | None = None,
 ) -> None:
     """Refuse what cannot work with these candidates and this strategy; warn where the result may surprise.
 
     Raises:
-        MisconfigurationException: For sparse gradients, and on a sharded model for criteria, options and scopes
-            that need whole weights or whole masks.
+        MisconfigurationException: For sparse gradients, a criterion that runs the module's forward on a module
+            without one, and on a sharded model for criteria, options and scopes that need whole weights or whole
+            masks.
     """
     refuse_sparse_gradients(trainer, pl_module, candidates)
+    if get_criterion(criterion).needs_input and not defines_forward(pl_module):
+        raise lightning.misconfiguration(
+            trainer,
+            f"`criterion={criterion!r}` runs the module's own `forward` on an input shaped like"
+            f" `example_input_array`, but `{type(pl_module).__name__}` defines no `forward` (its `training_step`"
+            " calls its layers itself). Define `forward` (e.g. `def forward(self, x): return self.net(x)`) and set"
+            " `self.example_input_array`, or use a criterion that scores through `training_step` ('snip',"
+            " 'iterative_snip', 'force', 'grasp').",
+        )
+    excluded = exclude or []
+    skipped = [
+        name
+        for name in complex_parameters(pl_module)
+        if name not in candidates and not any(fnmatch.fnmatchcase(name, pattern) for pattern in excluded)
+    ]
+    if skipped:
+        lightning.rank_zero_warn(
+            trainer,
+            f"`SNIPPruning`: {skipped} are complex-valued and are not pruned (scores and masks are defined for real"
+            " weights). `exclude` them to silence this.",
+        )
     if sharded and whole_masks_needed:
         raise lightning.misconfiguration(
             trainer,
@@ -79,6 +108,21 @@ def check_scoring_setup(
                 " weight the module computes from it is sparse only if the parametrization maps zeros to zeros."
                 f" If it does not, `exclude=[{name!r}]`.",
             )
+
+
+def defines_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class (or a base of its own, not Lightning's or torch's) defines ``forward``.
+
+    Example::
+
+        >>> defines_forward(nn.Linear(2, 2)), defines_forward(nn.Module())
+        (True, False)
+    """
+    for cls in type(module).__mro__:
+        if "forward" in cls.__dict__:
+            owner = cls.__module__
+            return not (cls is nn.Module or owner.startswith(("lightning.pytorch.", "pytorch_lightning.")))
+    return False
 
 
 def refuse_sparse_gradients(trainer: Trainer, pl_module: LightningModule, names: Iterable[str]) -> None:

@@ -70,6 +70,17 @@ _DEFAULTS: dict[str, Any] = {"iterations": None, "schedule": "exponential", "min
 OPTION_NAMES = frozenset(f.name for f in fields(Options))
 
 
+def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config with the options :meth:`Options.config` leaves out at their defaults written back in.
+
+    Example::
+
+        >>> with_defaults({"sparsity": 0.9})["schedule"]
+        'exponential'
+    """
+    return {**_DEFAULTS, **config}
+
+
 @dataclass
 class Pruned:
     """The result of :func:`prune`.
@@ -159,6 +170,7 @@ def _candidates(
         scope=options.scope,
         sharded=shapes is not None,
         whole_masks_needed=options.min_density > 0 or options.shuffle,
+        exclude=options.exclude,
     )
     if trained_steps:
         lightning.rank_zero_warn(

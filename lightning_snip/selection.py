@@ -41,24 +41,40 @@ def _chunks(t: Tensor) -> Iterator[tuple[int, Tensor]]:
         yield start, flat[start : start + _CHUNK]
 
 
-def _sort_keys(chunk: Tensor) -> Tensor:
-    """int32 keys ordered like the chunk's values as float32 (all finite values, negatives too)."""
+def _is_wide(scores: Sequence[Tensor]) -> bool:
+    """Whether the scores are compared in float64 (any of them is float64), else in float32."""
+    return any(s.dtype == torch.float64 for s in scores)
+
+
+def _sort_keys(chunk: Tensor, wide: bool = False) -> Tensor:
+    """Integer keys ordered like the chunk's values (all finite values, negatives too).
+
+    int32 keys of the values as float32, or (``wide``) int64 keys of the values as float64, which keep the order of
+    float64 scores that float32 cannot hold (SynFlow's, beyond float32's range on deep networks).
+    """
+    if wide:
+        bits = chunk.to(torch.float64).contiguous().view(torch.int64)
+        return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
     bits = chunk.to(torch.float32).contiguous().view(torch.int32)
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-def _histogram(scores: Sequence[Tensor], high_bits: int | None) -> Tensor:
-    """Histogram of the keys' high 16 bits, or (given ``high_bits``) of the low 16 bits of the keys in that bin."""
+def _histogram(scores: Sequence[Tensor], prefix: int | None, depth: int, wide: bool) -> Tensor:
+    """Histogram of the keys' 16-bit digit number ``depth`` (0 = the highest).
+
+    Over the keys whose higher digits are ``prefix``; over all keys at depth 0.
+    """
+    shift = (64 if wide else 32) - 16 * (depth + 1)
     hist = torch.zeros(_BINS, dtype=torch.int64)
     for s in scores:
         for _, chunk in _chunks(s):
-            keys = _sort_keys(chunk)
-            high = (keys >> 16) + _BINS // 2
-            if high_bits is None:
-                hist += torch.bincount(high, minlength=_BINS).cpu()
-            else:  # keys outside the bin are counted in one extra bin, then dropped (cheaper than selecting them)
-                low = torch.where(high == high_bits, keys & (_BINS - 1), _BINS)
-                hist += torch.bincount(low, minlength=_BINS + 1)[:_BINS].cpu()
+            keys = _sort_keys(chunk, wide)
+            digits = keys >> shift if shift else keys
+            if prefix is None:  # the highest digit is signed: shift it to [0, _BINS)
+                hist += torch.bincount(digits + _BINS // 2, minlength=_BINS).cpu()
+            else:  # keys outside the prefix are counted in one extra bin, then dropped (cheaper than selecting them)
+                inside = torch.where((keys >> (shift + 16)) == prefix, digits & (_BINS - 1), _BINS)
+                hist += torch.bincount(inside, minlength=_BINS + 1)[:_BINS].cpu()
     return hist
 
 
@@ -76,13 +92,13 @@ def kth_largest_key(
     """Find the k-th largest score exactly by a two-pass radix select over 16-bit histograms.
 
     Args:
-        scores: Finite score tensors (compared as float32).
+        scores: Finite score tensors (compared as float32, or as float64 when any of them is float64).
         k: Rank of the wanted score, ``1 <= k <= N``.
         all_reduce_sum: Sums a histogram across processes, when the scores are spread over ranks (each rank passes
             its own shards). Defaults to ``None`` (one process).
 
     Returns:
-        ``(key, above)``: the int32 sort key of the k-th largest score and how many scores are strictly larger.
+        ``(key, above)``: the sort key of the k-th largest score and how many scores are strictly larger.
         ``k - above`` of the scores equal to it are kept.
 
     Example::
@@ -96,12 +112,23 @@ def kth_largest_key(
 def _threshold(
     scores: Sequence[Tensor], k: int, all_reduce_sum: Callable[[Tensor], Tensor] | None
 ) -> tuple[int, int, int]:
-    """:func:`kth_largest_key`, plus how many scores equal the k-th largest (read off the second histogram)."""
+    """:func:`kth_largest_key`, plus how many scores equal the k-th largest (read off the last histogram).
+
+    One pass per 16-bit digit of the keys: two for float32 keys, four for float64 ones.
+    """
     reduce = all_reduce_sum or (lambda t: t)
-    high_bin, above_high = _kth_bin(reduce(_histogram(scores, None)), k)
-    low_hist = reduce(_histogram(scores, high_bin))
-    low_bin, above_low = _kth_bin(low_hist, k - above_high)
-    return (high_bin - _BINS // 2) * _BINS + low_bin, above_high + above_low, int(low_hist[low_bin])
+    wide = _is_wide(scores)
+    prefix: int | None = None
+    above = 0
+    hist = torch.zeros(0)
+    bin_index = 0
+    for depth in range(4 if wide else 2):
+        hist = reduce(_histogram(scores, prefix, depth, wide))
+        bin_index, above_bin = _kth_bin(hist, k - above)
+        above += above_bin
+        prefix = bin_index - _BINS // 2 if prefix is None else prefix * _BINS + bin_index
+    assert prefix is not None
+    return prefix, above, int(hist[bin_index])
 
 
 def all_finite(t: Tensor) -> bool:
@@ -136,19 +163,20 @@ def _top_k(
     if k <= 0:
         return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
     key, above, ties = _threshold(scores, k, all_reduce_sum)
+    wide = _is_wide(scores)
     if ties == k - above:  # every score equal to the threshold is kept (the rule with continuous scores)
-        return [_compare(s, key, torch.ge) for s in scores]
+        return [_compare(s, key, torch.ge, wide) for s in scores]
     quotas = tie_quotas(scores, key, k - above) if tie_quotas is not None else None
     ties_left = k - above
     masks = []
     for index, s in enumerate(scores):
         if quotas is not None:
             ties_left = quotas[index]
-        kept = _compare(s, key, torch.gt)
+        kept = _compare(s, key, torch.gt, wide)
         if ties_left > 0:
             flat = kept.view(-1)
             for start, chunk in _chunks(s):
-                tied = (_sort_keys(chunk) == key).nonzero().squeeze(1)[:ties_left]
+                tied = (_sort_keys(chunk, wide) == key).nonzero().squeeze(1)[:ties_left]
                 flat[start + tied] = True
                 ties_left -= tied.numel()
                 if ties_left == 0:
@@ -157,12 +185,12 @@ def _top_k(
     return masks
 
 
-def _compare(scores: Tensor, key: int, op: Callable[..., Tensor]) -> Tensor:
+def _compare(scores: Tensor, key: int, op: Callable[..., Tensor], wide: bool) -> Tensor:
     """``op(sort key, key)`` for every score, written chunk by chunk into one bool tensor shaped like ``scores``."""
     out = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     flat = out.view(-1)
     for start, chunk in _chunks(scores):
-        op(_sort_keys(chunk), key, out=flat[start : start + chunk.numel()])
+        op(_sort_keys(chunk, wide), key, out=flat[start : start + chunk.numel()])
     return out
 
 
@@ -227,7 +255,7 @@ def select_masks_distributed(
         return t.cpu()
 
     def tie_quotas(scores: Sequence[Tensor], key: int, ties_left: int) -> list[int]:
-        counts = all_gather_ints(_tie_counts(scores, key), group)  # [rank][tensor]
+        counts = all_gather_ints(_tie_counts(scores, key, _is_wide(scores)), group)  # [rank][tensor]
         rank, quotas = dist.get_rank(group), []
         for t in range(len(scores)):
             for r, row in enumerate(counts):
@@ -260,8 +288,8 @@ def all_gather_ints(values: Sequence[int], group: Any = None) -> list[list[int]]
     return [g.tolist() for g in gathered]
 
 
-def _tie_counts(scores: Sequence[Tensor], key: int) -> list[int]:
-    return [sum(int((_sort_keys(chunk) == key).sum()) for _, chunk in _chunks(s)) for s in scores]
+def _tie_counts(scores: Sequence[Tensor], key: int, wide: bool) -> list[int]:
+    return [sum(int((_sort_keys(chunk, wide) == key).sum()) for _, chunk in _chunks(s)) for s in scores]
 
 
 def parse_n_m(scope: str) -> tuple[int, int] | None:
@@ -325,7 +353,8 @@ def n_m_unfit(shapes: Mapping[str, Sequence[int]], m: int) -> list[str]:
 def select_n_m_masks(scores: Mapping[str, Tensor], n: int, m: int) -> dict[str, Tensor]:
     """Keep the ``n`` highest of every ``m`` consecutive scores along each tensor's rows (see :func:`n_m_rows`).
 
-    Ties go to the earlier position; scores are compared as float32, like :func:`select_masks`. A tensor whose
+    Ties go to the earlier position; scores are compared as float32 (float64 ones as float64), like
+    :func:`select_masks`. A tensor whose
     reduction dimension is not a multiple of ``m`` (:func:`n_m_unfit`) is kept whole.
 
     Raises:
@@ -348,7 +377,9 @@ def select_n_m_masks(scores: Mapping[str, Tensor], n: int, m: int) -> dict[str, 
         kept = torch.zeros((rows, width), dtype=torch.bool, device=s.device)
         step = max(1, _CHUNK // max(width, 1))
         for start in range(0, rows, step):
-            groups = _sort_keys(flat[start : start + step].reshape(-1)).view(-1, width // m, m)
+            groups = _sort_keys(flat[start : start + step].reshape(-1), s.dtype == torch.float64).view(
+                -1, width // m, m
+            )
             order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
             kept[start : start + step].view(-1, width // m, m).scatter_(-1, order, True)
         masks[name] = kept.view(s.shape)
@@ -364,7 +395,9 @@ def select_masks(
     count rule to each tensor on its own; ``"N:M"`` keeps the ``N`` best of every ``M`` consecutive weights along each
     tensor's rows (:func:`select_n_m_masks`; then ``sparsity`` must be ``1 - N/M``, and a tensor whose rows are not a
     multiple of ``M`` long is kept whole). Equal scores at the threshold are resolved deterministically: the weight
-    that comes first (tensor order of ``scores``, then row-major position) is kept. Scores are compared as float32.
+    that comes first (tensor order of ``scores``, then row-major position) is kept. Scores are compared as float32,
+    or all as float64 when any of them is float64, so float64 scores beyond float32's range or precision keep their
+    order.
     The threshold is found exactly by a radix select over per-chunk histograms, so the extra memory is a small
     constant (no concatenation of all scores) and any number of weights works, also past ``2**31``.
 
@@ -425,6 +458,12 @@ def check_min_density(min_density: float, sparsity: float, scope: Scope, numels:
             f"`min_density={min_density}` is more than the {density:.4g} of each tensor that `scope={scope!r}` with"
             f" `sparsity={sparsity}` keeps. Lower `min_density` to at most {density:.4g}."
         )
+    if scope == "global" and min_density > density + 1e-12:  # the floors alone would need more than the budget
+        raise ValueError(
+            f"`min_density={min_density}` asks every tensor to keep more than the 1 - sparsity = {density:.4g} of all"
+            f" weights that `sparsity={sparsity}` keeps, which no model can. Lower `min_density` to at most"
+            f" {density:.4g}, or `sparsity`."
+        )
     if scope == "global":
         need, budget = sum(_floors(numels, min_density).values()), kept_count(sum(numels.values()), sparsity)
         if need > budget:
@@ -440,8 +479,9 @@ def _select_with_floors(
     """Global selection where each tensor first keeps its best ``ceil(min_density * numel)``; the rest by score."""
     floors = _floors(numels, min_density)
     kept = {name: _top_k([s], floors[name], numels[name])[0] for name, s in scores.items()}
-    lowest = torch.finfo(torch.float32).min  # the floor-kept entries rank last in the global pass
-    rest = {name: s.float().masked_fill(kept[name], lowest) for name, s in scores.items()}
+    dtype = torch.float64 if _is_wide(list(scores.values())) else torch.float32
+    lowest = torch.finfo(dtype).min  # the floor-kept entries rank last in the global pass
+    rest = {name: s.to(dtype).masked_fill(kept[name], lowest) for name, s in scores.items()}
     extra_budget = kept_count(sum(numels.values()), sparsity) - sum(floors.values())
     extra = _top_k(list(rest.values()), extra_budget, sum(numels.values()))
     return {name: kept[name] | more for name, more in zip(scores, extra, strict=True)}
@@ -470,7 +510,8 @@ def protect_slices_(scores: Tensor, dim: int | None) -> int:
     """Raise the best score of every slice along ``dim`` above all others, so selection keeps it; in place.
 
     Used where pruning a whole slice would break the model (weight normalization divides each slice by its norm).
-    The raised score is the largest finite float32, so the exact count still holds: the slices' best weights are
+    The raised score is the largest finite value of the scores' comparison dtype (float32, or float64 for float64
+    scores), so the exact count still holds: the slices' best weights are
     kept first and the rest of the budget goes by score, as before. Ties go to the earlier position.
 
     Args:
@@ -488,7 +529,7 @@ def protect_slices_(scores: Tensor, dim: int | None) -> int:
     """
     if scores.numel() == 0:
         return 0
-    top = torch.finfo(torch.float32).max
+    top = torch.finfo(torch.float64 if scores.dtype == torch.float64 else torch.float32).max
     if dim is None:
         scores.view(-1)[int(scores.reshape(-1).argmax())] = top
         return 1

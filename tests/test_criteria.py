@@ -271,12 +271,45 @@ def test_one_iteration_of_a_one_shot_criterion_is_accepted():
     assert SNIPPruning(criterion="snip", iterations=1).iterations == 1
 
 
-def test_too_few_batches_for_the_rounds_is_an_error_and_the_model_is_untouched():
+@pytest.mark.parametrize(("criterion", "bring_back"), [("iterative_snip", False), ("force", True)])
+def test_rounds_past_the_end_of_the_loader_continue_with_a_fresh_pass(criterion, bring_back):
+    data, sparsity, rounds = _data(n=12), 0.8, 5  # 3 batches per pass, 5 rounds: batches 0 1 2 0 1
+    got = _masks(criterion, sparsity, data, iterations=rounds)
+    model = _init_model()
+    weights = {n: dict(model.named_parameters())[n] for n in WEIGHTS}
+    dense = {n: w.detach().clone() for n, w in weights.items()}
+    batches = _batches(data)
+    d = 1 - sparsity
+    kept = {n: torch.ones_like(w, dtype=torch.bool) for n, w in dense.items()}
+    for t in range(rounds):
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.copy_(dense[n] * kept[n])
+        grads = torch.autograd.grad(_loss(model, batches[t % len(batches)]), list(weights.values()))
+        scores = {}
+        for (n, w), g in zip(weights.items(), grads, strict=True):
+            s = (g * (dense[n] if bring_back else w.detach())).abs()
+            scores[n] = s if bring_back or t == 0 else torch.where(kept[n], s, torch.full_like(s, PRUNED))
+        kept = _top_k(scores, 1 - d ** ((t + 1) / rounds))
+    for name in WEIGHTS:
+        assert torch.equal(got[name], kept[name]), name
+
+
+def test_the_default_60_rounds_run_on_a_short_loader():
+    pruning = SNIPPruning(sparsity=0.9, criterion="iterative_snip", plot=False)
+    model = _init_model()
+    fit(model, [pruning], _data(n=8), max_steps=1, precision="64-true")  # 2 batches per pass, 60 rounds
+    assert model.steps_run == 60 + 1  # every round scored one batch; then one training step
+    assert sum(int(m.sum()) for m in pruning.masks.values()) == kept_count(8 * 6 + 3 * 8, 0.9)
+
+
+def test_an_empty_loader_is_an_error_before_any_work_and_the_model_is_untouched():
     model = _init_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pruning = SNIPPruning(sparsity=0.9, criterion="iterative_snip", iterations=20, plot=False)
-    with pytest.raises(ScoringError, match=r"needs 9 batch\(es\).*yielded only 8 batch"):
-        fit(model, [pruning], _data(), precision="64-true")
+    with pytest.raises(ScoringError, match=r"a pass over it yielded no batch"):
+        fit(model, [pruning], DataLoader(make_data(0, 6, 3, dtype=torch.float64), batch_size=4), precision="64-true")
+    assert model.steps_run == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -331,8 +364,11 @@ def test_min_density_takes_each_tensors_floor_from_the_global_budget():
     kept = select_masks(scores, 0.5, min_density=0.2)  # ceil(0.8) = 1 weight of b, the rest by score
     assert kept["a"].tolist() == [True, True, True, False]
     assert kept["b"].tolist() == [True, False, False, False]
-    with pytest.raises(ValueError, match=r"`min_density=0.6` needs 6 weights .* keeps only 4"):
+    with pytest.raises(ValueError, match=r"`min_density=0.6` asks every tensor to keep more than the 1 - sparsity"):
         select_masks(scores, 0.5, min_density=0.6)
+    rounded_up = {"a": torch.ones(4), "b": torch.ones(1), "c": torch.ones(1)}  # ceil(2) + ceil(0.5) + ceil(0.5)
+    with pytest.raises(ValueError, match=r"`min_density=0.5` needs 4 weights .* keeps only 3"):
+        select_masks(rounded_up, 0.5, min_density=0.5)
 
 
 MIN_DENSITY_ERRORS = {
