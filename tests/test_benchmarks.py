@@ -26,11 +26,10 @@ import gradient_masking_floor  # noqa: E402
 )
 def test_gradient_masking_floor_times_each_pass_of_its_arm(arm: str, passes: int) -> None:
     step, pass_times = gradient_masking_floor.run(arm, steps=3)
-    assert step > 0
+    assert 1e-6 < step < 1.0  # a LeNet-300-100 step at batch 100, in seconds: microseconds to milliseconds
     assert len(pass_times) == passes
-    assert all(t > 0 for t in pass_times)
-    if passes:
-        assert all(t < step for t in pass_times)  # timed inside the step
+    assert all(0 < t < step for t in pass_times)  # timed inside the step
+    assert sum(pass_times) < step
 
 
 def test_gradient_masking_floor_refuses_an_unknown_arm() -> None:
@@ -38,6 +37,7 @@ def test_gradient_masking_floor_refuses_an_unknown_arm() -> None:
         gradient_masking_floor.run("after backwards", steps=1)
 
 
+@pytest.mark.slow
 def test_gradient_masking_floor_prints_every_arm_against_dense(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -61,10 +61,11 @@ def test_training_overhead_user_view_reports_four_arms_and_the_hooks(tmp_path: P
 
     result = training_overhead.user_view("lenet300", rounds=1, steps=50, root=str(tmp_path), logger=logger)
     assert result["logger"] == logger
-    assert result["dense_ms"] > 0
+    assert 0.01 < result["dense_ms"] < 1000  # a LeNet-300-100 step, in milliseconds
     for arm in ("masked", "empty", "snip"):
         assert len(result[f"{arm}_ratios"]) == 1
-        assert result[f"{arm}_ratio"] > 0
+        assert result[f"{arm}_ratio"] == result[f"{arm}_ratios"][0]  # one round: its ratio is the median
+        assert 0.2 < result[f"{arm}_ratio"] < 5  # the same network and loop as dense: the same order of time
     assert "on_after_backward" in result["per_step_us"]  # where the gradients are masked
     table = training_overhead.user_table({"lenet300": result}, threads=1)
     assert "<= 1.05" in table

@@ -148,6 +148,7 @@ def _file_bytes(obj) -> int:
     return buffer.tell()
 
 
+@pytest.mark.slow
 def test_the_4096_mlp_file_is_10x_smaller_at_95_percent_and_30x_at_99():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1000))

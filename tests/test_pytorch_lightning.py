@@ -117,7 +117,6 @@ def test_the_standalone_cli_accepts_the_callback(tmp_path):
     assert pruning.sparsity == 0.95
 
 
-@pytest.mark.slow
 class StandaloneSpawnDDP(LeavesTogether, standalone.strategies.DDPStrategy):
     """The standalone package's ``ddp_spawn`` whose workers leave together (see ``helpers.SpawnDDP``)."""
 
@@ -125,6 +124,7 @@ class StandaloneSpawnDDP(LeavesTogether, standalone.strategies.DDPStrategy):
         super().__init__(start_method="spawn")
 
 
+@pytest.mark.slow
 def test_ddp_spawn_with_the_standalone_package(tmp_path):
     standalone.seed_everything(0)
     pruning = SNIPPruning(sparsity=0.8)
