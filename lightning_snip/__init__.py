@@ -29,6 +29,7 @@ from lightning_snip.selection import (
     select_n_m_masks,
     shuffle_masks,
 )
+from lightning_snip.structured import restore_structure
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "pack_mask",
     "protect_slices_",
     "register_criterion",
+    "restore_structure",
     "save_compressed",
     "select_masks",
     "select_masks_distributed",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -111,6 +112,23 @@ def check_strategy(strategy: Strategy) -> None:
         " model use `strategy='fsdp'` or `ModelParallelStrategy` with `fully_shard`; to replicate it use"
         " `strategy='ddp'` (also 'ddp_spawn', 'ddp_fork'); or train on a single device.",
     )
+
+
+def pending_checkpoint(trainer: Trainer) -> str | None:
+    """The ``ckpt_path`` the running ``fit`` will restore, already while callbacks' ``setup`` runs.
+
+    Lightning restores a checkpoint after the ``setup`` hooks and holds its path only as an argument of
+    ``Trainer._run`` until then, so it is read from that call's frame. ``None`` when nothing is restored.
+    """
+    run = getattr(type(trainer), "_run", None)
+    code = getattr(run, "__code__", None)
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code and frame.f_locals.get("self") is trainer:
+            path = frame.f_locals.get("ckpt_path")
+            return None if path is None else str(path)
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
 
 
 def is_spawned_worker(trainer: Trainer) -> bool:

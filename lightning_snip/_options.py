@@ -19,6 +19,8 @@ def validate_options(
     iterations: object,
     schedule: str,
     min_density: object,
+    structure: str = "weight",
+    width_multiple: object = 1,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` for the first argument that is wrong; ``flags`` are the booleans by name."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
@@ -53,6 +55,36 @@ def validate_options(
     check_min_density(float(min_density), float(sparsity), str(scope), {})
     if flags.get("shuffle") and parse_n_m(scope) is not None:
         raise ValueError(f"`shuffle=True` would break the N:M pattern of `scope={scope!r}`; use one or the other.")
+    if structure not in ("weight", "channel"):
+        raise ValueError(
+            f"`structure` must be 'weight' (prune single weights) or 'channel' (remove whole channels, a physically"
+            f" smaller network), got {structure!r}."
+        )
+    if isinstance(width_multiple, bool) or not isinstance(width_multiple, int) or width_multiple < 1:
+        raise ValueError(f"`width_multiple` must be an integer >= 1, got {width_multiple!r}. Use e.g. 8.")
+    if structure == "weight":
+        if width_multiple != 1:
+            raise ValueError(
+                f"`width_multiple={width_multiple}` rounds kept channel counts, so it needs `structure='channel'`."
+            )
+        return
+    if scope not in ("global", "layerwise"):
+        raise ValueError(
+            f"`structure='channel'` ranks whole channels, so `scope` must be 'global' or 'layerwise', got {scope!r}."
+        )
+    if get_criterion(criterion).default_iterations is not None and criterion != "synflow":
+        raise ValueError(
+            f"`criterion={criterion!r}` prunes single weights between its rounds, which `structure='channel'` does"
+            " not do. Use a one-shot criterion ('snip', 'grasp', 'synflow' with `iterations=1`, 'magnitude',"
+            " 'random')."
+        )
+    if criterion == "synflow" and iterations not in (None, 1):
+        raise ValueError(
+            f"`structure='channel'` scores once; SynFlow's `iterations={iterations}` would prune single weights"
+            " between rounds. Leave `iterations` unset (one round) or use `structure='weight'`."
+        )
+    if flags.get("shuffle"):
+        raise ValueError("`shuffle=True` permutes single weights; it has no meaning with `structure='channel'`.")
 
 
 def check_patterns(argument: str, value: object) -> list[str] | None:

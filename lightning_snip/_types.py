@@ -8,9 +8,12 @@ types and ``ScopeName`` a registered string type, so ``--trainer.callbacks.init_
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from lightning_snip.selection import parse_n_m
+
+Structure = Literal["weight", "channel"]
+"""What is pruned: single weights (masks) or whole channels (a physically smaller network)."""
 
 if TYPE_CHECKING:
     Sparsity = float

@@ -38,14 +38,14 @@ from typing_extensions import override
 from lightning_snip import _lightning as lightning
 from lightning_snip import guards, reporting
 from lightning_snip._options import check_patterns, validate_options
-from lightning_snip._types import PositiveInt, ScopeName, Sparsity
+from lightning_snip._types import PositiveInt, ScopeName, Sparsity, Structure
 from lightning_snip.candidates import (
     canonical_parameters,
     parameter_aliases,
 )
 from lightning_snip.enforcement import Enforcer, respects_masks, zero_pruned_entries
 from lightning_snip.packing import differing, pack_mask, pack_state, unpack_mask, unpack_state
-from lightning_snip.pipeline import OPTION_NAMES, Options, all_reduce_sum, prune, with_defaults
+from lightning_snip.pipeline import OPTION_NAMES, Options, all_reduce_sum, prune, prune_channels, with_defaults
 from lightning_snip.report import sparsity_report
 from lightning_snip.scoring import (
     CriterionName,
@@ -60,6 +60,7 @@ from lightning_snip.sharding import (
     shard_layout,
     whole_shapes,
 )
+from lightning_snip.structured import replay, structure_record
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
@@ -166,6 +167,8 @@ class SNIPPruning(_Callback):
         min_density: float = 0.0,
         shuffle: bool = False,
         save_compressed: bool = False,
+        structure: Structure = "weight",
+        width_multiple: PositiveInt = 1,
     ) -> None:
         super().__init__()
         validate_options(
@@ -183,6 +186,8 @@ class SNIPPruning(_Callback):
             iterations=iterations,
             schedule=schedule,
             min_density=min_density,
+            structure=structure,
+            width_multiple=width_multiple,
         )
         self.sparsity = float(sparsity)
         self.num_batches = num_batches
@@ -198,6 +203,8 @@ class SNIPPruning(_Callback):
         self.min_density = float(min_density)
         self.shuffle = shuffle
         self.save_compressed = save_compressed
+        self.structure: Structure = structure
+        self.width_multiple = width_multiple
         self._init_state()
 
     def _init_state(self) -> None:
@@ -215,6 +222,7 @@ class SNIPPruning(_Callback):
         self._enforcer = Enforcer({}, {})  # the per-step zeroing of `_params` by `_kept`
         self._last_logged_step = -1
         self._last_checked_step = -1
+        self._structure: list[dict[str, Any]] | None = None  # the channels removed (`structure='channel'`)
 
     # ------------------------------------------------------------------ public state
 
@@ -266,11 +274,19 @@ class SNIPPruning(_Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         self._collect_from_workers()
-        return pack_state(*self._packed_masks(), self._masks_config or self._config())  # 1 bit per weight
+        state = pack_state(*self._packed_masks(), self._masks_config or self._config())  # 1 bit per weight
+        if self._structure is not None:
+            state["structure"] = [dict(entry) for entry in self._structure]
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         masks, config = unpack_state(state_dict)
+        structure = state_dict.get("structure")
+        if self.structure == "channel" or structure is not None:
+            self._structure = list(structure) if structure is not None else None
+            self._masks_config = config
+            return
         self._forget()
         self._loaded, self._loaded_from, self._masks_config = masks or None, "checkpoint", config
 
@@ -302,7 +318,43 @@ class SNIPPruning(_Callback):
             self._trained_steps = int(checkpoint.get("global_step", 0))
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.structure != "channel" or stage != "fit":
+            return
+        lightning.check_strategy(trainer.strategy)
+        same = self._module is not None and self._module() is pl_module
+        if self._structure is not None and same:
+            return  # the model of an earlier fit, already shrunk
+        ckpt_path = lightning.pending_checkpoint(trainer)
+        if ckpt_path:
+            record = self._structure_from(trainer, ckpt_path)
+            if record is not None:
+                replay(pl_module, record)  # before Lightning loads the checkpoint's (smaller) weights
+                self._structure, self._module = record, weakref.ref(pl_module)
+                lightning.rank_zero_info(
+                    trainer,
+                    f"SNIPPruning: the checkpoint's channel structure restored ({len(record)} layer changes), not"
+                    " scored again.",
+                )
+                return
+        trainer.precision_plugin.convert_module(pl_module)  # what the strategy's setup would do next
+        pl_module.to(trainer.strategy.root_device)
+        shrunk = prune_channels(trainer, pl_module, self._options())
+        self._structure, self._module, self._masks_config = shrunk.record, weakref.ref(pl_module), None
+        reporting.report_channels(trainer, f"{self.criterion}, {self.scope}", shrunk, chart=self.plot)
+
+    def _structure_from(self, trainer: Trainer, ckpt_path: Any) -> list[dict[str, Any]] | None:
+        """The channel structure record this callback stored in the checkpoint at ``ckpt_path``, if any."""
+        checkpoint = trainer.strategy.checkpoint_io.load_checkpoint(ckpt_path)
+        own = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if isinstance(own, dict) and own.get("structure") is not None:
+            return [dict(entry) for entry in own["structure"]]
+        return structure_record(checkpoint)
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.structure == "channel":
+            return  # shrunk in `setup`; nothing is masked
         lightning.check_strategy(trainer.strategy)
         self._collect_from_workers()
         self._prepare(trainer, pl_module, score=not trainer.strategy.restore_checkpoint_after_setup)
@@ -310,6 +362,8 @@ class SNIPPruning(_Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.structure == "channel":
+            return
         if self._loaded is not None or not self._kept:  # restored after `on_fit_start`, or not scored yet
             self._prepare(trainer, pl_module, score=True)
         self._last_checked_step = -1
@@ -342,7 +396,7 @@ class SNIPPruning(_Callback):
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if not self._params:
+        if not self._params or self.structure == "channel":
             return
         self._check_pruned_weights(trainer, f"before saving a checkpoint at step {trainer.global_step}")
         state = checkpoint.get("state_dict")

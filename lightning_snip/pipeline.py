@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,6 +52,8 @@ class Options:
     schedule: Schedule
     min_density: float
     shuffle: bool
+    structure: str = "weight"
+    width_multiple: int = 1
 
     def config(self) -> dict[str, Any]:
         """The options as the checkpoint state and ``state_key`` hold them.
@@ -66,7 +68,14 @@ class Options:
         return config
 
 
-_DEFAULTS: dict[str, Any] = {"iterations": None, "schedule": "exponential", "min_density": 0.0, "shuffle": False}
+_DEFAULTS: dict[str, Any] = {
+    "iterations": None,
+    "schedule": "exponential",
+    "min_density": 0.0,
+    "shuffle": False,
+    "structure": "weight",
+    "width_multiple": 1,
+}
 OPTION_NAMES = frozenset(f.name for f in fields(Options))
 
 
@@ -236,3 +245,85 @@ def _select_round(
     protected = {name: s.clone() for name, s in scores.items()}
     guards.protect_weight_norm_slices(pl_module, protected, sparsity, scope)
     return select_masks(protected, sparsity, scope, options.min_density)
+
+
+@dataclass
+class Shrunk:
+    """The result of :func:`prune_channels`.
+
+    Attributes:
+        record: What :func:`~lightning_snip.structured.replay` repeats on a fresh model.
+        widths: Each channel group's ``(dense, kept)`` width, by the name of its layer.
+        before: ``(parameters, MACs)`` of the dense network for one example input.
+        after: The same for the shrunk network.
+        seconds: Time spent scoring, selecting and shrinking.
+    """
+
+    record: list[dict[str, Any]]
+    widths: dict[str, tuple[int, int]]
+    before: tuple[int, int]
+    after: tuple[int, int]
+    seconds: float
+
+
+def prune_channels(trainer: Trainer, pl_module: LightningModule, options: Options) -> Shrunk:
+    """Score the candidates, sum the scores per channel group, and remove the lowest channels from ``pl_module``.
+
+    Everything that can refuse (the strategy, the model's traceability, the budget) does so before the model is
+    changed; the model is shrunk in place at the very end.
+
+    Raises:
+        MisconfigurationException: For sharded and spawned strategies, and modules without ``forward``.
+        UntraceableError: For models whose channel dependencies cannot be traced (the message names the module).
+        ValueError: If the budget cannot keep every layer alive.
+    """
+    from lightning_snip import structured
+
+    structured.torch_pruning()  # the extra, or an error naming it, before anything else
+    if lightning.is_sharding(trainer.strategy) or lightning.is_spawned_worker(trainer):
+        raise lightning.misconfiguration(
+            trainer,
+            f"`SNIPPruning(structure='channel')` shrinks the model before the strategy wraps it, which"
+            f" `{type(trainer.strategy).__name__}` does not allow (sharded parameters, or workers that hand a"
+            " differently shaped model back to the launching process). Use `strategy='ddp'` or one device.",
+        )
+    if not guards.defines_forward(pl_module):
+        raise lightning.misconfiguration(
+            trainer,
+            f"`structure='channel'` traces the channels through the module's `forward`, but"
+            f" `{type(pl_module).__name__}` defines none. Define `forward` (e.g. `def forward(self, x): return"
+            " self.net(x)`), or use `structure='weight'`.",
+        )
+    options = replace(options, iterations=1)  # one-shot scores (SynFlow's too)
+    candidates = _candidates(trainer, pl_module, options, None, 0)
+    start = time.perf_counter()
+    trainer.fit_loop.setup_data()
+    example = _tracing_input(trainer, pl_module)
+    with leave_no_trace(pl_module):
+        graph, groups = structured.trace_channel_groups(pl_module, example, candidates, options.exclude or ())
+    if not groups:
+        raise structured.UntraceableError(
+            "`structure='channel'` found no channel it may remove (the output layer and `exclude`d layers are kept)."
+            " Check `exclude`, or use `structure='weight'`."
+        )
+    local: dict[str, Tensor] = dict(candidates)
+    scores, _ = _scores(trainer, pl_module, options, candidates, local, None)
+    channel_scores = structured.group_scores(groups, scores)
+    del scores
+    kept = structured.select_channels(
+        channel_scores, options.sparsity, options.scope, options.min_density, options.width_multiple
+    )
+    before = (structured.count_parameters(pl_module), structured.count_macs(pl_module, example))
+    record = structured.shrink(pl_module, graph, kept)
+    after = (structured.count_parameters(pl_module), structured.count_macs(pl_module, example))
+    widths = {group.name: (group.size, int(kept[group.name].sum())) for group in groups}
+    return Shrunk(record, widths, before, after, time.perf_counter() - start)
+
+
+def _tracing_input(trainer: Trainer, pl_module: LightningModule) -> Tensor:
+    """An input of batch size 1 to trace the model with: ``example_input_array``, else the first train batch's."""
+    declared = getattr(pl_module, "example_input_array", None)
+    if isinstance(declared, Tensor):
+        return declared[:1].to(pl_module.device)
+    with lightning.training_step_losses(trainer, pl_module, 1) as loss_fn:
+        return lightning.example_input(pl_module, loss_fn).to(pl_module.device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from lightning_snip.report import TensorSparsity
@@ -51,5 +51,31 @@ def sparsity_bar_chart(rows: Sequence[TensorSparsity], title: str = "SNIP: kept 
     ax.yaxis.set_major_formatter(lambda value, _: f"{value:.3g}".rstrip("0").rstrip(".") if value < 1 else "1")
     ax.set_xticks(positions, [f"{r.name}\n{tuple(r.shape)}" for r in rows], rotation=90, fontsize=7)
     ax.set_ylabel("fraction of weights kept (log scale)")
+    ax.set_title(title)
+    return fig
+
+
+def width_bar_chart(widths: Mapping[str, tuple[int, int]], title: str = "SNIP: channels kept per layer") -> Figure:
+    """Bars of each layer's dense width and, over them, the width it keeps, each labelled with the kept count.
+
+    Args:
+        widths: ``{layer: (dense width, kept width)}``, in network order.
+        title: The figure title.
+
+    Raises:
+        ImportError: If matplotlib is not installed.
+    """
+    from matplotlib.figure import Figure
+
+    names = list(widths)
+    fig = Figure(figsize=(min(4 + 0.45 * len(names), 24), 5), layout="constrained")
+    ax = fig.add_subplot()
+    positions = list(range(len(names)))
+    ax.bar(positions, [widths[n][0] for n in names], color="lightgray", label="dense")
+    bars = ax.bar(positions, [widths[n][1] for n in names], color="tab:blue", label="kept")
+    ax.bar_label(bars, [str(widths[n][1]) for n in names], fontsize=6, padding=2)
+    ax.set_xticks(positions, names, rotation=90, fontsize=7)
+    ax.set_ylabel("output channels")
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
     ax.set_title(title)
     return fig

@@ -7,8 +7,9 @@ that fails only warns, and training goes on.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor, nn
 
@@ -20,7 +21,10 @@ from lightning_snip.sharding import is_dtensor
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
+    from lightning_snip.pipeline import Shrunk
+
 PLOT_FILE = "snip_sparsity.png"
+WIDTHS_FILE = "snip_widths.png"
 COMPRESSED_FILE = "snip_compressed.pt"
 _matplotlib_hint_given = False
 
@@ -96,17 +100,26 @@ def report_scoring(
 
 def plot(trainer: Trainer, rows: list[TensorSparsity], directory: Path, title: str) -> Path | None:
     """Save the bar chart (and send it to TensorBoard); an optional extra, so a failure only warns."""
-    global _matplotlib_hint_given
-    try:
+
+    def figure() -> Any:
         from lightning_snip.plots import sparsity_bar_chart
 
-        figure = sparsity_bar_chart(rows, title=title)
+        return sparsity_bar_chart(rows, title=title)
+
+    return _save_figure(trainer, figure, directory / PLOT_FILE, "snip/sparsity_per_tensor")
+
+
+def _save_figure(trainer: Trainer, make: Callable[[], Any], path: Path, tag: str) -> Path | None:
+    """Save a chart to ``path`` and send it to TensorBoard under ``tag``; a failure only warns."""
+    global _matplotlib_hint_given
+    directory = path.parent
+    try:
+        figure = make()
     except ImportError:
         if not _matplotlib_hint_given:
             _matplotlib_hint_given = True
             lightning.rank_zero_info(trainer, "`SNIPPruning`: `pip install matplotlib` to get a sparsity chart.")
         return None
-    path = directory / PLOT_FILE
     saved: Path | None = path
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -120,7 +133,7 @@ def plot(trainer: Trainer, rows: list[TensorSparsity], directory: Path, title: s
     for logger in trainer.loggers:
         if isinstance(logger, tensorboard):
             try:
-                logger.experiment.add_figure("snip/sparsity_per_tensor", figure, global_step=trainer.global_step)
+                logger.experiment.add_figure(tag, figure, global_step=trainer.global_step)
             except Exception as error:
                 lightning.rank_zero_warn(
                     trainer, f"`SNIPPruning`: the sparsity chart could not go to TensorBoard ({error!r})."
@@ -190,3 +203,49 @@ def warn_pruned_writes(trainer: Trainer, when: str, counts: dict[str, int], per_
         warnings.warn(f"[rank {trainer.global_rank}] {message}", stacklevel=3)
     else:
         lightning.rank_zero_warn(trainer, message)
+
+
+def report_channels(trainer: Trainer, label: str, shrunk: Shrunk, chart: bool) -> None:
+    """Log and print what removing channels gained: parameters and MACs before and after, each layer's width.
+
+    Logged at step 0: ``snip/params_before``, ``snip/params_after``, ``snip/macs_before``, ``snip/macs_after``,
+    ``snip/channels_kept``, ``snip/channels_total`` and ``snip/scoring_time_s``. The chart of widths per layer (dense
+    against kept) is saved as ``snip_widths.png`` in the trainer's log directory.
+    """
+    (params_before, macs_before), (params_after, macs_after) = shrunk.before, shrunk.after
+    kept = sum(k for _, k in shrunk.widths.values())
+    total = sum(d for d, _ in shrunk.widths.values())
+    log_metrics(
+        {
+            "snip/params_before": float(params_before),
+            "snip/params_after": float(params_after),
+            "snip/macs_before": float(macs_before),
+            "snip/macs_after": float(macs_after),
+            "snip/channels_kept": float(kept),
+            "snip/channels_total": float(total),
+            "snip/scoring_time_s": shrunk.seconds,
+        },
+        trainer,
+        trainer.global_step,
+    )
+    plotted = ""
+    if chart:
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+
+            def figure() -> Any:
+                from lightning_snip.plots import width_bar_chart
+
+                return width_bar_chart(shrunk.widths, title=f"SNIP ({label}): channels kept per layer")
+
+            path = _save_figure(trainer, figure, directory / WIDTHS_FILE, "snip/channels_per_layer")
+            plotted = f"; width chart: {path}" if path is not None else ""
+    width = max([len(n) for n in shrunk.widths] + [5])
+    table = "\n".join(f"  {name:<{width}}  {d:>6} -> {k:>6}" for name, (d, k) in shrunk.widths.items())
+    lightning.rank_zero_info(
+        trainer,
+        f"SNIPPruning ({label}, channels) kept {kept:,} of {total:,} channels: parameters {params_before:,} ->"
+        f" {params_after:,} ({params_after / max(params_before, 1):.2f}x), MACs {macs_before:,} -> {macs_after:,}"
+        f" ({macs_after / max(macs_before, 1):.2f}x), in {shrunk.seconds:.2f}s{plotted}\n  {'layer':<{width}}"
+        f"   dense ->   kept\n{table}",
+    )

@@ -1,0 +1,386 @@
+"""`structure='channel'`: channel groups traced, scored as sums of per-weight scores, removed physically; the shrunk
+network computes what the dense one computes with those channels zeroed; resumes and reloads never re-score."""
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch_pruning as tp
+import torchvision
+from helpers import fit, make_data
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_snip import SNIPPruning, find_candidates, restore_structure
+from lightning_snip.selection import kept_count
+from lightning_snip.structured import (
+    UntraceableError,
+    group_scores,
+    select_channels,
+    shrink,
+    trace_channel_groups,
+)
+
+# ------------------------------------------------------------------ models
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def lenet5() -> nn.Module:  # Caffe's LeNet-5
+    return nn.Sequential(
+        nn.Conv2d(1, 20, 5),
+        nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(800, 500),
+        nn.ReLU(),
+        nn.Linear(500, 10),
+    )
+
+
+class Concat(nn.Module):
+    """Two branches concatenated along the channels, then a 1x1 convolution and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.mix = nn.Conv2d(14, 10, 1)
+        self.fc = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.mix(torch.cat([self.a(x), self.b(x)], 1)).relu().mean((2, 3)))
+
+
+def mobilenet_block() -> nn.Module:
+    """A MobileNetV2 inverted residual (expand 1x1, depthwise 3x3, project 1x1, residual sum) and a classifier."""
+    block = torchvision.models.mobilenetv2.InvertedResidual(16, 16, stride=1, expand_ratio=6)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU6(),
+        block,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    )
+
+
+def resnet18() -> nn.Module:
+    return torchvision.models.resnet18(num_classes=10)
+
+
+MODELS = {
+    "mlp": (mlp, (2, 8)),
+    "lenet5-caffe": (lenet5, (2, 1, 28, 28)),
+    "resnet18": (resnet18, (2, 3, 32, 32)),
+    "concat": (Concat, (2, 3, 8, 8)),
+    "mobilenetv2-block": (mobilenet_block, (2, 3, 8, 8)),
+}
+
+
+def _warm(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """Running statistics from a few batches, so eval-mode outputs are not vanishingly small."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, *shape[1:]))
+    return model.eval()
+
+
+def _zero_removed(dense: nn.Module, x: torch.Tensor, kept: dict[str, torch.Tensor]) -> None:
+    """Zero, in the dense model, every parameter slice that writes to or reads from a removed channel.
+
+    The slices come from Torch-Pruning's groups on the untouched dense model (its own coordinates), independently of
+    how `shrink` removes them one group after another.
+    """
+    graph = tp.DependencyGraph().build_dependency(dense, example_inputs=x)
+    modules = dict(dense.named_modules())
+    with torch.no_grad():
+        for name, mask in kept.items():
+            removed = (~mask).nonzero().squeeze(1).tolist()
+            if not removed:
+                continue
+            root = modules[name]
+            for item in graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, removed):
+                module, idxs = item.dep.target.module, torch.as_tensor(list(item.idxs))
+                handler = item.dep.handler.__name__
+                if handler == "prune_out_channels":
+                    for attribute in ("weight", "bias"):
+                        p = getattr(module, attribute, None)
+                        if isinstance(p, torch.Tensor):
+                            p[idxs] = 0  # a layer's output channels, a BatchNorm's affine parameters
+                elif isinstance(module, (nn.Conv2d, nn.Linear)) and getattr(module, "groups", 1) == 1:
+                    module.weight[:, idxs] = 0  # what reads the removed channels
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+@pytest.mark.parametrize("model_name", MODELS.keys())
+def test_the_shrunk_network_equals_the_dense_one_with_the_removed_channels_zeroed(model_name, scope):
+    build, shape = MODELS[model_name]
+    torch.manual_seed(0)
+    model = _warm(build(), shape)
+    x = torch.randn(*shape)
+    dense = copy.deepcopy(model)
+    candidates = find_candidates(model)
+    graph, groups = trace_channel_groups(model, x, candidates)
+    scores = {name: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) for name, p in candidates.items()}
+    kept = select_channels(group_scores(groups, scores), 0.5, scope)
+    params_before = sum(p.numel() for p in model.parameters())
+    shrink(model, graph, kept)
+    _zero_removed(dense, x, kept)
+    with torch.no_grad():
+        expected, got = dense(x), model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert sum(p.numel() for p in model.parameters()) < params_before
+    assert all(
+        type(m)
+        in (
+            nn.Sequential,
+            nn.Conv2d,
+            nn.Linear,
+            nn.BatchNorm2d,
+            nn.ReLU,
+            nn.ReLU6,
+            nn.MaxPool2d,
+            nn.Flatten,
+            nn.AdaptiveAvgPool2d,
+            nn.Identity,
+        )
+        or not list(m.parameters(recurse=False))
+        for m in model.modules()
+    )  # ordinary layers, smaller
+
+
+def test_group_scores_are_the_sums_of_the_per_weight_scores_golden():
+    model = mlp()
+    candidates = find_candidates(model)
+    _, groups = trace_channel_groups(model, torch.randn(1, 8), candidates)
+    g = torch.Generator().manual_seed(0)
+    s = {name: torch.rand(p.shape, generator=g).double() for name, p in candidates.items()}
+    got = group_scores(groups, s)
+    assert set(got) == {"0", "2"}  # the output layer's channels are never a group
+    torch.testing.assert_close(got["0"], s["0.weight"].sum(1) + s["2.weight"].sum(0))
+    torch.testing.assert_close(got["2"], s["2.weight"].sum(1) + s["4.weight"].sum(0))
+
+
+def test_a_residual_group_sums_every_branch_and_every_reader_golden():
+    model = resnet18()
+    candidates = find_candidates(model)
+    _, groups = trace_channel_groups(model, torch.randn(1, 3, 32, 32), candidates)
+    g = torch.Generator().manual_seed(0)
+    s = {name: torch.rand(p.shape, generator=g).double() for name, p in candidates.items()}
+    scores = group_scores(groups, s)
+    (stem,) = [name for name in scores if name in ("conv1", "layer1.0.conv2", "layer1.1.conv2")]
+
+    def out(name: str) -> torch.Tensor:
+        return s[name].sum((1, 2, 3))
+
+    def into(name: str) -> torch.Tensor:
+        return s[name].sum((0, 2, 3))
+
+    # conv1, layer1's two residual branches write to the 64 channels; four convolutions read them
+    expected = out("conv1.weight") + out("layer1.0.conv2.weight") + out("layer1.1.conv2.weight")
+    expected += into("layer1.0.conv1.weight") + into("layer1.1.conv1.weight")
+    expected += into("layer2.0.conv1.weight") + into("layer2.0.downsample.0.weight")
+    torch.testing.assert_close(scores[stem], expected)
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.75])
+def test_global_and_layerwise_counts_are_exact(sparsity):
+    scores = {"a": torch.rand(64), "b": torch.rand(10), "c": torch.rand(3)}
+    kept = select_channels(scores, sparsity, "global")
+    assert sum(int(k.sum()) for k in kept.values()) == kept_count(77, sparsity)
+    layerwise = select_channels(scores, sparsity, "layerwise")
+    assert {n: int(k.sum()) for n, k in layerwise.items()} == {
+        n: max(1, kept_count(s.numel(), sparsity)) for n, s in scores.items()
+    }
+    top = select_channels({"a": torch.arange(10.0)}, sparsity, "global")["a"]
+    assert top[: 10 - int(top.sum())].sum() == 0  # the lowest scores go
+
+
+def test_every_layer_keeps_a_channel_min_density_and_width_multiples():
+    scores = {"big": torch.arange(100.0) + 10, "small": torch.tensor([0.1, 0.2, 0.3, 0.4])}
+    kept = select_channels(scores, 0.9, "global")
+    assert int(kept["small"].sum()) == 1  # alive, with its best channel
+    assert bool(kept["small"][3])
+    kept = select_channels(scores, 0.4, "global", min_density=0.5)  # floors: 50 and 2; 10 more by score
+    assert int(kept["small"].sum()) == 2
+    kept = select_channels(scores, 0.5, "layerwise", multiple=8)
+    assert int(kept["big"].sum()) == 56  # 50, rounded up to a multiple of 8
+    assert int(kept["small"].sum()) == 4  # 2, rounded up, at most its size
+
+
+# ------------------------------------------------------------------ through the callback
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, arch: str = "lenet5") -> None:
+        super().__init__()
+        self.net = lenet5() if arch == "lenet5" else mlp()
+        self.example_input_array = torch.zeros(1, 1, 28, 28) if arch == "lenet5" else torch.zeros(1, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_structure(self, checkpoint)  # makes `load_from_checkpoint` work
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def _images(n: int = 32) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)), batch_size=8
+    )
+
+
+class OptimizerShapes(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.shapes = [tuple(p.shape) for group in trainer.optimizers[0].param_groups for p in group["params"]]
+
+
+@pytest.mark.parametrize("criterion", ["snip", "grasp", "synflow", "magnitude", "random"])
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_the_callback_shrinks_before_the_optimizer_is_built(criterion, scope):
+    torch.manual_seed(0)
+    model = Classifier()
+    pruning = SNIPPruning(sparsity=0.5, structure="channel", criterion=criterion, scope=scope, plot=False)
+    shapes = OptimizerShapes()
+    fit(model, [pruning, shapes], _images(), max_steps=2)
+    net = model.net
+    widths = (net[0].out_channels, net[2].out_channels, net[5].out_features)
+    assert net[2].in_channels == widths[0] and net[5].in_features == widths[1] * 16 and net[7].in_features == widths[2]
+    assert net[7].out_features == 10  # the output is never pruned
+    if scope == "layerwise":
+        assert widths == (10, 25, 250)
+    else:
+        assert sum(widths) == kept_count(570, 0.5) and all(w >= 1 for w in widths)
+    assert shapes.shapes == [tuple(p.shape) for p in model.parameters()]  # the optimizer holds the smaller ones
+    assert not pruning.masks  # nothing is masked during training
+    assert pruning.state_dict()["structure"]
+
+
+def test_resume_and_reload_restore_the_structure_and_never_score(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = Classifier()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(
+        model,
+        [SNIPPruning(sparsity=0.5, structure="channel", plot=False), checkpoint],
+        _images(),
+        enable_checkpointing=True,
+        max_steps=3,
+    )
+    import lightning_snip.callback as callback_module
+
+    def no_scoring(*args: Any) -> None:
+        raise AssertionError("a resumed run scored again")
+
+    monkeypatch.setattr(callback_module, "prune_channels", no_scoring)
+    fresh = Classifier()  # freshly built, unpruned
+    resumed = SNIPPruning(sparsity=0.5, structure="channel", plot=False)
+    trainer = fit(fresh, [resumed], _images(), ckpt_path=str(tmp_path / "last.ckpt"), max_steps=5, max_epochs=3)
+    assert trainer.global_step == 5
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in model.parameters()]
+    loaded = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    again = restore_structure(Classifier(), tmp_path / "last.ckpt")
+    again.load_state_dict(loaded["state_dict"])  # strict
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
+    reloaded = Classifier.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert all(
+        torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+    torch.save(reloaded, tmp_path / "whole.pt")  # an ordinary module
+    exported = torch.export.export(reloaded.net.eval(), (torch.randn(2, 1, 28, 28),))
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(exported.module()(x), reloaded.net(x))
+
+
+class CustomFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.flip(1)
+
+
+class WithCustom(Classifier):
+    def __init__(self) -> None:
+        super().__init__("mlp")
+        self.shuffle = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2:](CustomFunction.apply(self.net[:2](x)))
+
+
+class WithLSTM(Classifier):
+    def __init__(self) -> None:
+        super().__init__("mlp")
+        self.rnn = nn.LSTM(8, 8, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.rnn(x.unsqueeze(1))[0][:, 0])
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "message"),
+    [
+        (WithCustom, r"custom autograd function 'CustomFunction' in module '<model>'"),
+        (WithLSTM, r"recurrent layer 'rnn' \(LSTM\).*exclude=\['rnn\.\*'\]"),
+    ],
+    ids=["custom-function", "lstm"],
+)
+def test_untraceable_models_are_refused_before_any_change(model_cls, message):
+    torch.manual_seed(0)
+    model = model_cls()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UntraceableError, match=message):
+        fit(
+            model,
+            [SNIPPruning(sparsity=0.5, structure="channel", plot=False)],
+            DataLoader(make_data(32, 8, 3), batch_size=8),
+        )
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_channel_structure_refuses_what_it_cannot_do_in_init():
+    with pytest.raises(ValueError, match=r"`structure` must be 'weight' .* got 'channels'"):
+        SNIPPruning(structure="channels")
+    with pytest.raises(ValueError, match=r"`criterion='force'` prunes single weights between its rounds"):
+        SNIPPruning(structure="channel", criterion="force")
+    with pytest.raises(ValueError, match=r"`scope` must be 'global' or 'layerwise', got '2:4'"):
+        SNIPPruning(structure="channel", scope="2:4", sparsity=0.5)
+    with pytest.raises(ValueError, match=r"`width_multiple=8` rounds kept channel counts"):
+        SNIPPruning(width_multiple=8)
+    assert SNIPPruning(structure="channel", width_multiple=8).width_multiple == 8
+
+
+def test_sharded_strategies_are_refused_before_any_change(monkeypatch):
+    import lightning_snip._lightning as glue
+
+    monkeypatch.setattr(glue, "is_sharding", lambda strategy: True)
+    model = Classifier()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(MisconfigurationException, match=r"structure='channel'\)` shrinks the model before"):
+        fit(model, [SNIPPruning(sparsity=0.5, structure="channel", plot=False)], _images())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
