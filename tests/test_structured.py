@@ -265,12 +265,15 @@ def test_the_callback_shrinks_before_the_optimizer_is_built(criterion, scope):
     fit(model, [pruning, shapes], _images(), max_steps=2)
     net = model.net
     widths = (net[0].out_channels, net[2].out_channels, net[5].out_features)
-    assert net[2].in_channels == widths[0] and net[5].in_features == widths[1] * 16 and net[7].in_features == widths[2]
+    assert net[2].in_channels == widths[0]
+    assert net[5].in_features == widths[1] * 16
+    assert net[7].in_features == widths[2]
     assert net[7].out_features == 10  # the output is never pruned
     if scope == "layerwise":
         assert widths == (10, 25, 250)
     else:
-        assert sum(widths) == kept_count(570, 0.5) and all(w >= 1 for w in widths)
+        assert sum(widths) == kept_count(570, 0.5)
+        assert all(w >= 1 for w in widths)
     assert shapes.shapes == [tuple(p.shape) for p in model.parameters()]  # the optimizer holds the smaller ones
     assert not pruning.masks  # nothing is masked during training
     assert pruning.state_dict()["structure"]
