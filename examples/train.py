@@ -29,16 +29,18 @@ def summary(trainer: pl.Trainer, model: pl.LightningModule, test_error: float) -
     callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
     pruning = next((cb for cb in callbacks if isinstance(cb, SNIPPruning)), None)
     params = dict(model.named_parameters())
-    weights = {n: params[n] for n in pruning.masks} if pruning else find_candidates(model)
-    rows = sparsity_report(weights)
-    kept, total = sum(r.kept for r in rows), sum(r.total for r in rows)
-    how = f"{pruning.criterion} pruning at {pruning.sparsity:.0%}" if pruning else "dense"
     source = getattr(getattr(trainer, "datamodule", None), "source", "")
-    return (
-        f"RESULT {model.hparams.get('arch', type(model).__name__)} ({how}): test error {test_error:.2%};"
-        f" sparsity {1 - kept / total:.2%} ({kept:,} of {total:,} weights kept)"
-        + (f"; data: {source}" if source else "")
-    )
+    arch = model.hparams.get("arch", type(model).__name__)
+    if pruning is not None and pruning.structure == "channel":
+        how = f"{pruning.criterion} channel pruning at {pruning.sparsity:.0%}"
+        size = f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    else:
+        weights = {n: params[n] for n in pruning.masks} if pruning else find_candidates(model)
+        rows = sparsity_report(weights)
+        kept, total = sum(r.kept for r in rows), sum(r.total for r in rows)
+        how = f"{pruning.criterion} pruning at {pruning.sparsity:.0%}" if pruning else "dense"
+        size = f"sparsity {1 - kept / total:.2%} ({kept:,} of {total:,} weights kept)"
+    return f"RESULT {arch} ({how}): test error {test_error:.2%}; {size}" + (f"; data: {source}" if source else "")
 
 
 def where(trainer: pl.Trainer) -> str:

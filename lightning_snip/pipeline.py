@@ -296,6 +296,7 @@ def prune_channels(trainer: Trainer, pl_module: LightningModule, options: Option
         )
     options = replace(options, iterations=1)  # one-shot scores (SynFlow's too)
     candidates = _candidates(trainer, pl_module, options, None, 0)
+    _broadcast_weights(pl_module)
     start = time.perf_counter()
     trainer.fit_loop.setup_data()
     example = _tracing_input(trainer, pl_module)
@@ -318,6 +319,17 @@ def prune_channels(trainer: Trainer, pl_module: LightningModule, options: Option
     after = (structured.count_parameters(pl_module), structured.count_macs(pl_module, example))
     widths = {group.name: (group.size, int(kept[group.name].sum())) for group in groups}
     return Shrunk(record, widths, before, after, time.perf_counter() - start)
+
+
+def _broadcast_weights(module: nn.Module) -> None:
+    """Every rank takes rank 0's parameters and buffers, as DDP does when it wraps the model (which comes later)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
 
 
 def _tracing_input(trainer: Trainer, pl_module: LightningModule) -> Tensor:

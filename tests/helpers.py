@@ -495,3 +495,21 @@ def sharding_rank_main(rank: int, world_size: int, port: int, out_dir: str) -> N
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def ddp_channel_rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One DDP rank of `structure='channel'`, each rank seeded differently (the callback shrinks before DDP wraps)."""
+    _set_rank_environment(rank, world_size, port)
+    torch.manual_seed(rank)
+    model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
+    pruning = SNIPPruning(sparsity=0.5, structure="channel", plot=False)
+    loader = DataLoader(make_data(32), batch_size=4)  # a DistributedSampler: rank r scores its own first batch
+    fit(model, [pruning], loader, strategy="ddp", devices=world_size, precision="64-true", max_epochs=1)
+    torch.save(
+        {
+            "structure": pruning.state_dict()["structure"],
+            "weights": {k: v.detach().clone() for k, v in model.named_parameters()},
+        },
+        f"{out_dir}/rank{rank}.pt",
+    )
+    leave_together()

@@ -58,6 +58,8 @@ OUT_OF_RANGE = {
     "num_batches-0": ("num_batches=0", r'"num_batches":\s+Not of type PositiveInt'),
     "scope-4:2": ("scope=4:2", r"\"scope\":\s+Not of type ScopeName: `scope` must be .*0 < N < M.*got '4:2'"),
     "scope-two:four": ("scope=two:four", r"\"scope\":\s+Not of type ScopeName: .*got 'two:four'"),
+    "structure-channels": ("structure=channels", r"Parser key \"structure\""),
+    "width_multiple-0": ("width_multiple=0", r'"width_multiple":\s+Not of type PositiveInt'),
 }
 
 
@@ -75,3 +77,18 @@ def test_out_of_range_values_are_rejected_while_the_config_is_parsed(tmp_path, m
     error = capsys.readouterr().err
     assert re.search(message, error), error[-2000:]
     assert "Traceback" not in error
+
+
+@pytest.mark.slow  # a new process
+def test_yaml_channel_structure_trains_a_smaller_network(tmp_path):
+    result = _run(
+        tmp_path,
+        "--trainer.callbacks.init_args.sparsity=0.5",
+        "--trainer.callbacks.init_args.structure=channel",
+        "--trainer.callbacks.init_args.scope=layerwise",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stderr + result.stdout
+    assert "SNIPPruning (snip, layerwise, channels) kept 200 of 400 channels" in output  # LeNet-300-100's hidden units
+    header = (tmp_path / "lightning_logs/version_0/metrics.csv").read_text().splitlines()[0].split(",")
+    assert "snip/params_after" in header

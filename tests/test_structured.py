@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch_pruning as tp
 import torchvision
-from helpers import fit, make_data
+from helpers import BoringClassifier, FixedOrder, ddp_channel_rank_main, fit, free_port, make_data, spawn_and_wait
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_snip import SNIPPruning, find_candidates, restore_structure
 from lightning_snip.selection import kept_count
@@ -387,3 +387,19 @@ def test_sharded_strategies_are_refused_before_any_change(monkeypatch):
     with pytest.raises(MisconfigurationException, match=r"structure='channel'\)` shrinks the model before"):
         fit(model, [SNIPPruning(sparsity=0.5, structure="channel", plot=False)], _images())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.slow
+def test_ddp_ranks_shrink_alike_and_match_single_process_union(tmp_path):
+    spawn_and_wait(ddp_channel_rank_main, (2, free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["structure"] == ranks[1]["structure"]
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), name
+    dataset = make_data(32)  # each rank's first batch of 4, from its DistributedSampler (seed 0, epoch 0)
+    order = [i for r in range(2) for i in list(DistributedSampler(dataset, num_replicas=2, rank=r, seed=0))[:4]]
+    torch.manual_seed(0)  # rank 0's initialization, which DDP gives every rank
+    single = SNIPPruning(sparsity=0.5, structure="channel", num_batches=2, plot=False)
+    model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
+    fit(model, [single], DataLoader(dataset, batch_size=4, sampler=FixedOrder(order)), precision="64-true", max_steps=1)
+    assert single.state_dict()["structure"] == ranks[0]["structure"]
