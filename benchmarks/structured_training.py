@@ -77,16 +77,21 @@ def _fit(
         callbacks=[*callbacks, timer],
     )
     trainer.fit(model, loader)
-    if accelerator == "gpu":
-        torch.cuda.synchronize()
     return timer.times[WARMUP:]
 
 
 def measure(
-    name: str, sparsities: list[float], rounds: int, steps: int, scope: str, accelerator: str = "cpu"
+    name: str,
+    sparsities: list[float],
+    rounds: int,
+    steps: int,
+    scope: str,
+    accelerator: str = "cpu",
+    batch: int | None = None,
 ) -> dict[str, Any]:
     """Median step times, parameters and MACs of dense and each channel sparsity, interleaved in one process."""
-    build, shape, batch = NETWORKS[name]
+    build, shape, default_batch = NETWORKS[name]
+    batch = batch or default_batch
     torch.manual_seed(0)
     initial = Classifier(build(), shape).state_dict()
     g = torch.Generator().manual_seed(0)
@@ -158,6 +163,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--scope", default="layerwise", choices=["layerwise", "global"])
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
+    parser.add_argument("--batch", type=int, default=None, help="batch size for every network (default: 32 / 100)")
     parser.add_argument("--quick", action="store_true", help="LeNet-5 only, 1 round of 2 steps: a smoke run")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
@@ -167,7 +173,9 @@ def main() -> None:
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    results = [measure(n, args.sparsities, args.rounds, args.steps, args.scope, accelerator) for n in args.networks]
+    results = [
+        measure(n, args.sparsities, args.rounds, args.steps, args.scope, accelerator, args.batch) for n in args.networks
+    ]
     print(f"\n{accelerator}, {torch.get_num_threads()} threads, {args.rounds} rounds of {args.steps} steps\n")
     print(table(results))
     if args.json:

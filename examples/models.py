@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-Arch = Literal["lenet300", "lenet5", "vgg_d", "resnet18", "lstm", "gru"]
+Arch = Literal["lenet300", "lenet5", "vgg_d", "resnet18", "resnet8", "lstm", "gru"]
 
 
 def lenet_300_100(num_classes: int = 10) -> nn.Module:
@@ -96,11 +96,35 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Module:
     return net
 
 
+def resnet8(num_classes: int = 10) -> nn.Module:
+    """A small ResNet for 28x28 grey images: a 3x3 stem of 16 channels, three stages of one basic block (16, 32 and
+    64 channels; the last two halve the resolution), global average pooling, one linear layer."""
+
+    def stage(inplanes: int, planes: int, stride: int) -> nn.Module:
+        downsample = None
+        if stride != 1 or inplanes != planes:
+            downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        return torchvision.models.resnet.BasicBlock(inplanes, planes, stride, downsample)
+
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        stage(16, 16, 1),
+        stage(16, 32, 2),
+        stage(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, num_classes),
+    )
+
+
 BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "lenet300": lenet_300_100,
     "lenet5": lenet_5_caffe,
     "vgg_d": vgg_d,
     "resnet18": resnet18_cifar,
+    "resnet8": resnet8,
     "lstm": lambda num_classes: RowRNN("lstm", num_classes=num_classes),
     "gru": lambda num_classes: RowRNN("gru", num_classes=num_classes),
 }

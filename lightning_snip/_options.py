@@ -53,8 +53,8 @@ def validate_options(
     if isinstance(min_density, bool) or not isinstance(min_density, (int, float)):
         raise TypeError(f"`min_density` must be a fraction in [0, 1], got {min_density!r}. Use e.g. 0.01.")
     check_min_density(float(min_density), float(sparsity), str(scope), {})
-    if flags.get("shuffle") and parse_n_m(scope) is not None:
-        raise ValueError(f"`shuffle=True` would break the N:M pattern of `scope={scope!r}`; use one or the other.")
+    if flags.get("shuffle") and (parse_n_m(scope) is not None or scope == "constant_fan_in"):
+        raise ValueError(f"`shuffle=True` would break the row pattern of `scope={scope!r}`; use one or the other.")
     if structure not in ("weight", "channel"):
         raise ValueError(
             f"`structure` must be 'weight' (prune single weights) or 'channel' (remove whole channels, a physically"
@@ -68,7 +68,7 @@ def validate_options(
                 f"`width_multiple={width_multiple}` rounds kept channel counts, so it needs `structure='channel'`."
             )
         return
-    if scope not in ("global", "layerwise"):
+    if scope not in ("global", "layerwise"):  # N:M and constant fan-in shape rows of single weights
         raise ValueError(
             f"`structure='channel'` ranks whole channels, so `scope` must be 'global' or 'layerwise', got {scope!r}."
         )

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 else:
 
     class ScopeName(str):
-        """``"global"``, ``"layerwise"`` or ``"N:M"`` with integers ``0 < N < M``; checked when made."""
+        """``"global"``, ``"layerwise"``, ``"constant_fan_in"`` or ``"N:M"`` with integers ``0 < N < M``."""
 
         __slots__ = ()
 

@@ -103,7 +103,9 @@ class SNIPPruning(_Callback):
             linear layer, ``in_channels * kernel elements`` of a convolution), ties to the earlier position; then
             ``sparsity`` must be ``1 - N/M``, and a candidate whose reduction dimension is not a multiple of ``M``
             stays dense (one warning names them). N:M is refused on sharded models (FSDP, ``ModelParallelStrategy``).
-            Defaults to ``"global"``.
+            ``"constant_fan_in"`` gives each tensor the count global selection gives it, spread evenly over its rows
+            (every output unit keeps the same number of its best inputs: the layout the fastest batch-1 sparse
+            kernel of :func:`~lightning_snip.inference.sparsify` reads). Defaults to ``"global"``.
         include: Glob patterns over ``named_parameters()`` names choosing the candidates; any trainable parameter,
             biases too. Defaults to ``None``: every trainable parameter with ``ndim >= 2`` outside normalization
             layers, biases excluded.

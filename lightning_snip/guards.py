@@ -79,6 +79,12 @@ def check_scoring_setup(
             " second backward need whole weights. Use DDP, or `criterion='snip'`, 'magnitude' or 'random', which"
             " score shards.",
         )
+    if scope == "constant_fan_in" and sharded:
+        raise lightning.misconfiguration(
+            trainer,
+            "`SNIPPruning(scope='constant_fan_in')` selects whole rows, which shards may split. Use DDP, or"
+            " `scope='global'`/'layerwise'.",
+        )
     n_m = parse_n_m(scope)
     if n_m is not None and sharded:
         raise lightning.misconfiguration(
@@ -155,6 +161,11 @@ def protect_weight_norm_slices(
                 " norm. Exclude them, or use `scope='global'`."
             )
         return
+    if scope == "constant_fan_in" and directions:
+        raise ScoringError(
+            f"`scope='constant_fan_in'` re-selects within rows and may prune a whole normed slice of the"
+            f" weight-normalized tensors {list(directions)}. Exclude them, or use `scope='global'`."
+        )
     needed = {name: protect_slices_(scores[name], dim) for name, dim in directions.items()}
     if scope == "global":
         budget = kept_count(sum(s.numel() for s in scores.values()), sparsity)

@@ -1,15 +1,17 @@
 """Faster inference from the zeros: mostly-zero ``nn.Linear`` layers computed with sparse kernels.
 
-Plain PyTorch, no Lightning. :func:`sparsify` copies a trained, pruned model and replaces each ``nn.Linear`` for which
-a sparse kernel is faster by a :class:`SparseLinear`:
+Plain PyTorch, no Lightning. :func:`sparsify` copies a trained, pruned model and replaces each ``nn.Linear`` (and
+each 1x1 ``nn.Conv2d``) for which a sparse kernel is faster by a :class:`SparseLinear` (a :class:`SparseConv1x1`):
 
-- on the CPU, and on CUDA without 2:4 support, its weight is a CSR tensor (MKL on x86 CPUs, cuSPARSE on CUDA);
+- on the CPU, and on CUDA without 2:4 support, its weight is a CSR tensor (MKL on x86 CPUs, cuSPARSE on CUDA), or,
+  on the CPU with numba installed, the rows the compiled kernel of :mod:`lightning_snip.kernels` reads;
 - on a CUDA GPU of compute capability 8.0 or newer, a weight whose zeros follow a 2:4 pattern (at most 2 nonzeros in
   every 4 consecutive inputs), in float16 or bfloat16, with both dimensions multiples of 64, is converted with
   ``torch.sparse.to_sparse_semi_structured`` (the GPU path is not covered by the CPU test suite).
 
-Everything else stays as it was. Convolutions stay dense: PyTorch has no sparse convolution kernel, and lowering a
-convolution to a CSR matrix product (``unfold``) costs more memory traffic than the zeros save at these sizes.
+Everything else stays as it was. Convolutions other than 1x1 stay dense: PyTorch has no sparse convolution kernel,
+and lowering a convolution to a CSR matrix product (``unfold``) costs more memory traffic than the zeros save at
+these sizes; a 1x1 convolution is a matrix product over its channels already, with no ``unfold`` copy.
 
 :func:`densify` (or :meth:`SparseLinear.to_linear`) turns a sparsified model back into the ordinary dense one.
 """
@@ -28,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_snip.kernels import RowKernel, numba_available
+
 log = logging.getLogger(__name__)
 
-Kernel = Literal["csr", "2:4"]
+Kernel = Literal["csr", "numba", "2:4"]
 
 #: Without an example input, a layer goes sparse when at least this fraction of its weights is zero ...
 MIN_ZERO_FRACTION = 0.95
@@ -83,19 +87,167 @@ class _InferenceOnly(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, bias: Tensor | None, guard: Tensor, layer: SparseLinear) -> Tensor:
+    def forward(ctx: Any, x: Tensor, bias: Tensor | None, guard: Tensor, layer: _SparseMatrix) -> Tensor:
         return layer._product(x, bias)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Any) -> Any:
         raise RuntimeError(
-            "A backward pass reached a `SparseLinear` layer made by `lightning_snip.sparsify`, which is for inference"
+            "A backward pass reached a sparse layer made by `lightning_snip.sparsify`, which is for inference"
             " only (its weight is a sparse tensor, not a trainable parameter). To train, get the dense model back with"
             " `lightning_snip.densify(model)`."
         )
 
 
-class SparseLinear(nn.Module):
+class _SparseMatrix(nn.Module):
+    """What the sparse layers share: a ``(out, in)`` weight held for a sparse kernel, a dense bias, and the rules.
+
+    ``state_dict`` writes the weight dense in the replaced layer's shape; casts and moves rebuild it; any backward
+    pass raises; under ``torch.autocast`` the product runs in the weight's dtype and is cast to the autocast dtype.
+    """
+
+    weight: Tensor
+    bias: nn.Parameter | None
+
+    def __init__(self, source: nn.Module, weight: Tensor, kernel: Kernel) -> None:
+        super().__init__()
+        self.kernel: Kernel = kernel
+        self._dense_shape = tuple(cast(Tensor, source.weight).shape)
+        weight = weight.detach()
+        self.zero_fraction = float((weight == 0).sum()) / max(weight.numel(), 1)
+        self._rows: RowKernel | None = None
+        self.register_buffer("weight", self._convert(weight), persistent=False)  # `state_dict` writes it dense
+        self.bias = source.bias  # type: ignore[assignment]
+        self.train(source.training)
+        _copy_forward_hooks(source, self)
+        # A module that reads `.weight` itself rather than calling this layer (the fused fast path of
+        # `nn.TransformerEncoderLayer`) skips it when a submodule has hooks, and takes the standard path instead.
+        self.register_forward_pre_hook(_standard_path)
+
+    def _convert(self, weight: Tensor) -> Tensor:
+        """The stored form of a 2-D dense weight for ``self.kernel`` (and the compiled kernel's rows)."""
+        self._rows = None
+        if self.kernel == "2:4":
+            if not _semi_structured_ok(weight):
+                raise ValueError(
+                    f"A 2:4 `{type(self).__name__}` needs a CUDA weight (compute capability >= 8.0) in float16 or"
+                    f" bfloat16, dimensions multiples of 64 and a 2:4 pattern of zeros; got a {weight.dtype} weight of"
+                    f" shape {tuple(weight.shape)} on {weight.device}."
+                )
+            return torch.sparse.to_sparse_semi_structured(weight)
+        if self.kernel not in ("csr", "numba"):
+            raise ValueError(f"`kernel` must be 'csr', 'numba' or '2:4', got {self.kernel!r}.")
+        if not _csr_ok(weight) or (self.kernel == "numba" and weight.is_cuda):
+            raise ValueError(
+                f"A {self.kernel} `{type(self).__name__}` needs a {'/'.join(str(d) for d in _CPU_CSR_DTYPES)} weight on"
+                f" the CPU (CSR on CUDA also half precision); got {weight.dtype} on {weight.device}."
+            )
+        if self.kernel == "numba":
+            self._rows = RowKernel(weight)
+        return _csr(weight)
+
+    def dense_weight(self) -> Tensor:
+        """The weight as an ordinary dense tensor, in the replaced layer's shape."""
+        return self.weight.to_dense().reshape(self._dense_shape)
+
+    def _matmul(self, x_t: Tensor) -> Tensor:
+        """``weight @ x_t`` for ``x_t`` of shape ``(in, n)``: the ``(out, n)`` product, by this layer's kernel."""
+        if self._rows is not None:
+            return self._rows(x_t)
+        if self.kernel == "2:4":
+            return F.linear(x_t.t(), self.weight).t()
+        return torch.sparse.mm(self.weight, x_t)
+
+    def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - each layer kind computes its own
+
+    def forward(self, input: Tensor) -> Tensor:
+        """The replaced layer's output, computed with the sparse weight."""
+        x = input
+        if self.kernel in ("csr", "numba") and not _csr_ok(self.weight):
+            raise RuntimeError(
+                f"This {self.kernel} `{type(self).__name__}` holds a {self.weight.dtype} weight on"
+                f" {self.weight.device}, which no sparse kernel multiplies (the CPU needs float32 or float64). Cast it"
+                " back, or get the dense model with `lightning_snip.densify` before casting it."
+            )
+        cast_to = _autocast_dtype(x.device.type)
+        if cast_to is not None:  # the product in the weight's dtype, its result in the autocast dtype
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.to(self.weight.dtype)).to(cast_to)
+        if x.dtype != self.weight.dtype:
+            raise TypeError(
+                f"`{type(self).__name__}` got a {x.dtype} input for its {self.weight.dtype} weight; cast the input."
+            )
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return _InferenceOnly.apply(x, self.bias, torch.empty(0, requires_grad=True), self)
+        return self._product(x, self.bias)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _SparseMatrix:
+        if self.kernel == "csr":
+            return super()._apply(fn, recurse)
+        # a 2:4 or compiled-kernel weight is rebuilt from its dense values: the same kernel where it still suits,
+        # else CSR (a move to CUDA, say)
+        moved = fn(self.weight.to_dense())
+        if self.kernel == "2:4":
+            self.kernel = "2:4" if _semi_structured_ok(moved) else "csr"
+        else:
+            self.kernel = "numba" if moved.device.type == "cpu" and _csr_ok(moved) else "csr"
+        rebuilt = self._convert(moved) if self.kernel != "csr" else _csr(moved)
+        if self.kernel == "csr":
+            self._rows = None
+        del self._buffers["weight"]  # `fn` is applied to the bias alone
+        super()._apply(fn, recurse)
+        self.register_buffer("weight", rebuilt, persistent=False)
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SparseMatrix:
+        # sparse tensors have no storage for `copy.deepcopy` to copy: everything else is copied, the weight cloned
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        weight = cast(Tensor, self._buffers["weight"])
+        self._buffers["weight"] = None
+        try:
+            state = copy.deepcopy(self.__dict__, memo)
+        finally:
+            self._buffers["weight"] = weight
+        state["_buffers"]["weight"] = weight.clone() if self.kernel != "2:4" else self._convert(weight.to_dense())
+        clone.__dict__.update(state)
+        return clone
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.dense_weight()
+        if self.bias is not None:  # the replaced layer's order
+            destination[prefix + "bias"] = destination.pop(prefix + "bias")
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "weight"
+        if key in state_dict:
+            dense = state_dict[key]
+            if tuple(dense.shape) != self._dense_shape:
+                error_msgs.append(f"size mismatch for {key}: {tuple(dense.shape)} in the state dict for a sparse layer")
+            else:
+                matrix = dense.to(self.weight.device, self.weight.dtype).reshape(self._dense_shape[0], -1)
+                self.weight = self._convert(matrix)
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class SparseLinear(_SparseMatrix):
     """An ``nn.Linear`` for inference whose weight is stored and multiplied as a sparse tensor.
 
     Made by :func:`sparsify`; computes ``x @ weight.T + bias`` like the layer it replaces, for inputs of any
@@ -109,53 +261,22 @@ class SparseLinear(nn.Module):
 
     ``.to(device)`` and casts move the weight. A CSR weight must stay float32 or float64 on the CPU (a half-precision
     one is refused when called). A 2:4 weight is rebuilt from its dense values: it stays 2:4 where the new device and
-    dtype allow, and becomes CSR elsewhere (on the CPU, say).
+    dtype allow, and becomes CSR elsewhere (on the CPU, say); a ``"numba"`` weight becomes CSR on CUDA.
 
     Args:
         linear: The dense layer.
-        kernel: ``"csr"`` or ``"2:4"`` (semi-structured, CUDA only).
+        kernel: ``"csr"`` (MKL on the CPU, cuSPARSE on CUDA), ``"numba"`` (the compiled CPU kernel of
+            :mod:`lightning_snip.kernels`, the extra ``lightning-snip[fast]``) or ``"2:4"`` (semi-structured, CUDA
+            only).
 
     Raises:
         ValueError: If the weight's dtype or device does not suit the kernel.
+        ImportError: For ``"numba"`` without numba (the message names the extra).
     """
 
-    weight: Tensor
-    bias: nn.Parameter | None
-
     def __init__(self, linear: nn.Linear, kernel: Kernel = "csr") -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.kernel = linear.in_features, linear.out_features, kernel
-        weight = linear.weight.detach()
-        self.zero_fraction = float((weight == 0).sum()) / max(weight.numel(), 1)
-        self.register_buffer("weight", self._convert(weight), persistent=False)  # `state_dict` writes it dense
-        self.bias = linear.bias
-        self.train(linear.training)
-        _copy_forward_hooks(linear, self)
-        # A module that reads `.weight` itself rather than calling this layer (the fused fast path of
-        # `nn.TransformerEncoderLayer`) skips it when a submodule has hooks, and takes the standard path instead.
-        self.register_forward_pre_hook(_standard_path)
-
-    def _convert(self, weight: Tensor) -> Tensor:
-        if self.kernel == "2:4":
-            if not _semi_structured_ok(weight):
-                raise ValueError(
-                    "A 2:4 `SparseLinear` needs a CUDA weight (compute capability >= 8.0) in float16 or bfloat16,"
-                    f" dimensions multiples of 64 and a 2:4 pattern of zeros; got a {weight.dtype} weight of shape"
-                    f" {tuple(weight.shape)} on {weight.device}."
-                )
-            return torch.sparse.to_sparse_semi_structured(weight)
-        if self.kernel != "csr":
-            raise ValueError(f"`kernel` must be 'csr' or '2:4', got {self.kernel!r}.")
-        if not _csr_ok(weight):
-            raise ValueError(
-                f"A CSR `SparseLinear` needs a {'/'.join(str(d) for d in _CPU_CSR_DTYPES)} weight on the CPU (on CUDA"
-                f" also half precision); got {weight.dtype} on {weight.device}."
-            )
-        return _csr(weight)
-
-    def dense_weight(self) -> Tensor:
-        """The weight as an ordinary dense tensor."""
-        return self.weight.to_dense()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear, linear.weight, kernel)
 
     def to_linear(self) -> nn.Linear:
         """The ordinary ``nn.Linear`` this layer computes: dense weight (trainable), the same bias parameter."""
@@ -174,92 +295,98 @@ class SparseLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.kernel == "2:4":
             out = F.linear(rows, self.weight, bias)
+        elif self.kernel == "numba":
+            out = self._matmul(rows.t()).t()
+            if bias is not None:
+                out = out + bias
         elif bias is None:
             out = torch.sparse.mm(self.weight, rows.t()).t()
         else:  # sparse (out, in) @ dense (in, batch): MKL's fast orientation; the result is a transposed view
             out = torch.addmm(bias.unsqueeze(1), self.weight, rows.t()).t()
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def forward(self, input: Tensor) -> Tensor:
-        """``input @ weight.T + bias`` for ``input`` of shape ``(*, in_features)``."""
-        x = input
-        if self.kernel == "csr" and not _csr_ok(self.weight):
-            raise RuntimeError(
-                f"This CSR `SparseLinear` holds a {self.weight.dtype} weight on {self.weight.device}, which no sparse"
-                " kernel multiplies (the CPU needs float32 or float64). Cast it back, or get the dense model with"
-                " `lightning_snip.densify` before casting it."
-            )
-        cast_to = _autocast_dtype(x.device.type)
-        if cast_to is not None:  # the product in the weight's dtype, its result in the autocast dtype
-            with torch.autocast(x.device.type, enabled=False):
-                return self._forward(x.to(self.weight.dtype)).to(cast_to)
-        if x.dtype != self.weight.dtype:
-            raise TypeError(f"`SparseLinear` got a {x.dtype} input for its {self.weight.dtype} weight; cast the input.")
-        return self._forward(x)
-
-    def _forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():
-            return _InferenceOnly.apply(x, self.bias, torch.empty(0, requires_grad=True), self)
-        return self._product(x, self.bias)
-
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> SparseLinear:
-        if self.kernel != "2:4":
-            return super()._apply(fn, recurse)
-        # a 2:4 weight is rebuilt from its dense values: 2:4 where it still suits, else CSR
-        moved = fn(self.dense_weight())
-        self.kernel = "2:4" if _semi_structured_ok(moved) else "csr"
-        rebuilt = self._convert(moved) if self.kernel == "2:4" else _csr(moved)
-        del self._buffers["weight"]  # `fn` is applied to the bias alone
-        super()._apply(fn, recurse)
-        self.register_buffer("weight", rebuilt, persistent=False)
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> SparseLinear:
-        # sparse tensors have no storage for `copy.deepcopy` to copy: everything else is copied, the weight cloned
-        clone = self.__class__.__new__(self.__class__)
-        memo[id(self)] = clone
-        weight = cast(Tensor, self._buffers["weight"])
-        self._buffers["weight"] = None
-        try:
-            state = copy.deepcopy(self.__dict__, memo)
-        finally:
-            self._buffers["weight"] = weight
-        state["_buffers"]["weight"] = weight.clone() if self.kernel == "csr" else self._convert(self.dense_weight())
-        clone.__dict__.update(state)
-        return clone
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = self.dense_weight()
-        if self.bias is not None:  # the order of `nn.Linear`'s state dict
-            destination[prefix + "bias"] = destination.pop(prefix + "bias")
-
-    def _load_from_state_dict(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: Any,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        key = prefix + "weight"
-        if key in state_dict:
-            dense = state_dict[key]
-            if tuple(dense.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"size mismatch for {key}: {tuple(dense.shape)} in the state dict for a sparse layer")
-            else:
-                self.weight = self._convert(dense.to(self.weight.device, self.weight.dtype))
-        elif strict:
-            missing_keys.append(key)
-        rest = {k: v for k, v in state_dict.items() if k != key}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-
     def extra_repr(self) -> str:
         """The layer's sizes, kernel and fraction of zeros, for ``print(model)``."""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None},"
+            f" kernel={self.kernel!r}, zeros={self.zero_fraction:.2%}"
+        )
+
+
+def is_pointwise_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly an ``nn.Conv2d`` that is a matrix product over its channels.
+
+    That is: 1x1, stride 1, no padding or dilation, groups 1, and zeros padding mode.
+
+    Example::
+
+        >>> is_pointwise_conv(nn.Conv2d(64, 256, 1)), is_pointwise_conv(nn.Conv2d(64, 256, 1, stride=2))
+        (True, False)
+    """
+    return (
+        type(module) is nn.Conv2d
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.padding in ((0, 0), "valid")
+        and module.dilation == (1, 1)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+    )
+
+
+class SparseConv1x1(_SparseMatrix):
+    """A 1x1 ``nn.Conv2d`` (see :func:`is_pointwise_conv`) for inference, computed as a sparse matrix product.
+
+    A 1x1 convolution multiplies every pixel's channel vector by the ``(out, in)`` weight: for one image its input
+    already lies in memory as the ``(in, height * width)`` matrix the product needs, so there is no ``unfold`` copy
+    (larger batches are gathered into one ``(in, batch * height * width)`` matrix first). Otherwise it behaves like
+    :class:`SparseLinear`: the same kernels, hooks, modes, autocast, ``state_dict`` in ``nn.Conv2d``'s keys and
+    shape, and a refused backward; :meth:`to_conv` gives the dense layer back.
+
+    Args:
+        conv: The dense 1x1 convolution.
+        kernel: ``"csr"`` or ``"numba"``.
+
+    Raises:
+        ValueError: If ``conv`` is not a plain 1x1 convolution, or the weight does not suit the kernel.
+    """
+
+    def __init__(self, conv: nn.Conv2d, kernel: Kernel = "csr") -> None:
+        if not is_pointwise_conv(conv):
+            raise ValueError(f"`SparseConv1x1` takes a 1x1, stride-1, unpadded, ungrouped `nn.Conv2d`; got {conv}.")
+        if kernel == "2:4":
+            raise ValueError("`SparseConv1x1` takes kernel 'csr' or 'numba'.")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        super().__init__(conv, conv.weight.reshape(conv.out_channels, conv.in_channels), kernel)
+
+    def to_conv(self) -> nn.Conv2d:
+        """The ordinary ``nn.Conv2d`` this layer computes: dense weight (trainable), the same bias parameter."""
+        weight = self.dense_weight()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, 1, bias=self.bias is not None)
+        conv.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+        if self.bias is not None:
+            conv.bias = self.bias
+        _copy_forward_hooks(self, conv)
+        conv.train(self.training)
+        return conv
+
+    def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        if x.dim() == 3:  # an unbatched (C, H, W) input, as nn.Conv2d takes
+            return self._product(x.unsqueeze(0), bias).squeeze(0)
+        n, c, h, w = x.shape
+        x_t = x.reshape(c, h * w) if n == 1 else x.transpose(0, 1).reshape(c, n * h * w)
+        out = self._matmul(x_t)
+        if bias is not None:
+            out = out + bias.unsqueeze(1)
+        out = out.reshape(self.out_channels, n, h, w)
+        return out.transpose(0, 1) if n > 1 else out.reshape(1, self.out_channels, h, w)
+
+    def extra_repr(self) -> str:
+        """The layer's channels, kernel and fraction of zeros, for ``print(model)``."""
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), bias={self.bias is not None},"
             f" kernel={self.kernel!r}, zeros={self.zero_fraction:.2%}"
         )
 
@@ -336,7 +463,7 @@ def _timer(fn: Callable[[], Any], device: torch.device) -> Callable[[], float]:
     return run
 
 
-def _measured_faster(layer: nn.Linear, sparse: SparseLinear, x: Tensor, rounds: int = 15) -> tuple[bool, float]:
+def _measured_faster(layer: nn.Module, sparse: _SparseMatrix, x: Tensor, rounds: int = 15) -> tuple[bool, float]:
     """Time the dense and the sparse layer on ``x``, interleaved; sparse wins by :data:`MEASURED_MARGIN` or more."""
     dense_run = _timer(lambda: layer(x), x.device)
     sparse_run = _timer(lambda: sparse(x), x.device)
@@ -352,31 +479,44 @@ def _measured_faster(layer: nn.Linear, sparse: SparseLinear, x: Tensor, rounds: 
     return ratio <= MEASURED_MARGIN, ratio
 
 
-def _kernel_for(weight: Tensor) -> Kernel | None:
-    if _semi_structured_ok(weight):
-        return "2:4"
-    return "csr" if _csr_ok(weight) else None
+def _kernels_for(matrix: Tensor, conv: bool) -> list[Kernel]:
+    """The sparse kernels that can multiply a 2-D weight, in the order the rule prefers them."""
+    if not conv and _semi_structured_ok(matrix):
+        return ["2:4"]
+    if not _csr_ok(matrix):
+        return []
+    return ["csr", "numba"] if matrix.device.type == "cpu" and numba_available() else ["csr"]
+
+
+def _sparse_layer(layer: nn.Module, kernel: Kernel) -> _SparseMatrix:
+    return (
+        SparseConv1x1(cast(nn.Conv2d, layer), kernel)
+        if isinstance(layer, nn.Conv2d)
+        else SparseLinear(cast(nn.Linear, layer), kernel)
+    )
 
 
 def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
-    """A copy of a trained, pruned ``model`` for inference, whose mostly-zero ``nn.Linear`` layers run sparse.
+    """A copy of a trained, pruned ``model`` for inference, whose mostly-zero layers run sparse where that is faster.
 
-    Each ``nn.Linear`` (exactly that class: subclasses may compute differently) gets a sparse kernel where it is
-    faster, and stays dense otherwise:
+    Each ``nn.Linear`` and each 1x1 ``nn.Conv2d`` (:func:`is_pointwise_conv`; exactly those classes: subclasses may
+    compute differently) gets a sparse kernel where it is faster, and stays dense otherwise:
 
     - with ``example_input``, the decision is measured: one forward of the model records the input each layer
-      sees, and the dense and sparse layer are timed on it, interleaved; the layer goes sparse when its median time
-      is at most :data:`MEASURED_MARGIN` (0.9) of the dense one. Layers the example does not reach stay dense.
-    - without it, a rule decides: a layer goes sparse when at least :data:`MIN_ZERO_FRACTION` (95%) of its weights
-      are zero and it has at least :data:`MIN_WEIGHTS` (262,144) of them; a 2:4 layer that a GPU accelerates (see
-      the module docs) always goes sparse.
+      sees, and the dense layer and each sparse kernel that can run it (MKL CSR; the compiled ``"numba"`` kernel
+      when numba is installed, the extra ``lightning-snip[fast]``) are timed on it, interleaved; the fastest kernel
+      is used when its median time is at most :data:`MEASURED_MARGIN` (0.9) of the dense median. Layers the
+      example does not reach stay dense.
+    - without it, a rule decides for ``nn.Linear`` layers: sparse (MKL CSR) when at least :data:`MIN_ZERO_FRACTION`
+      (95%) of its weights are zero and it has at least :data:`MIN_WEIGHTS` (262,144) of them; a 2:4 layer that a
+      GPU accelerates (see the module docs) always goes sparse. 1x1 convolutions go sparse only when measured.
 
-    The kernel is 2:4 semi-structured where the GPU, dtype, shape and pattern allow, else CSR (float32/float64 on
-    the CPU). Other layers, convolutions included, are left as they are. The copy is in eval mode; ``model`` is not
-    changed at all (every submodule keeps its own train/eval mode). Forward hooks and forward pre-hooks of a replaced
-    layer run on its sparse replacement, so outputs match the dense model's; the copy runs under ``torch.autocast``
-    too (see :class:`SparseLinear`). Each decision is logged at INFO level on the ``lightning_snip.inference``
-    logger, and ``print`` of the result shows the sparse layers.
+    The kernel is 2:4 semi-structured where the GPU, dtype, shape and pattern allow, else CSR or the compiled kernel
+    (float32/float64 on the CPU). Other layers, other convolutions included, are left as they are. The copy is in
+    eval mode; ``model`` is not changed at all (every submodule keeps its own train/eval mode). Forward hooks and
+    forward pre-hooks of a replaced layer run on its sparse replacement, so outputs match the dense model's; the
+    copy runs under ``torch.autocast`` too (see :class:`SparseLinear`). Each decision is logged at INFO level on the
+    ``lightning_snip.inference`` logger, and ``print`` of the result shows the sparse layers.
 
     Args:
         model: A trained, pruned model (its pruned weights are zeros), on the device it will run on.
@@ -406,7 +546,7 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
         raise TypeError(f"`model` must be an `nn.Module`, got {type(model).__name__}.")
     _refuse_old_weight_norm(model)
     result = copy.deepcopy(model).eval()
-    linears = {name: m for name, m in result.named_modules() if type(m) is nn.Linear}
+    layers = {name: m for name, m in result.named_modules() if type(m) is nn.Linear or is_pointwise_conv(m)}
     seen: dict[str, Tensor] = {}
     if example_input is not None:
 
@@ -416,23 +556,24 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
 
             return hook
 
-        handles = [m.register_forward_pre_hook(record(name), with_kwargs=True) for name, m in linears.items()]
+        handles = [m.register_forward_pre_hook(record(name), with_kwargs=True) for name, m in layers.items()]
         try:
             with torch.inference_mode():
                 _call(result, example_input)
         finally:
             for handle in handles:
                 handle.remove()
-    replaced: dict[int, SparseLinear | None] = {}
-    for name, layer in linears.items():
+    replaced: dict[int, _SparseMatrix | None] = {}
+    for name, layer in layers.items():
         if id(layer) in replaced:
             continue
         weight = layer.weight.detach()
-        kernel = _kernel_for(weight)
+        conv = isinstance(layer, nn.Conv2d)
+        kernels = _kernels_for(weight.reshape(weight.shape[0], -1), conv)
         zeros = float((weight == 0).sum()) / max(weight.numel(), 1)
-        choice: SparseLinear | None = None
+        choice: _SparseMatrix | None = None
         why = f"{zeros:.1%} zeros"
-        if kernel is None:
+        if not kernels:
             why += f", no sparse kernel for {weight.dtype} on {weight.device}"
         elif zeros == 0:
             why += ", nothing to skip"
@@ -440,13 +581,18 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
             if name not in seen:
                 why += ", not reached by the example input"
             else:
-                candidate = SparseLinear(layer, kernel)
-                with torch.inference_mode():
-                    faster, ratio = _measured_faster(layer, candidate, seen[name])
-                why += f", sparse {kernel} measured at {ratio:.2f}x the dense time"
-                choice = candidate if faster else None
-        elif kernel == "2:4" or (zeros >= MIN_ZERO_FRACTION and weight.numel() >= MIN_WEIGHTS):
-            choice = SparseLinear(layer, kernel)
+                measured: dict[Kernel, tuple[float, _SparseMatrix]] = {}
+                for kernel in kernels:
+                    candidate = _sparse_layer(layer, kernel)
+                    with torch.inference_mode():
+                        measured[kernel] = (_measured_faster(layer, candidate, seen[name])[1], candidate)
+                best = min(measured, key=lambda k: measured[k][0])
+                why += ", measured " + ", ".join(f"{k} {r:.2f}x" for k, (r, _) in measured.items()) + " the dense time"
+                choice = measured[best][1] if measured[best][0] <= MEASURED_MARGIN else None
+        elif conv:
+            why += ", a convolution: sparse only when an example input measures it faster"
+        elif kernels[0] == "2:4" or (zeros >= MIN_ZERO_FRACTION and weight.numel() >= MIN_WEIGHTS):
+            choice = SparseLinear(cast(nn.Linear, layer), kernels[0])
         else:
             why += f", below the rule ({MIN_ZERO_FRACTION:.0%} zeros and {MIN_WEIGHTS:,} weights)"
         replaced[id(layer)] = choice
@@ -460,7 +606,7 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """A copy of a sparsified model with every :class:`SparseLinear` turned back into an ``nn.Linear``.
+    """A copy of a sparsified model with every sparse layer turned back into its ``nn.Linear`` or ``nn.Conv2d``.
 
     The result is the ordinary dense model: trainable, with the same outputs and the same ``state_dict``; each
     rebuilt ``nn.Linear`` has the mode and forward hooks of the layer it replaces, and a bias of its own. ``model``
@@ -479,9 +625,9 @@ def densify(model: nn.Module) -> nn.Module:
         raise TypeError(f"`model` must be an `nn.Module`, got {type(model).__name__}.")
     memo: dict[int, Any] = {}
     for module in model.modules():
-        if isinstance(module, SparseLinear) and id(module) not in memo:
-            linear = module.to_linear()
+        if isinstance(module, _SparseMatrix) and id(module) not in memo:
+            dense = module.to_linear() if isinstance(module, SparseLinear) else cast(SparseConv1x1, module).to_conv()
             if module.bias is not None:
-                linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=True)
-            memo[id(module)] = linear
+                dense.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=True)
+            memo[id(module)] = dense
     return copy.deepcopy(model, memo)

@@ -15,7 +15,10 @@ import torch
 from torch import Tensor
 
 Scope = str
-"""``"global"``, ``"layerwise"``, or ``"N:M"`` (e.g. ``"2:4"``): see :func:`select_masks`."""
+"""``"global"``, ``"layerwise"``, ``"constant_fan_in"`` or ``"N:M"`` (e.g. ``"2:4"``): see :func:`select_masks`."""
+
+#: The scope whose masks keep the same number of inputs in every output unit (row) of a tensor.
+CONSTANT_FAN_IN = "constant_fan_in"
 
 
 def kept_count(total: int, sparsity: float) -> int:
@@ -303,15 +306,17 @@ def parse_n_m(scope: str) -> tuple[int, int] | None:
         >>> parse_n_m("2:4"), parse_n_m("global")
         ((2, 4), None)
     """
-    if scope in ("global", "layerwise"):
+    if scope in ("global", "layerwise", CONSTANT_FAN_IN):
         return None
     if not isinstance(scope, str):
-        raise ValueError(f"`scope` must be 'global', 'layerwise' or 'N:M' (e.g. '2:4'), got {scope!r}.")
+        raise ValueError(
+            f"`scope` must be 'global', 'layerwise', 'constant_fan_in' or 'N:M' (e.g. '2:4'), got {scope!r}."
+        )
     parts = scope.split(":")
     if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]):
         raise ValueError(
-            f"`scope` must be 'global', 'layerwise' or 'N:M' with integers 0 < N < M (keep N of every M consecutive"
-            f" weights, e.g. '2:4'), got {scope!r}."
+            f"`scope` must be 'global', 'layerwise', 'constant_fan_in' or 'N:M' with integers 0 < N < M (keep N of"
+            f" every M consecutive weights, e.g. '2:4'), got {scope!r}."
         )
     return int(parts[0]), int(parts[1])
 
@@ -392,7 +397,8 @@ def select_masks(
     """Keep the highest scores so that exactly ``round(sparsity * N)`` weights are pruned.
 
     ``scope="global"`` ranks all scores together (N is the total number of weights); ``"layerwise"`` applies the same
-    count rule to each tensor on its own; ``"N:M"`` keeps the ``N`` best of every ``M`` consecutive weights along each
+    count rule to each tensor on its own; ``"constant_fan_in"`` spreads each tensor's global count evenly over its
+    rows (:func:`select_constant_fan_in`); ``"N:M"`` keeps the ``N`` best of every ``M`` consecutive weights along each
     tensor's rows (:func:`select_n_m_masks`; then ``sparsity`` must be ``1 - N/M``, and a tensor whose rows are not a
     multiple of ``M`` long is kept whole). Equal scores at the threshold are resolved deterministically: the weight
     that comes first (tensor order of ``scores``, then row-major position) is kept. Scores are compared as float32,
@@ -432,9 +438,41 @@ def select_masks(
         if not all_finite(s):
             raise ValueError(f"The scores of `{name}` are not all finite; masks cannot be selected from them.")
     numels = {name: s.numel() for name, s in scores.items()}
+    if scope == CONSTANT_FAN_IN:
+        return select_constant_fan_in(scores, sparsity, min_density)
     if min_density <= 0 or scope != "global":  # layerwise keeps at least the density everywhere already
         return _select(scores, numels, sparsity, scope)
     return _select_with_floors(scores, numels, sparsity, min_density)
+
+
+def select_constant_fan_in(
+    scores: Mapping[str, Tensor], sparsity: float, min_density: float = 0.0
+) -> dict[str, Tensor]:
+    """Masks whose every row (output unit) keeps the same number of its best-scored inputs.
+
+    Each tensor keeps about as many weights as global selection (with ``min_density``) gives it, spread evenly over
+    its rows: ``k = max(1, round(count / rows))`` per row, at most the row's length, so a tensor's count is exactly
+    ``k * rows`` and the total may differ from the exact global count by less than one weight per row of each
+    tensor. Rows are those of :func:`n_m_rows` (``(shape[0], -1)``). Ties go to the earlier position. This is the
+    layout the fastest batch-1 sparse kernel reads (every row the same length, as SRigL's condensed layers).
+
+    Example::
+
+        >>> kept = select_constant_fan_in({"w": torch.tensor([[9.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]])}, 0.5)
+        >>> kept["w"].int().tolist()  # global keeps 9, 7, 6, 5: 1 and 3 per row; constant fan-in: 2 per row
+        [[1, 0, 0, 1], [0, 0, 1, 1]]
+    """
+    counts = {name: int(m.sum()) for name, m in select_masks(scores, sparsity, "global", min_density).items()}
+    masks = {}
+    for name, s in scores.items():
+        rows, width = n_m_rows(tuple(s.shape))
+        k = min(width, max(1, round(counts[name] / rows))) if rows and width else 0
+        flat = _sort_keys(s.detach().reshape(-1), s.dtype == torch.float64).view(rows, width)
+        order = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :k]
+        kept = torch.zeros((rows, width), dtype=torch.bool, device=s.device)
+        kept.scatter_(1, order, True)
+        masks[name] = kept.view(s.shape)
+    return masks
 
 
 def _floors(numels: Mapping[str, int], min_density: float) -> dict[str, int]:
@@ -453,18 +491,18 @@ def check_min_density(min_density: float, sparsity: float, scope: Scope, numels:
         return
     n_m = parse_n_m(scope)
     density = n_m[0] / n_m[1] if n_m is not None else 1.0 - sparsity
-    if scope != "global" and min_density > density + 1e-12:
+    if scope not in ("global", CONSTANT_FAN_IN) and min_density > density + 1e-12:
         raise ValueError(
             f"`min_density={min_density}` is more than the {density:.4g} of each tensor that `scope={scope!r}` with"
             f" `sparsity={sparsity}` keeps. Lower `min_density` to at most {density:.4g}."
         )
-    if scope == "global" and min_density > density + 1e-12:  # the floors alone would need more than the budget
+    if scope in ("global", CONSTANT_FAN_IN) and min_density > density + 1e-12:  # the floors alone exceed the budget
         raise ValueError(
             f"`min_density={min_density}` asks every tensor to keep more than the 1 - sparsity = {density:.4g} of all"
             f" weights that `sparsity={sparsity}` keeps, which no model can. Lower `min_density` to at most"
             f" {density:.4g}, or `sparsity`."
         )
-    if scope == "global":
+    if scope in ("global", CONSTANT_FAN_IN):
         need, budget = sum(_floors(numels, min_density).values()), kept_count(sum(numels.values()), sparsity)
         if need > budget:
             raise ValueError(

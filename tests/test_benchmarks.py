@@ -88,3 +88,20 @@ def test_training_overhead_refuses_an_unknown_logger(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="logger='wandb' is not one of"):
         training_overhead._logger("wandb", str(tmp_path))
+
+
+@pytest.mark.slow
+def test_structured_training_times_dense_and_each_channel_sparsity(tmp_path: Path) -> None:
+    import structured_training
+
+    result = structured_training.measure("lenet5", [0.5], rounds=1, steps=2, scope="layerwise", batch=16)
+    dense, half = result["arms"]["dense"], result["arms"]["channel 50%"]
+    assert dense["params"] == 431_080
+    assert half["params"] == 109_295
+    assert half["params_ratio"] == pytest.approx(109_295 / 431_080)
+    assert half["macs"] < dense["macs"]
+    assert dense["speedup"] == 1.0
+    assert half["speedup"] == half["speedups"][0]
+    assert 0.2 < half["speedup"] < 20  # the same loop on a smaller network
+    table = structured_training.table([result])
+    assert "| lenet5 (batch 16, layerwise) | channel 50% | 109,295 (0.25x) |" in table

@@ -251,7 +251,11 @@ BAD_ARGUMENTS = {
         ValueError,
         r"`criterion` must be one of \[.force., .grasp., .iterative_snip., .magnitude., .random., .snip., .synflow.\]",
     ),
-    "scope": ({"scope": "local"}, ValueError, r"`scope` must be 'global', 'layerwise' or 'N:M' .*got 'local'"),
+    "scope": (
+        {"scope": "local"},
+        ValueError,
+        r"`scope` must be 'global', 'layerwise', 'constant_fan_in' .*got 'local'",
+    ),
     "include-string": ({"include": "*.weight"}, TypeError, r"`include` must be a list .* got '\*\.weight'"),
     "exclude-int": ({"exclude": [1]}, TypeError, r"`exclude` must be a list .* got \[1\]"),
     "exclude-empty-pattern": ({"exclude": [""]}, TypeError, r"`exclude` must be a list of non-empty"),

@@ -375,7 +375,7 @@ MIN_DENSITY_ERRORS = {
     "layerwise": ({"sparsity": 0.9, "scope": "layerwise", "min_density": 0.2}, r"more than the 0.1 of each tensor"),
     "n-m": ({"sparsity": 0.5, "scope": "2:4", "min_density": 0.6}, r"more than the 0.5 of each tensor"),
     "range": ({"min_density": 1.5}, r"`min_density` must be in \[0, 1\]"),
-    "shuffle-n-m": ({"sparsity": 0.5, "scope": "2:4", "shuffle": True}, r"`shuffle=True` would break the N:M"),
+    "shuffle-n-m": ({"sparsity": 0.5, "scope": "2:4", "shuffle": True}, r"`shuffle=True` would break the row pattern"),
 }
 
 

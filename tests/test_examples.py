@@ -340,3 +340,23 @@ def test_reproduction_on_fashion_mnist_with_the_successors_and_extreme_sparsitie
     assert "| network | method | dense | 99.5% | 99.9% |" in table
     assert "paper" not in table  # the paper's numbers are MNIST's
     assert "Data: full Fashion-MNIST from" in table
+
+
+def test_structured_study_quick_path_on_fake_fashion(tmp_path):
+    import structured_study
+
+    _write_fake_fashion(tmp_path / "system", gz=True, train_n=400, test_n=50)
+    out = tmp_path / "out"
+    argv = ["--quick", "--system-dir", str(tmp_path / "system"), "--data-dir", str(tmp_path), "--val-size", "50"]
+    results = structured_study.main([*argv, "--archs", "lenet5", "--out", str(out)])
+    arms = [r["arm"] for r in results["runs"]]
+    assert arms == ["dense", "channel-snip", "channel-synflow", "channel-magnitude", "channel-random", "weight-snip"]
+    params = {r["arm"]: r["params"] for r in results["runs"]}
+    assert params["channel-snip"] == params["channel-random"] == 109_295  # the same widths for every criterion
+    assert abs(params["weight-snip"] - params["channel-snip"]) <= 1  # matched parameter counts
+    assert all(r["train_s"] > 0 for r in results["runs"])
+    table = (out / "results.md").read_text()
+    assert "| LeNet-5-Caffe (1 epochs) | channel-snip | 1 |" in table
+    assert (out / "error_vs_time.png").stat().st_size > 1000
+    again = structured_study.main([*argv, "--archs", "lenet5", "--out", str(out), "--resume"])
+    assert again["runs"] == results["runs"]  # nothing re-run

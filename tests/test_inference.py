@@ -95,8 +95,8 @@ def test_the_example_input_measures_each_layer_on_the_shapes_it_sees(monkeypatch
         fast = sparsify(model, example_input=torch.randn(7, 1024))
     assert seen == {512: (7, 1024), 300: (7, 512)}  # the dense last layer has nothing to skip
     assert [type(m).__name__ for m in fast] == ["Linear", "ReLU", "SparseLinear", "ReLU", "Linear"]
-    assert "0 -> dense (97.0% zeros, sparse csr measured at 1.30x the dense time)" in caplog.text
-    assert "2 -> sparse csr" in caplog.text
+    assert "0 -> dense (97.0% zeros, measured csr 1.30x" in caplog.text  # and numba's, when installed
+    assert "2 -> sparse csr" in caplog.text  # the first of equally fast kernels
     assert "4 -> dense (0.0% zeros, nothing to skip)" in caplog.text
 
 
@@ -239,7 +239,7 @@ def test_bad_input_is_refused():
         sparsify({})
     with pytest.raises(TypeError, match=r"`model` must be an `nn\.Module`"):
         densify(3)
-    with pytest.raises(ValueError, match="`kernel` must be 'csr' or '2:4', got 'coo'"):
+    with pytest.raises(ValueError, match="`kernel` must be 'csr', 'numba' or '2:4', got 'coo'"):
         SparseLinear(nn.Linear(4, 4), kernel="coo")
     with pytest.raises(ValueError, match="2:4 `SparseLinear` needs a CUDA weight"):
         SparseLinear(nn.Linear(64, 64), kernel="2:4")

@@ -63,7 +63,7 @@ def test_non_finite_scores_are_refused():
 
 @pytest.mark.parametrize("scope", ["4:2", "two:four", "0:4", "2:2", "2:4:8", "2:", ":4", "-1:4", " 2:4", "2.0:4"])
 def test_malformed_scopes_are_refused_in_init(scope):
-    with pytest.raises(ValueError, match=rf"`scope` must be 'global', 'layerwise' or 'N:M' .*got {scope!r}"):
+    with pytest.raises(ValueError, match=rf"`scope` must be 'global', 'layerwise', 'constant_fan_in' .*got {scope!r}"):
         SNIPPruning(sparsity=0.5, scope=scope)
 
 

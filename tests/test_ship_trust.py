@@ -3,6 +3,7 @@ exact snapshots whose every key, value and tensor is checked."""
 
 import copy
 import io
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -137,14 +138,14 @@ def test_densify_gives_linears_in_the_mode_of_the_model_with_their_own_bias():
 
 
 class FakeClock:
-    """Timings the measurement reads, per timed function in order of creation (dense first, sparse second)."""
+    """Timings the measurement reads: each timer made gets the next series (dense, then a kernel, per kernel)."""
 
-    def __init__(self, dense: list[float], sparse: list[float]) -> None:
-        self.series = [iter(dense), iter(sparse)]
+    def __init__(self, *series: list[float]) -> None:
+        self.series = [iter(s) for s in series]
         self.made = 0
 
     def __call__(self, fn: Any, device: torch.device) -> Any:
-        series = self.series[self.made % 2]
+        series = self.series[self.made]
         self.made += 1
 
         def run() -> float:
@@ -169,10 +170,26 @@ def test_the_measured_choice_follows_the_medians_and_never_picks_a_slower_kernel
 ):
     from lightning_snip import inference
 
+    monkeypatch.setattr(inference, "numba_available", lambda: False)  # one sparse kernel: MKL CSR
     monkeypatch.setattr(inference, "_timer", FakeClock([0.0, *dense], [0.0, *sparse]))
     model = _pruned(nn.Linear(1024, 1024), zeros=0.99).eval()
     fast = sparsify(model, example_input=torch.randn(1, 1024))
     assert isinstance(fast[0], SparseLinear) is goes_sparse
+
+
+@pytest.mark.parametrize(
+    ("csr", "numba", "chosen"),
+    [([0.5] * 16, [0.3] * 16, "numba"), ([0.3] * 16, [0.5] * 16, "csr"), ([2.0] * 16, [1.5] * 16, None)],
+    ids=["numba-fastest", "csr-fastest", "both-slower"],
+)
+def test_the_fastest_measured_kernel_is_chosen(monkeypatch, csr, numba, chosen):
+    from lightning_snip import inference
+
+    dense = [0.0] + [1.0] * 16
+    monkeypatch.setattr(inference, "_timer", FakeClock(dense, [0.0, *csr], list(dense), [0.0, *numba]))
+    model = _pruned(nn.Linear(1024, 1024), zeros=0.99).eval()
+    fast = sparsify(model, example_input=torch.randn(1, 1024))
+    assert (fast[0].kernel if isinstance(fast[0], SparseLinear) else None) == chosen
 
 
 # ------------------------------------------------------------------ compressed state dicts
@@ -263,7 +280,8 @@ def test_complex_tensors_and_conjugate_views_round_trip_exactly():
 
 
 def test_quantized_meta_and_subclassed_tensors_are_refused_naming_key_and_dtype():
-    with pytest.warns(UserWarning, match="deprecated"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the quantized creation functions are deprecated in newer torch
         q = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.quint8)
     with pytest.raises(TypeError, match=r"state_dict\['q'\]` is a quantized tensor \(torch.quint8\)"):
         compress_state_dict({"q": q})
@@ -347,3 +365,14 @@ def test_what_cannot_be_stored_is_refused_with_the_true_reason():
         compress_state_dict({"hparams": Namespace(lr=0.1)})
     with pytest.raises(TypeError, match=r"state_dict\['opt'\]\['state'\]` has a key \(1, 2\) of type tuple"):
         compress_state_dict({"opt": {"state": {(1, 2): torch.zeros(1)}}})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_sparsified_model_runs_under_cuda_autocast():
+    model = _big_first().eval().cuda()
+    fast = sparsify(model)
+    x = torch.randn(4, 1024, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        dense, sparse = model(x), fast(x)
+    assert sparse.dtype == dense.dtype == torch.float16
+    torch.testing.assert_close(sparse.float(), dense.float(), rtol=2e-2, atol=2e-2)

@@ -253,6 +253,7 @@ def _images(n: int = 32) -> DataLoader:
 class OptimizerShapes(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.shapes = [tuple(p.shape) for group in trainer.optimizers[0].param_groups for p in group["params"]]
+        self.devices = {p.device.type for group in trainer.optimizers[0].param_groups for p in group["params"]}
 
 
 @pytest.mark.parametrize("criterion", ["snip", "grasp", "synflow", "magnitude", "random"])
@@ -403,3 +404,14 @@ def test_ddp_ranks_shrink_alike_and_match_single_process_union(tmp_path):
     model = BoringClassifier(dropout=0.0, optimizer="adam", lr=0.05)
     fit(model, [single], DataLoader(dataset, batch_size=4, sampler=FixedOrder(order)), precision="64-true", max_steps=1)
     assert single.state_dict()["structure"] == ranks[0]["structure"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_callback_shrinks_on_a_gpu():
+    torch.manual_seed(0)
+    model = Classifier()
+    pruning = SNIPPruning(sparsity=0.5, structure="channel", scope="layerwise", plot=False)
+    shapes = OptimizerShapes()
+    fit(model, [pruning, shapes], _images(), max_steps=2, accelerator="gpu")
+    assert (model.net[0].out_channels, model.net[2].out_channels, model.net[5].out_features) == (10, 25, 250)
+    assert shapes.devices == {"cuda"}  # the optimizer trains the smaller parameters on the GPU

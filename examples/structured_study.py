@@ -1,0 +1,213 @@
+"""Train a smaller network: channel SNIP against dense and unstructured SNIP on full Fashion-MNIST, with wall time.
+
+For each network (LeNet-5-Caffe and a small ResNet, `resnet8`) and seed, from the same initialization:
+
+- dense;
+- `SNIPPruning(structure="channel", scope="layerwise")` removing 50% of the prunable channels, scored by snip,
+  synflow, magnitude and random (layerwise: every criterion gets the same widths, so they differ only in which
+  channels they keep);
+- unstructured SNIP (`structure="weight"`) at the sparsity that leaves the same number of parameters as the
+  channel runs (the parameters the channel runs remove, as a fraction of the candidate weights).
+
+Each run records the test error, the parameters it trains, and the wall time of `trainer.fit` (scoring and shrinking
+included) as the user's clock sees it. Writes `results.json`, `results.md` and `error_vs_time.png` to `--out`.
+
+    python examples/structured_study.py --quick           # a smoke run: 20 batches an epoch, 1 epoch
+    python examples/structured_study.py --out examples/results/structured-fashion-mnist   # the committed table
+    python examples/structured_study.py --out examples/results/structured-fashion-mnist --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, cast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lightning.pytorch as pl
+from classifier import ImageClassifier
+from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule
+from models import Arch
+
+from lightning_snip import SNIPPruning, find_candidates
+from lightning_snip.scoring import CriterionName
+
+ARCHS = {"lenet5": "LeNet-5-Caffe", "resnet8": "ResNet-8"}
+EPOCHS = {"lenet5": 4, "resnet8": 4}
+LR = {"lenet5": 0.05, "resnet8": 0.05}
+CHANNEL_CRITERIA = ["snip", "synflow", "magnitude", "random"]
+CHANNEL_SPARSITY = 0.5
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+
+
+def _run(
+    arch: str, seed: int, epochs: int, limit: int | None, pruning: SNIPPruning | None, data_args: dict[str, Any]
+) -> dict[str, Any]:
+    pl.seed_everything(seed, verbose=False)
+    model = ImageClassifier(arch=cast(Arch, arch), lr=LR[arch], lr_milestones=[max(1, epochs - 1)])
+    data = FashionMNISTDataModule(batch_size=100, **data_args)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=limit,
+        limit_val_batches=0,
+        callbacks=[pruning] if pruning is not None else [],
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    seconds = time.perf_counter() - start
+    error = float(trainer.test(model, datamodule=data, verbose=False)[0]["test_error"])
+    kept = sum(p.numel() for p in model.parameters())
+    if pruning is not None and pruning.structure == "weight":
+        kept -= sum(int((~m).sum()) for m in pruning.masks.values())
+    return {"error": error, "params": kept, "train_s": seconds, "source": data.source}
+
+
+def _arms(arch: str) -> list[str]:
+    return ["dense", *[f"channel-{c}" for c in CHANNEL_CRITERIA], "weight-snip"]
+
+
+def run_study(args: argparse.Namespace) -> dict[str, Any]:
+    path = args.out / "results.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if args.resume and path.exists() else {"runs": []}
+    done = {(r["arch"], r["arm"], r["seed"]) for r in results["runs"]}
+    for arch in args.archs:
+        epochs = 1 if args.quick else EPOCHS[arch]
+        limit = 20 if args.quick else None
+        dense_params = sum(p.numel() for p in ImageClassifier(arch=arch).parameters())
+        candidates = sum(p.numel() for p in find_candidates(ImageClassifier(arch=arch)).values())
+        for seed in range(args.seeds):
+            for arm in _arms(arch):
+                if (arch, arm, seed) in done:
+                    continue
+                pruning: SNIPPruning | None = None
+                if arm.startswith("channel-"):
+                    criterion = arm.removeprefix("channel-")
+                    pruning = SNIPPruning(
+                        sparsity=CHANNEL_SPARSITY,
+                        structure="channel",
+                        scope="layerwise",
+                        criterion=cast(CriterionName, criterion),
+                        plot=False,
+                        log_per_layer=False,
+                    )
+                elif arm == "weight-snip":  # the parameters the channel runs train, as a share of the candidates
+                    channel = [r for r in results["runs"] if r["arch"] == arch and r["arm"] == "channel-snip"]
+                    removed = dense_params - channel[-1]["params"]
+                    pruning = SNIPPruning(sparsity=removed / candidates, plot=False, log_per_layer=False)
+                data_args = {"data_dir": args.data_dir, "system_dir": args.system_dir, "val_size": args.val_size}
+                run = _run(arch, seed, epochs, limit, pruning, data_args)
+                run.update(arch=arch, arm=arm, seed=seed, epochs=epochs)
+                results["runs"].append(run)
+                args.out.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(results, indent=2) + "\n")  # after every run: `--resume` goes on from here
+                print(
+                    f"{ARCHS[arch]} {arm} seed {seed}: {run['error']:.2%} error, {run['params']:,} parameters,"
+                    f" {run['train_s']:.0f} s",
+                    flush=True,
+                )
+    return results
+
+
+def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mean over seeds, per network and arm, with the time ratio to dense."""
+    rows = []
+    for arch in ARCHS:
+        runs = [r for r in results["runs"] if r["arch"] == arch]
+        if not runs:
+            continue
+        dense_s = statistics.mean(r["train_s"] for r in runs if r["arm"] == "dense")
+        dense_error = statistics.mean(r["error"] for r in runs if r["arm"] == "dense")
+        for arm in _arms(arch):
+            mine = [r for r in runs if r["arm"] == arm]
+            if not mine:
+                continue
+            error = statistics.mean(r["error"] for r in mine)
+            seconds = statistics.mean(r["train_s"] for r in mine)
+            rows.append(
+                {
+                    "arch": arch,
+                    "arm": arm,
+                    "seeds": len(mine),
+                    "error": error,
+                    "vs_dense": error - dense_error,
+                    "params": mine[0]["params"],
+                    "train_s": seconds,
+                    "speedup": dense_s / seconds,
+                    "epochs": mine[0]["epochs"],
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], source: str) -> str:
+    lines = [
+        f"Data: {source}. Test error, mean over seeds; wall time of `trainer.fit` on this machine's CPU.",
+        "",
+        "| network | run | seeds | test error | vs dense | parameters | training time | faster than dense |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {ARCHS[r['arch']]} ({r['epochs']} epochs) | {r['arm']} | {r['seeds']} | {r['error']:.2%} |"
+            f" {100 * r['vs_dense']:+.2f} pt | {r['params']:,} | {r['train_s']:.0f} s | {r['speedup']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    axes = fig.subplots(1, len({r["arch"] for r in rows}), squeeze=False)[0]
+    for ax, arch in zip(axes, [a for a in ARCHS if any(r["arch"] == a for r in rows)], strict=True):
+        for r in [r for r in rows if r["arch"] == arch]:
+            marker = "s" if r["arm"] == "dense" else "o" if r["arm"].startswith("channel") else "^"
+            ax.scatter(r["train_s"], 100 * r["error"], marker=marker, s=40, label=r["arm"])
+        ax.set_xscale("log")
+        ax.set_xlabel("training wall time (s, log scale)")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(ARCHS[arch])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="20 batches of one epoch per run: a smoke run")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --out's results.json")
+    parser.add_argument("--data-dir", default="data", help="where torchvision's FashionMNIST/raw files are")
+    parser.add_argument("--system-dir", default=SYSTEM_FASHION_DIR, help="where Debian's package puts the files")
+    parser.add_argument("--val-size", type=int, default=5000, help="training images held out (not used here)")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path("results/structured-quick" if args.quick else "results/structured-fashion-mnist")
+    results = run_study(args)
+    rows = summarize(results)
+    source = results["runs"][0]["source"] if results["runs"] else ""
+    table = markdown(rows, source)
+    (args.out / "results.md").write_text(table)
+    plot(rows, args.out / "error_vs_time.png")
+    print(table)
+    print(f"Written to {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

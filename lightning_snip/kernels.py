@@ -1,0 +1,135 @@
+"""A compiled sparse x dense product for the CPU, from numba (the optional extra ``lightning-snip[fast]``).
+
+Plain PyTorch and NumPy, no Lightning. :class:`RowKernel` holds a pruned weight ``(out, in)`` by rows: in compressed
+sparse rows, or, when every row keeps the same number of weights (``scope="constant_fan_in"``), as two dense
+``(out, k)`` arrays of column indices and values, which the kernel reads without a row pointer. ``RowKernel(x_t)``
+computes ``weight @ x_t`` for ``x_t`` of shape ``(in, n)``: the transposed input of a linear layer (``n`` = batch),
+or a 1x1 convolution's input as it lies in memory, ``(channels, height * width)`` for one image. Rows are spread over
+``torch.get_num_threads()`` threads. Each output is summed in the order of its row's columns, in the weight's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+EXTRA = 'pip install "lightning-snip[fast]"'
+_compiled: dict[str, Any] = {}
+
+
+def numba_available() -> bool:
+    """Whether numba is installed (the compiled kernel can be used)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernels() -> dict[str, Any]:
+    """The compiled kernels, compiled on first use (a second or two per dtype)."""
+    if _compiled:
+        return _compiled
+    try:
+        import numba
+    except ImportError as error:
+        raise ImportError(
+            f"The compiled sparse kernel needs numba, which is not installed. Install the extra: {EXTRA}"
+        ) from error
+
+    @numba.njit(parallel=True, cache=False, nogil=True)
+    def csr(indptr: Any, indices: Any, values: Any, x_t: Any, out: Any) -> None:  # pragma: no cover - compiled
+        rows, n = out.shape
+        for i in numba.prange(rows):
+            for j in range(n):
+                out[i, j] = 0
+            for p in range(indptr[i], indptr[i + 1]):
+                v = values[p]
+                c = indices[p]
+                for j in range(n):
+                    out[i, j] += v * x_t[c, j]
+
+    @numba.njit(parallel=True, cache=False, nogil=True)
+    def ell(indices: Any, values: Any, x_t: Any, out: Any) -> None:  # pragma: no cover - compiled
+        rows, n = out.shape
+        k = indices.shape[1]
+        for i in numba.prange(rows):
+            for j in range(n):
+                out[i, j] = 0
+            for p in range(k):
+                v = values[i, p]
+                c = indices[i, p]
+                for j in range(n):
+                    out[i, j] += v * x_t[c, j]
+
+    _compiled.update(csr=csr, ell=ell, numba=numba)
+    return _compiled
+
+
+class RowKernel:
+    """A pruned ``(out, in)`` weight held by rows for the compiled kernel; see the module docs.
+
+    Args:
+        weight: The dense weight, float32 or float64, on the CPU.
+
+    Raises:
+        ImportError: If numba is not installed (the message names the extra).
+        ValueError: For another dtype or device.
+    """
+
+    def __init__(self, weight: Tensor) -> None:
+        kernels = _kernels()
+        if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.float64) or weight.dim() != 2:
+            raise ValueError(
+                f"The compiled kernel takes a 2-D float32/float64 CPU weight; got {weight.dtype} of shape"
+                f" {tuple(weight.shape)} on {weight.device}."
+            )
+        self.numba = kernels["numba"]
+        dense = weight.detach().contiguous().numpy()
+        self.shape = dense.shape
+        self.dtype = weight.dtype
+        nonzero = dense != 0
+        counts = nonzero.sum(axis=1)
+        self.constant = bool(counts.size) and bool((counts == counts[0]).all())
+        rows, cols = np.nonzero(nonzero)  # row-major: each row's columns in increasing order
+        self.indices: np.ndarray[Any, Any]
+        self.values: np.ndarray[Any, Any]
+        if self.constant:
+            k = int(counts[0]) if counts.size else 0
+            self.indices = cols.astype(np.int32).reshape(self.shape[0], k)
+            self.values = dense[rows, cols].reshape(self.shape[0], k)
+        else:
+            self.indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            self.indices = cols.astype(np.int32)
+            self.values = dense[rows, cols]
+
+    @property
+    def layout(self) -> str:
+        """``"constant fan-in"`` or ``"csr"``."""
+        return "constant fan-in" if self.constant else "csr"
+
+    def __call__(self, x_t: Tensor) -> Tensor:
+        """``weight @ x_t`` for ``x_t`` of shape ``(in, n)``, as a new ``(out, n)`` tensor."""
+        x = x_t.detach()
+        if not x.is_contiguous():
+            x = x.contiguous()
+        x_np = x.numpy()
+        out = np.empty((self.shape[0], x_np.shape[1]), dtype=x_np.dtype)
+        self.numba.set_num_threads(max(1, min(torch.get_num_threads(), self.numba.config.NUMBA_NUM_THREADS)))
+        if self.constant:
+            _compiled["ell"](self.indices, self.values, x_np, out)
+        else:
+            _compiled["csr"](self.indptr, self.indices, self.values, x_np, out)
+        return torch.from_numpy(out)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("numba")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.numba = _kernels()["numba"]
