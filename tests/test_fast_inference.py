@@ -1,0 +1,212 @@
+"""The compiled batch-1 kernel, constant fan-in masks and sparse 1x1 convolutions: outputs equal the dense model's."""
+
+import builtins
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_snip import SNIPPruning, densify, select_masks, sparsify
+from lightning_snip.inference import SparseConv1x1, SparseLinear, is_pointwise_conv
+from lightning_snip.kernels import RowKernel
+from lightning_snip.selection import kept_count, select_constant_fan_in
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())))
+
+
+def _pruned_linear(dtype: torch.dtype, bias: bool = True, constant: bool = False) -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(300, 200, bias=bias).to(dtype)
+    scores = torch.rand(200, 300)
+    kept = select_constant_fan_in({"w": scores}, 0.95)["w"] if constant else scores > 0.95
+    with torch.no_grad():
+        layer.weight.mul_(kept.to(dtype))
+    return layer
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("constant", [False, True], ids=["csr", "constant-fan-in"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_the_compiled_kernel_equals_the_dense_layer(dtype, constant, bias):
+    layer = _pruned_linear(dtype, bias, constant)
+    sparse = SparseLinear(layer, "numba")
+    assert sparse._rows is not None
+    assert sparse._rows.layout == ("constant fan-in" if constant else "csr")
+    for shape in [(1, 300), (64, 300), (2, 5, 300), (300,)]:
+        x = torch.randn(shape, dtype=dtype)
+        with torch.no_grad():
+            _close(sparse(x), layer(x))
+    assert torch.equal(sparse.state_dict()["weight"], layer.weight)
+    x = torch.randn(4, 300, dtype=dtype)
+    with torch.no_grad():
+        _close(pickle.loads(pickle.dumps(sparse))(x), layer(x))
+        _close(copy.deepcopy(sparse)(x), layer(x))
+
+
+def test_the_compiled_kernel_follows_torch_threads():
+    layer = _pruned_linear(torch.float32)
+    sparse = SparseLinear(layer, "numba")
+    x = torch.randn(1, 300)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            one = sparse(x)
+        assert sparse._rows.numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        _close(sparse(x), one)
+
+
+def test_a_compiled_weight_moves_to_cuda_as_csr_and_back_to_the_kernel(monkeypatch):
+    sparse = SparseLinear(_pruned_linear(torch.float32), "numba")
+    as_double = sparse.double()
+    assert as_double.kernel == "numba"
+    assert as_double._rows.dtype == torch.float64
+    x = torch.randn(2, 300, dtype=torch.float64)
+    with torch.no_grad():
+        _close(as_double(x), densify(nn.Sequential(as_double))[0](x))
+
+
+def test_missing_numba_is_an_error_naming_the_extra(monkeypatch):
+    from lightning_snip import inference, kernels
+
+    real_import = builtins.__import__
+
+    def no_numba(name, *args, **kwargs):
+        if name == "numba":
+            raise ImportError("No module named 'numba'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(builtins, "__import__", no_numba)
+    assert not kernels.numba_available()
+    with pytest.raises(ImportError, match=r'pip install "lightning-snip\[fast\]"'):
+        RowKernel(torch.zeros(2, 2))
+    assert inference._kernels_for(torch.zeros(4, 4), conv=False) == ["csr"]  # sparsify falls back to MKL CSR
+
+
+# ------------------------------------------------------------------ constant fan-in masks
+
+
+@pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.98])
+def test_constant_fan_in_counts_are_exact_per_row_and_follow_global_selection(sparsity):
+    g = torch.Generator().manual_seed(0)
+    scores = {
+        "a": torch.rand(64, 128, generator=g),
+        "b": torch.rand(32, 3, 3, 3, generator=g) * 3,
+        "c": torch.rand(10, 64, generator=g) * 0.1,
+    }
+    global_counts = {n: int(m.sum()) for n, m in select_masks(scores, sparsity, "global").items()}
+    masks = select_masks(scores, sparsity, "constant_fan_in")
+    for name, mask in masks.items():
+        rows = mask.reshape(mask.shape[0], -1)
+        per_row = rows.sum(1)
+        k = min(rows.shape[1], max(1, round(global_counts[name] / rows.shape[0])))
+        assert bool((per_row == k).all()), name  # every output unit keeps the same number of inputs
+        assert int(mask.sum()) == k * rows.shape[0]
+        s = scores[name].reshape(rows.shape)
+        kept_min = torch.where(rows, s, torch.inf).min(1).values
+        pruned_max = torch.where(rows, -torch.inf, s).max(1).values
+        assert bool((kept_min >= pruned_max).all()), name  # each row keeps its own best
+    assert abs(sum(int(m.sum()) for m in masks.values()) - kept_count(64 * 128 + 32 * 27 + 640, sparsity)) <= 106
+
+
+def test_constant_fan_in_through_the_callback_gives_the_compiled_layout():
+    from helpers import BoringClassifier, fit
+
+    model = BoringClassifier(dropout=0.0)
+    pruning = SNIPPruning(sparsity=0.75, scope="constant_fan_in", plot=False)
+    fit(model, [pruning], max_steps=2)
+    for name, mask in pruning.masks.items():
+        assert len(set(mask.sum(1).tolist())) == 1, name
+    layer = SparseLinear(model.net[0].eval(), "numba")
+    assert layer._rows.layout == "constant fan-in"
+    with pytest.raises(ValueError, match=r"`shuffle=True` would break the row pattern of `scope='constant_fan_in'`"):
+        SNIPPruning(scope="constant_fan_in", shuffle=True)
+
+
+# ------------------------------------------------------------------ 1x1 convolutions
+
+
+def _pruned_conv(dtype: torch.dtype, bias: bool = True) -> nn.Conv2d:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 128, 1, bias=bias).to(dtype)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) > 0.9)
+    return conv
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kernel", ["csr", "numba"])
+def test_a_sparse_1x1_convolution_equals_the_dense_one(dtype, kernel):
+    conv = _pruned_conv(dtype)
+    sparse = SparseConv1x1(conv, kernel)
+    inputs = [
+        torch.randn(1, 64, 7, 7, dtype=dtype),
+        torch.randn(5, 64, 6, 4, dtype=dtype),
+        torch.randn(2, 64, 5, 5, dtype=dtype).to(memory_format=torch.channels_last),
+        torch.randn(64, 3, 3, dtype=dtype),  # unbatched
+    ]
+    for x in inputs:
+        with torch.no_grad():
+            _close(sparse(x), conv(x))
+    assert torch.equal(sparse.state_dict()["weight"], conv.weight)
+    back = sparse.to_conv()
+    assert type(back) is nn.Conv2d
+    assert torch.equal(back.weight, conv.weight)
+    with pytest.raises(RuntimeError, match="for inference only"):
+        sparse(inputs[0].requires_grad_()).sum().backward()
+
+
+def test_only_plain_1x1_convolutions_are_pointwise():
+    assert is_pointwise_conv(nn.Conv2d(8, 8, 1))
+    assert is_pointwise_conv(nn.Conv2d(8, 8, 1, padding="valid"))
+    for conv in [
+        nn.Conv2d(8, 8, 3),
+        nn.Conv2d(8, 8, 1, stride=2),
+        nn.Conv2d(8, 8, 1, padding=1),
+        nn.Conv2d(8, 8, 1, groups=2),
+        nn.Conv2d(8, 8, 1, dilation=2),
+    ]:
+        assert not is_pointwise_conv(conv)
+        with pytest.raises(ValueError, match="1x1, stride-1, unpadded, ungrouped"):
+            SparseConv1x1(conv)
+
+
+def test_sparsify_measures_1x1_convolutions_and_densify_restores_them(monkeypatch):
+    from lightning_snip import inference
+
+    net = nn.Sequential(nn.Conv2d(64, 256, 1), nn.ReLU(), nn.Conv2d(256, 64, 3, padding=1), nn.Conv2d(64, 64, 1))
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(torch.rand_like(m.weight) > 0.95)
+    net.eval()
+    timed = []
+
+    def fake_measure(layer, sparse, x, rounds=15):
+        timed.append((type(layer).__name__, sparse.kernel, tuple(x.shape)))
+        return True, 0.5 if sparse.kernel == "numba" else 0.7
+
+    monkeypatch.setattr(inference, "_measured_faster", fake_measure)
+    x = torch.randn(1, 64, 8, 8)
+    fast = sparsify(net, example_input=x)
+    assert [type(m).__name__ for m in fast] == ["SparseConv1x1", "ReLU", "Conv2d", "SparseConv1x1"]
+    assert {k for _, k, _ in timed} == {"csr", "numba"}
+    assert fast[0].kernel == "numba"
+    assert ("Conv2d", "csr", (1, 64, 8, 8)) in timed
+    with torch.no_grad():
+        _close(fast(x), net(x))
+    assert type(sparsify(net)[0]) is nn.Conv2d  # without an example, convolutions stay dense
+    back = densify(fast)
+    assert [type(m) for m in back] == [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.Conv2d]
+    with torch.no_grad():
+        _close(back(x), net(x))
