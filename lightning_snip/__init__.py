@@ -10,7 +10,8 @@ from lightning_snip.compress import (
     save_compressed,
 )
 from lightning_snip.enforcement import ZERO_PRESERVING_OPTIMIZERS, MaskSet, apply_masks_, keeps_zeros
-from lightning_snip.inference import SparseLinear, densify, sparsify
+from lightning_snip.export import OnnxExport, export_onnx
+from lightning_snip.inference import SparseConv1x1, SparseLinear, densify, sparsify
 from lightning_snip.packing import pack_mask, unpack_mask
 from lightning_snip.report import sparsity_report
 from lightning_snip.scoring import (
@@ -38,15 +39,18 @@ __all__ = [
     "CompressedStateError",
     "Criterion",
     "MaskSet",
+    "OnnxExport",
     "SNIPPruning",
     "ScoringContext",
     "ScoringError",
+    "SparseConv1x1",
     "SparseLinear",
     "apply_masks_",
     "available_criteria",
     "compress_state_dict",
     "decompress_state_dict",
     "densify",
+    "export_onnx",
     "find_candidates",
     "get_criterion",
     "keeps_zeros",

@@ -24,6 +24,7 @@ was compressed) and holds only tensors and plain Python values: ``torch.save`` i
 from __future__ import annotations
 
 import copy
+import json
 import math
 import zlib
 from collections import OrderedDict
@@ -433,15 +434,97 @@ def decompress_state_dict(compressed: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+SAFETENSORS_EXTRA = 'pip install "lightning-snip[safetensors]"'
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as error:
+        raise ImportError(
+            f"Writing or reading a `.safetensors` file needs the safetensors package. Install the extra:"
+            f" {SAFETENSORS_EXTRA}"
+        ) from error
+    return safetensors
+
+
+def _encode(value: Any, where: str, tensors: dict[str, Tensor]) -> Any:
+    """A JSON form of the compressed dict's structure; tensors go to ``tensors`` under their paths."""
+    if isinstance(value, Tensor):
+        tensors[where] = value.contiguous()
+        return {"__tensor__": where}
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if type(value) is tuple:
+        return {"__tuple__": [_encode(v, f"{where}/{i}", tensors) for i, v in enumerate(value)]}
+    if type(value) is list:
+        return [_encode(v, f"{where}/{i}", tensors) for i, v in enumerate(value)]
+    if type(value) in (dict, OrderedDict):
+        items = [[_encode(k, where, tensors), _encode(v, f"{where}/{k}", tensors)] for k, v in value.items()]
+        return {"__odict__" if type(value) is OrderedDict else "__dict__": items}
+    raise TypeError(f"Cannot store a {type(value).__name__} at {where} in a safetensors file.")  # pragma: no cover
+
+
+def _decode(value: Any, tensors: Mapping[str, Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__float__" in value:
+        return float(value["__float__"])
+    if "__tuple__" in value:
+        return tuple(_decode(v, tensors) for v in value["__tuple__"])
+    kind = OrderedDict if "__odict__" in value else dict
+    items: list[Any] = value["__odict__"] if "__odict__" in value else value.get("__dict__", [])
+    return kind((_decode(k, tensors), _decode(v, tensors)) for k, v in items)
+
+
 def save_compressed(state_dict: Mapping[str, Any], path: str | Path) -> int:
-    """:func:`compress_state_dict` and ``torch.save`` to ``path``; returns the file size in bytes."""
+    """:func:`compress_state_dict` and write it to ``path``; returns the file size in bytes.
+
+    A path ending in ``.safetensors`` gets a safetensors file (the extra ``lightning-snip[safetensors]``): the
+    compressed tensors under readable names (``entries/<key>/values`` ...) and the structure as string metadata, so
+    ``safetensors.torch.load_file`` reads it and :func:`load_compressed` restores the state dict, with the same
+    checksums. Any other path gets a ``torch.save`` file (read with ``torch.load(path, weights_only=True)``).
+
+    Raises:
+        ImportError: For ``.safetensors`` without the safetensors package (the message names the extra).
+    """
     path = Path(path)
-    torch.save(compress_state_dict(state_dict), path)
+    compressed = compress_state_dict(state_dict)
+    if path.suffix == ".safetensors":
+        safetensors = _safetensors()
+        tensors: dict[str, Tensor] = {}
+        structure = json.dumps(_encode(compressed, "", tensors), allow_nan=False)
+        metadata = {"format": FORMAT, "version": str(VERSION), "structure": structure}
+        safetensors.torch.save_file({name.lstrip("/"): t for name, t in tensors.items()}, str(path), metadata)
+    else:
+        torch.save(compressed, path)
     return path.stat().st_size
 
 
+def _read_safetensors(path: Path) -> Any:
+    safetensors = _safetensors()
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {"/" + name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    if metadata.get("format") != FORMAT or "structure" not in metadata:
+        raise CompressedStateError(
+            f"{path} is a safetensors file but not a compressed state dict (no {FORMAT!r} metadata); write it with"
+            " `lightning_snip.save_compressed(state_dict, 'name.safetensors')`."
+        )
+    return _decode(json.loads(metadata["structure"]), tensors)
+
+
 def load_compressed(path: str | Path) -> dict[str, Any]:
-    """Read a file written by :func:`save_compressed` (``weights_only=True``) and :func:`decompress_state_dict` it.
+    """Read a file written by :func:`save_compressed` and :func:`decompress_state_dict` it.
+
+    A ``.safetensors`` path is read with safetensors (the extra ``lightning-snip[safetensors]``); any other with
+    ``torch.load(path, weights_only=True)``.
 
     Raises:
         CompressedStateError: If the file is truncated, damaged or not a compressed state dict (the message names the
@@ -452,7 +535,12 @@ def load_compressed(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"No compressed state dict at {path}.")
     try:
-        compressed = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            compressed = _read_safetensors(path)
+        else:
+            compressed = torch.load(path, map_location="cpu", weights_only=True)
+    except (CompressedStateError, ImportError):
+        raise
     except Exception as error:  # a truncated zip, a bad pickle: never half a state dict
         raise CompressedStateError(
             f"{path} could not be read as a compressed state dict; it is truncated, damaged or another kind of file"

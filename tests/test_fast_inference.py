@@ -210,3 +210,113 @@ def test_sparsify_measures_1x1_convolutions_and_densify_restores_them(monkeypatc
     assert [type(m) for m in back] == [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.Conv2d]
     with torch.no_grad():
         _close(back(x), net(x))
+
+
+# ------------------------------------------------------------------ deploy files
+
+
+def _pruned_mlp(zeros: float = 0.95, width: int = 512) -> nn.Sequential:
+    from lightning_snip.enforcement import apply_masks_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            apply_masks_([layer.weight], [torch.rand_like(layer.weight) > zeros])  # +0.0, as the callback zeroes
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_safetensors_files_round_trip_bit_for_bit_and_load_with_safetensors(tmp_path, dtype):
+    import safetensors.torch
+
+    from lightning_snip import load_compressed, save_compressed
+
+    state = _pruned_mlp().to(dtype).state_dict()
+    state_extra = {"model": state, "step": 7, "names": ("a", None), "nan": float("nan")}
+    size = save_compressed(state_extra, tmp_path / "model.safetensors")
+    assert size == (tmp_path / "model.safetensors").stat().st_size
+    raw = safetensors.torch.load_file(tmp_path / "model.safetensors")  # an ordinary safetensors file
+    assert "entries/model/items/0/values" in raw or any(name.endswith("/values") for name in raw)
+    restored = load_compressed(tmp_path / "model.safetensors")
+    assert restored["step"] == 7
+    assert restored["names"] == ("a", None)
+    assert restored["nan"] != restored["nan"]
+    for key, value in state.items():
+        assert restored["model"][key].dtype == value.dtype
+        assert torch.equal(restored["model"][key], value), key
+    dense = len(pickle.dumps(state))
+    assert dense / size > 8
+
+
+def test_a_damaged_or_foreign_safetensors_file_is_refused(tmp_path):
+    import safetensors.torch
+
+    from lightning_snip import CompressedStateError, load_compressed, save_compressed
+
+    path = tmp_path / "model.safetensors"
+    save_compressed(_pruned_mlp().state_dict(), path)
+    data = bytearray(path.read_bytes())
+    data[-50] ^= 0xFF  # one byte of the last stored tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(CompressedStateError, match=r"state_dict\['2\.weight'\] is damaged"):
+        load_compressed(path)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CompressedStateError, match=r"model\.safetensors could not be read"):
+        load_compressed(path)
+    safetensors.torch.save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(CompressedStateError, match="not a compressed state dict"):
+        load_compressed(tmp_path / "plain.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("module", "call", "extra"),
+    [
+        (
+            "safetensors",
+            lambda p: __import__("lightning_snip").save_compressed({"w": torch.zeros(2)}, p / "a.safetensors"),
+            "safetensors",
+        ),
+        (
+            "onnx",
+            lambda p: __import__("lightning_snip").export_onnx(nn.Linear(2, 2), torch.zeros(1, 2), p / "a.onnx"),
+            "onnx",
+        ),
+    ],
+    ids=["safetensors", "onnx"],
+)
+def test_missing_extras_are_named(tmp_path, monkeypatch, module, call, extra):
+    real_import = builtins.__import__
+
+    def missing(name, *args, **kwargs):
+        if name == module or name.startswith(module + "."):
+            raise ImportError(f"No module named {module!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", missing)
+    with pytest.raises(ImportError, match=rf'pip install "lightning-snip\[{extra}\]"'):
+        call(tmp_path)
+
+
+@pytest.mark.slow  # an ONNX export (a few seconds)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_onnx_export_stores_pruned_weights_sparse_and_runs_in_onnx_runtime(tmp_path, dtype):
+    import onnx
+    import onnxruntime
+
+    from lightning_snip import export_onnx
+
+    model = _pruned_mlp(width=1024).to(dtype)
+    x = torch.randn(3, 1024, dtype=dtype)
+    report = export_onnx(model, x, tmp_path / "model.onnx")
+    assert set(report.sparse) == {"0.weight", "2.weight"}  # the dense last layer stays dense
+    assert report.ratio > 5
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    assert {s.values.name for s in graph.sparse_initializer} == {"0.weight", "2.weight"}
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-5, atol=1e-4)
+    assert report.max_difference < 1e-4
+    assert model.training is False
+    assert report.bytes == (tmp_path / "model.onnx").stat().st_size
