@@ -1,11 +1,13 @@
 """A compiled sparse x dense product for the CPU, from numba (the optional extra ``lightning-snip[fast]``).
 
-Plain PyTorch and NumPy, no Lightning. :class:`RowKernel` holds a pruned weight ``(out, in)`` by rows: in compressed
-sparse rows, or, when every row keeps the same number of weights (``scope="constant_fan_in"``), as two dense
-``(out, k)`` arrays of column indices and values, which the kernel reads without a row pointer. ``RowKernel(x_t)``
-computes ``weight @ x_t`` for ``x_t`` of shape ``(in, n)``: the transposed input of a linear layer (``n`` = batch),
-or a 1x1 convolution's input as it lies in memory, ``(channels, height * width)`` for one image. Rows are spread over
-``torch.get_num_threads()`` threads. Each output is summed in the order of its row's columns, in the weight's dtype.
+Plain PyTorch and NumPy, no Lightning. :class:`RowKernel` holds a pruned weight ``(out, in)`` in compressed sparse
+rows (``int32`` column indices). ``RowKernel(x_t)`` computes ``weight @ x_t`` for ``x_t`` of shape ``(in, n)``: the
+transposed input of a linear layer (``n`` = batch), or a 1x1 convolution's input as it lies in memory,
+``(channels, height * width)`` for one image. For one input vector each row's sum stays in a register and its
+gathers vectorize; for several, each row of the output is accumulated in place. Rows are spread over
+``torch.get_num_threads()`` threads; masks with the same count in every row (``scope="constant_fan_in"``) give every
+thread the same work. Each row's sum is computed in the weight's dtype, in an order the compiler may change (it is
+allowed to reassociate the sum to vectorize it), so results match the dense product to float rounding.
 """
 
 from __future__ import annotations
@@ -40,32 +42,34 @@ def _kernels() -> dict[str, Any]:
             f"The compiled sparse kernel needs numba, which is not installed. Install the extra: {EXTRA}"
         ) from error
 
-    @numba.njit(parallel=True, cache=False, nogil=True)
-    def csr(indptr: Any, indices: Any, values: Any, x_t: Any, out: Any) -> None:  # pragma: no cover - compiled
-        rows, n = out.shape
-        for i in numba.prange(rows):
+    # fastmath lets the compiler reorder each row's sum (and vectorize its gathers); the slices give the loops a
+    # trip count from zero, which is what makes them vectorize
+    @numba.njit(parallel=True, cache=False, nogil=True, fastmath=True)
+    def vector(indptr: Any, indices: Any, values: Any, x: Any, out: Any) -> None:  # pragma: no cover - compiled
+        for i in numba.prange(out.shape[0]):
+            start = indptr[i]
+            count = indptr[i + 1] - start
+            row_values = values[start : start + count]
+            row_columns = indices[start : start + count]
+            acc = values.dtype.type(0)
+            for p in range(count):
+                acc += row_values[p] * x[row_columns[p]]
+            out[i] = acc
+
+    @numba.njit(parallel=True, cache=False, nogil=True, fastmath=True)
+    def matrix(indptr: Any, indices: Any, values: Any, x_t: Any, out: Any) -> None:  # pragma: no cover - compiled
+        n = out.shape[1]
+        for i in numba.prange(out.shape[0]):
+            row = out[i]
             for j in range(n):
-                out[i, j] = 0
+                row[j] = 0
             for p in range(indptr[i], indptr[i + 1]):
                 v = values[p]
-                c = indices[p]
+                column = x_t[indices[p]]
                 for j in range(n):
-                    out[i, j] += v * x_t[c, j]
+                    row[j] += v * column[j]
 
-    @numba.njit(parallel=True, cache=False, nogil=True)
-    def ell(indices: Any, values: Any, x_t: Any, out: Any) -> None:  # pragma: no cover - compiled
-        rows, n = out.shape
-        k = indices.shape[1]
-        for i in numba.prange(rows):
-            for j in range(n):
-                out[i, j] = 0
-            for p in range(k):
-                v = values[i, p]
-                c = indices[i, p]
-                for j in range(n):
-                    out[i, j] += v * x_t[c, j]
-
-    _compiled.update(csr=csr, ell=ell, numba=numba)
+    _compiled.update(vector=vector, matrix=matrix, numba=numba)
     return _compiled
 
 
@@ -95,20 +99,13 @@ class RowKernel:
         counts = nonzero.sum(axis=1)
         self.constant = bool(counts.size) and bool((counts == counts[0]).all())
         rows, cols = np.nonzero(nonzero)  # row-major: each row's columns in increasing order
-        self.indices: np.ndarray[Any, Any]
-        self.values: np.ndarray[Any, Any]
-        if self.constant:
-            k = int(counts[0]) if counts.size else 0
-            self.indices = cols.astype(np.int32).reshape(self.shape[0], k)
-            self.values = dense[rows, cols].reshape(self.shape[0], k)
-        else:
-            self.indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-            self.indices = cols.astype(np.int32)
-            self.values = dense[rows, cols]
+        self.indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.indices = cols.astype(np.int32)
+        self.values = np.ascontiguousarray(dense[rows, cols])
 
     @property
     def layout(self) -> str:
-        """``"constant fan-in"`` or ``"csr"``."""
+        """``"constant fan-in"`` when every row keeps the same number of weights, else ``"csr"``."""
         return "constant fan-in" if self.constant else "csr"
 
     def __call__(self, x_t: Tensor) -> Tensor:
@@ -119,10 +116,10 @@ class RowKernel:
         x_np = x.numpy()
         out = np.empty((self.shape[0], x_np.shape[1]), dtype=x_np.dtype)
         self.numba.set_num_threads(max(1, min(torch.get_num_threads(), self.numba.config.NUMBA_NUM_THREADS)))
-        if self.constant:
-            _compiled["ell"](self.indices, self.values, x_np, out)
+        if x_np.shape[1] == 1:  # one input vector (batch 1): a sum per row, kept in a register
+            _compiled["vector"](self.indptr, self.indices, self.values, x_np[:, 0], out[:, 0])
         else:
-            _compiled["csr"](self.indptr, self.indices, self.values, x_np, out)
+            _compiled["matrix"](self.indptr, self.indices, self.values, x_np, out)
         return torch.from_numpy(out)
 
     def __getstate__(self) -> dict[str, Any]:
