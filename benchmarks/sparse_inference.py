@@ -2,23 +2,28 @@
 
 For each network and sparsity pattern, every weight ``SNIPPruning`` prunes by default (``find_candidates``: weights
 with two or more dimensions outside normalization layers) is pruned to the pattern, layer by layer: ``select_masks``
-with ``scope="layerwise"`` on random scores for the unstructured levels, ``select_n_m_masks`` for 2:4, zeroed with
-``apply_masks_`` as ``SNIPPruning`` does (the kernels' speed depends on how many zeros each layer has, not on which
-weights they are). Then:
+with ``scope="layerwise"`` on random scores for the unstructured levels, ``select_constant_fan_in`` per tensor for
+the constant fan-in levels (``cfi:0.95``: every output unit keeps the same number of inputs), ``select_n_m_masks``
+for 2:4, zeroed with ``apply_masks_`` as ``SNIPPruning`` does (the kernels' speed depends on how many zeros each
+layer has and how they are spread over rows, not on which weights they are). Then:
 
-- **size**: the whole ``torch.save`` file of the dense ``state_dict`` against that of ``compress_state_dict``;
-- **latency**: the model in eval mode under ``torch.inference_mode()`` against ``sparsify(model, example_input=x)``
-  built for the same input. Rounds interleave the two (dense block, sparse block, dense block, ...); each block calls
-  the model enough times to last a few milliseconds, and a round's time is the block's time per call. The table
-  gives the median per-call time of each and the ratio of the medians, with the lowest and highest per-round ratio.
+- **size**: the whole file of the dense ``state_dict`` (``torch.save``) against ``save_compressed`` to ``.pt`` and
+  to ``.safetensors``, and a plain ``torch.onnx.export`` against ``export_onnx`` (sparse initializers);
+- **latency**: the model in eval mode under ``torch.inference_mode()`` against the same model with every pruned
+  ``nn.Linear`` and 1x1 convolution forced onto MKL CSR, forced onto the compiled numba kernel (when numba is
+  installed), and ``sparsify(model, example_input=x)`` built for the same input (its own per-layer choice). Rounds
+  interleave the arms (dense block, MKL block, numba block, sparsify block, dense block, ...); each block calls the
+  model enough times to last a few milliseconds, and a round's time is the block's time per call. The table gives
+  each arm's speed-up over dense, the ratio of the medians, with the lowest and highest per-round ratio.
 
-Networks: LeNet-300-100 (MNIST shapes), an MLP 4096-4096-4096-1000 with biases, and one ``nn.TransformerEncoderLayer``
+Networks: LeNet-300-100 (MNIST shapes), an MLP 4096-4096-4096-1000 with biases, one ``nn.TransformerEncoderLayer``
 (d_model 1024, 16 heads, feed-forward 4096, batch-first, sequences of 16 tokens; its attention projections are
-pruned, which shrinks the file, but are not ``nn.Linear`` modules, so they compute dense). Batches of 1 and 64, one
-thread and all threads.
+pruned, which shrinks the file, but are not ``nn.Linear`` modules, so they compute dense; no ONNX export), and the
+1x1 convolutions of a ResNet-50 stage-3 bottleneck (1024 -> 256 -> 1024 channels on 14x14 maps). Batches of 1 and
+64, one thread and all threads.
 
     python benchmarks/sparse_inference.py                        # everything, Markdown to stdout, JSON to --json
-    python benchmarks/sparse_inference.py --networks mlp4096 --patterns 0.95 0.98 --batches 64 --threads 1
+    python benchmarks/sparse_inference.py --networks mlp4096 --patterns 0.95 cfi:0.95 --batches 1 --threads 1
     python benchmarks/sparse_inference.py --device cuda --dtype float16   # on a CUDA GPU
 """
 
@@ -30,6 +35,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -43,16 +49,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from models import lenet_300_100
 
 from lightning_snip import (
-    SparseLinear,
     apply_masks_,
     compress_state_dict,
+    export_onnx,
     find_candidates,
+    save_compressed,
     select_masks,
     select_n_m_masks,
     sparsify,
 )
+from lightning_snip.inference import _sparse_layer, _SparseMatrix, is_pointwise_conv
+from lightning_snip.kernels import numba_available
+from lightning_snip.selection import select_constant_fan_in
 
-PATTERNS = ("0.9", "0.95", "0.98", "0.99", "2:4")
+PATTERNS = ("0.9", "0.95", "0.98", "0.99", "cfi:0.9", "cfi:0.95", "cfi:0.98", "cfi:0.99", "2:4")
 SEQUENCE = 16  # tokens per sequence for the Transformer layer
 
 
@@ -64,10 +74,20 @@ def transformer_layer() -> nn.Module:
     return nn.TransformerEncoderLayer(1024, 16, 4096, dropout=0.0, batch_first=True)
 
 
+def conv1x1_stack() -> nn.Module:
+    """The 1x1 convolutions of a ResNet-50 stage-3 bottleneck (1024 -> 256 -> 1024 channels at 14x14)."""
+    return nn.Sequential(nn.Conv2d(1024, 256, 1), nn.ReLU(), nn.Conv2d(256, 1024, 1))
+
+
 NETWORKS: dict[str, tuple[str, Callable[[], nn.Module], Callable[[int], torch.Tensor]]] = {
     "lenet300": ("LeNet-300-100", lenet_300_100, lambda b: torch.randn(b, 1, 28, 28)),
     "mlp4096": ("MLP 4096-4096-4096-1000", mlp4096, lambda b: torch.randn(b, 4096)),
     "transformer": ("Transformer encoder layer 1024/4096", transformer_layer, lambda b: torch.randn(b, SEQUENCE, 1024)),
+    "conv1x1": (
+        "ResNet-50 1x1 convolutions 1024-256-1024 @14x14",
+        conv1x1_stack,
+        lambda b: torch.randn(b, 1024, 14, 14),
+    ),
 }
 
 
@@ -80,6 +100,8 @@ def pruned(build: Callable[[], nn.Module], pattern: str, seed: int = 0) -> nn.Mo
     scores = {name: torch.rand(w.shape, generator=g) for name, w in weights.items()}
     if pattern == "2:4":
         masks = select_n_m_masks(scores, 2, 4)
+    elif pattern.startswith("cfi:"):  # every row of every tensor keeps the same number of weights
+        masks = {name: select_constant_fan_in({name: s}, float(pattern[4:]))[name] for name, s in scores.items()}
     else:
         masks = select_masks(scores, float(pattern), scope="layerwise")
     apply_masks_(weights.values(), masks.values())  # as SNIPPruning zeroes: exactly +0.0
@@ -106,27 +128,55 @@ def _block(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def interleaved(
-    dense: Callable[[], Any], sparse: Callable[[], Any], rounds: int, device: torch.device
-) -> dict[str, float]:
-    """Median per-call seconds of each, the ratio of medians and the spread of per-round ratios."""
+def interleaved(arms: dict[str, Callable[[], Any]], rounds: int, device: torch.device) -> dict[str, Any]:
+    """Median per-call seconds of each arm (the first is dense), each arm's speed-up over dense (ratio of the
+    medians) and the spread of its per-round ratios."""
     with torch.inference_mode():
-        dense(), sparse()  # warm-up
-        once = _block(dense, 1, device)
+        for fn in arms.values():
+            fn()  # warm-up
+        once = _block(next(iter(arms.values())), 1, device)
         calls = max(1, min(200, int(0.005 / max(once, 1e-7))))  # blocks of about 5 ms or more
-        dense_times, sparse_times = [], []
+        times: dict[str, list[float]] = {name: [] for name in arms}
         for _ in range(rounds):
-            dense_times.append(_block(dense, calls, device))
-            sparse_times.append(_block(sparse, calls, device))
-    ratios = [d / s for d, s in zip(dense_times, sparse_times, strict=True)]
-    return {
-        "dense_ms": statistics.median(dense_times) * 1e3,
-        "sparse_ms": statistics.median(sparse_times) * 1e3,
-        "speedup": statistics.median(dense_times) / statistics.median(sparse_times),
-        "speedup_min": min(ratios),
-        "speedup_max": max(ratios),
-        "calls_per_block": calls,
+            for name, fn in arms.items():
+                times[name].append(_block(fn, calls, device))
+    dense = next(iter(times))
+    out: dict[str, Any] = {"dense_ms": statistics.median(times[dense]) * 1e3, "calls_per_block": calls}
+    for name in list(arms)[1:]:
+        ratios = [d / t for d, t in zip(times[dense], times[name], strict=True)]
+        out[name] = {
+            "ms": statistics.median(times[name]) * 1e3,
+            "speedup": statistics.median(times[dense]) / statistics.median(times[name]),
+            "speedup_min": min(ratios),
+            "speedup_max": max(ratios),
+        }
+    return out
+
+
+def forced(model: nn.Module, kernel: str) -> nn.Module:
+    """A copy with every pruned ``nn.Linear`` and 1x1 convolution on ``kernel``, measured or not."""
+    copy_ = __import__("copy").deepcopy(model)
+    for parent in list(copy_.modules()):
+        for name, child in list(parent._modules.items()):
+            if (type(child) is nn.Linear or is_pointwise_conv(child)) and bool((child.weight == 0).any()):
+                setattr(parent, name, _sparse_layer(child, kernel))  # type: ignore[arg-type]
+    return copy_
+
+
+def sizes(model: nn.Module, x: torch.Tensor, scratch: Path, onnx: bool) -> dict[str, int | None]:
+    """Bytes of the dense ``.pt``, the compressed ``.pt`` and ``.safetensors``, and the plain and sparse ONNX."""
+    state = model.state_dict()
+    out: dict[str, int | None] = {
+        "dense_pt": file_bytes(state),
+        "compressed_pt": file_bytes(compress_state_dict(state)),
+        "safetensors": save_compressed(state, scratch / "model.safetensors"),
+        "onnx_plain": None,
+        "onnx_sparse": None,
     }
+    if onnx:
+        report = export_onnx(model, x, scratch / "model.onnx")
+        out["onnx_plain"], out["onnx_sparse"] = report.dense_bytes, report.bytes
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,36 +195,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sizes": [],
         "latency": [],
     }
+    kernels = ["csr", "numba"] if device.type == "cpu" and numba_available() else ["csr"]
+    scratch = Path(tempfile.mkdtemp(prefix="sparse-inference-"))
     for key in args.networks:
         title, build, make_input = NETWORKS[key]
-        dense_size = file_bytes(pruned(build, "0.9").state_dict())  # the dense file does not depend on the zeros
         for pattern in args.patterns:
             model = pruned(build, pattern).to(device, dtype)
-            compressed = file_bytes(compress_state_dict(model.state_dict()))
-            results["sizes"].append(
-                {"network": title, "pattern": pattern, "dense_bytes": dense_size, "compressed_bytes": compressed}
-            )
-            print(f"{title} {pattern}: {dense_size / compressed:.1f}x smaller file", file=sys.stderr, flush=True)
+            files = sizes(model, make_input(1).to(device, dtype), scratch, args.onnx and key != "transformer")
+            results["sizes"].append({"network": title, "pattern": pattern, **files})
+            print(f"{title} {pattern}: files {files}", file=sys.stderr, flush=True)
             for threads in args.threads:
                 torch.set_num_threads(all_threads if threads == 0 else threads)
                 for batch in args.batches:
                     x = make_input(batch).to(device, dtype)
                     fast = sparsify(model, example_input=x)
-                    sparse_layers = sum(isinstance(m, SparseLinear) for m in fast.modules())
-                    linears = sum(type(m) is nn.Linear for m in model.modules())
-                    timing = interleaved(lambda: model(x), lambda: fast(x), args.rounds, device)  # noqa: B023
+                    layers = sum(type(m) is nn.Linear or is_pointwise_conv(m) for m in model.modules())
+                    chosen = [m.kernel for m in fast.modules() if isinstance(m, _SparseMatrix)]
+                    arms: dict[str, Callable[[], Any]] = {"dense": lambda: model(x)}  # noqa: B023
+                    for kernel in kernels if pattern != "2:4" or device.type == "cpu" else []:
+                        arms[kernel] = (lambda m: lambda: m(x))(forced(model, kernel))  # noqa: B023
+                    arms["sparsify"] = lambda: fast(x)  # noqa: B023
+                    timing = interleaved(arms, args.rounds, device)
                     row = {
                         "network": title,
                         "pattern": pattern,
                         "threads": torch.get_num_threads(),
                         "batch": batch,
-                        "sparse_layers": f"{sparse_layers}/{linears}",
+                        "sparse_layers": f"{len(chosen)}/{layers}",
+                        "chosen": chosen,
                         **timing,
                     }
                     results["latency"].append(row)
                     print(
-                        f"  {threads or 'all'} thread(s), batch {batch}: {timing['speedup']:.2f}x"
-                        f" ({row['sparse_layers']} layers sparse)",
+                        f"  {threads or 'all'} thread(s), batch {batch}: "
+                        + ", ".join(f"{k} {timing[k]['speedup']:.2f}x" for k in arms if k != "dense")
+                        + f" ({row['sparse_layers']} layers sparse: {chosen})",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -183,26 +238,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _pattern_label(pattern: str) -> str:
+    if pattern.startswith("cfi:"):
+        return f"{float(pattern[4:]):.0%} constant fan-in"
     return "2:4" if pattern == "2:4" else f"{float(pattern):.0%}"
 
 
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _x(dense: int, n: int | None) -> str:
+    return "" if n is None else f" ({dense / n:.1f}x)"
+
+
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["| network | sparsity | dense file | compressed file | smaller by |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "| network | sparsity | dense .pt | compressed .pt | .safetensors | ONNX | sparse ONNX |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results["sizes"]:
+        dense = r["dense_pt"]
         lines.append(
-            f"| {r['network']} | {_pattern_label(r['pattern'])} | {r['dense_bytes'] / 1e6:.2f} MB"
-            f" | {r['compressed_bytes'] / 1e6:.2f} MB | {r['dense_bytes'] / r['compressed_bytes']:.1f}x |"
+            f"| {r['network']} | {_pattern_label(r['pattern'])} | {_mb(dense)} | {_mb(r['compressed_pt'])}"
+            f"{_x(dense, r['compressed_pt'])} | {_mb(r['safetensors'])}{_x(dense, r['safetensors'])}"
+            f" | {_mb(r['onnx_plain'])} | {_mb(r['onnx_sparse'])}"
+            + (_x(r["onnx_plain"], r["onnx_sparse"]) if r["onnx_plain"] else "")
+            + " |"
         )
     lines += [
         "",
-        "| network | sparsity | threads | batch | sparse layers | dense ms | sparsified ms | speed-up (min-max) |",
+        "| network | sparsity | threads | batch | dense ms | MKL CSR | numba | `sparsify` (its choice) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["latency"]:
+        cells = []
+        for arm in ("csr", "numba", "sparsify"):
+            t = r.get(arm)
+            cells.append("-" if t is None else f"{t['speedup']:.2f}x ({t['speedup_min']:.2f}-{t['speedup_max']:.2f})")
+        choice = ", ".join(sorted(set(r["chosen"]))) or "dense"
         lines.append(
-            f"| {r['network']} | {_pattern_label(r['pattern'])} | {r['threads']} | {r['batch']} | {r['sparse_layers']}"
-            f" | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f}"
-            f" | {r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) |"
+            f"| {r['network']} | {_pattern_label(r['pattern'])} | {r['threads']} | {r['batch']} | {r['dense_ms']:.3f}"
+            f" | {cells[0]} | {cells[1]} | {cells[2]}: {r['sparse_layers']} {choice} |"
         )
     return "\n".join(lines)
 
@@ -217,6 +293,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="e.g. cuda (GPU paths: cuSPARSE CSR, 2:4 semi-structured)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX exports (a few s each)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or any(b < 1 for b in args.batches) or any(t < 0 for t in args.threads):
         parser.error("--rounds and --batches must be >= 1 and --threads >= 0")

@@ -41,35 +41,46 @@ def _kernels() -> dict[str, Any]:
         raise ImportError(
             f"The compiled sparse kernel needs numba, which is not installed. Install the extra: {EXTRA}"
         ) from error
+    # numba's own thread pool: its OpenMP layer would share PyTorch's OpenMP runtime, change its thread count and
+    # leave spinning threads that slow PyTorch's own kernels down
+    config: Any = numba.config
+    if config.THREADING_LAYER == "default":
+        config.THREADING_LAYER = "workqueue"
 
-    # fastmath lets the compiler reorder each row's sum (and vectorize its gathers); the slices give the loops a
-    # trip count from zero, which is what makes them vectorize
-    @numba.njit(parallel=True, cache=False, nogil=True, fastmath=True)
-    def vector(indptr: Any, indices: Any, values: Any, x: Any, out: Any) -> None:  # pragma: no cover - compiled
-        for i in numba.prange(out.shape[0]):
-            start = indptr[i]
-            count = indptr[i + 1] - start
-            row_values = values[start : start + count]
-            row_columns = indices[start : start + count]
-            acc = values.dtype.type(0)
-            for p in range(count):
-                acc += row_values[p] * x[row_columns[p]]
-            out[i] = acc
+    def compile_pair(parallel: bool) -> tuple[Any, Any]:
+        # fastmath lets the compiler reorder each row's sum (and vectorize its gathers); the slices give the loops a
+        # trip count from zero, which is what makes them vectorize
+        rows = numba.prange if parallel else range
 
-    @numba.njit(parallel=True, cache=False, nogil=True, fastmath=True)
-    def matrix(indptr: Any, indices: Any, values: Any, x_t: Any, out: Any) -> None:  # pragma: no cover - compiled
-        n = out.shape[1]
-        for i in numba.prange(out.shape[0]):
-            row = out[i]
-            for j in range(n):
-                row[j] = 0
-            for p in range(indptr[i], indptr[i + 1]):
-                v = values[p]
-                column = x_t[indices[p]]
+        @numba.njit(parallel=parallel, cache=False, nogil=True, fastmath=True)
+        def vector(indptr: Any, indices: Any, values: Any, x: Any, out: Any) -> None:  # pragma: no cover - compiled
+            for i in rows(out.shape[0]):
+                start = indptr[i]
+                count = indptr[i + 1] - start
+                row_values = values[start : start + count]
+                row_columns = indices[start : start + count]
+                acc = values.dtype.type(0)
+                for p in range(count):
+                    acc += row_values[p] * x[row_columns[p]]
+                out[i] = acc
+
+        @numba.njit(parallel=parallel, cache=False, nogil=True, fastmath=True)
+        def matrix(indptr: Any, indices: Any, values: Any, x_t: Any, out: Any) -> None:  # pragma: no cover - compiled
+            n = out.shape[1]
+            for i in rows(out.shape[0]):
+                row = out[i]
                 for j in range(n):
-                    row[j] += v * column[j]
+                    row[j] = 0
+                for p in range(indptr[i], indptr[i + 1]):
+                    v = values[p]
+                    column = x_t[indices[p]]
+                    for j in range(n):
+                        row[j] += v * column[j]
 
-    _compiled.update(vector=vector, matrix=matrix, numba=numba)
+        return vector, matrix
+
+    serial, parallel = compile_pair(False), compile_pair(True)  # compiled lazily, on first call per dtype
+    _compiled.update(serial=serial, parallel=parallel, numba=numba)
     return _compiled
 
 
@@ -115,11 +126,16 @@ class RowKernel:
             x = x.contiguous()
         x_np = x.numpy()
         out = np.empty((self.shape[0], x_np.shape[1]), dtype=x_np.dtype)
-        self.numba.set_num_threads(max(1, min(torch.get_num_threads(), self.numba.config.NUMBA_NUM_THREADS)))
-        if x_np.shape[1] == 1:  # one input vector (batch 1): a sum per row, kept in a register
-            _compiled["vector"](self.indptr, self.indices, self.values, x_np[:, 0], out[:, 0])
+        threads = max(1, min(torch.get_num_threads(), self.numba.config.NUMBA_NUM_THREADS))
+        if threads == 1:  # no thread pool at all: its hand-off costs more than one thread's rows
+            vector, matrix = _compiled["serial"]
         else:
-            _compiled["matrix"](self.indptr, self.indices, self.values, x_np, out)
+            self.numba.set_num_threads(threads)
+            vector, matrix = _compiled["parallel"]
+        if x_np.shape[1] == 1:  # one input vector (batch 1): a sum per row, kept in a register
+            vector(self.indptr, self.indices, self.values, x_np[:, 0], out[:, 0])
+        else:
+            matrix(self.indptr, self.indices, self.values, x_np, out)
         return torch.from_numpy(out)
 
     def __getstate__(self) -> dict[str, Any]:

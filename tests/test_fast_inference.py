@@ -49,20 +49,25 @@ def test_the_compiled_kernel_equals_the_dense_layer(dtype, constant, bias):
         _close(copy.deepcopy(sparse)(x), layer(x))
 
 
-def test_the_compiled_kernel_follows_torch_threads():
+def test_the_compiled_kernel_follows_torch_threads_and_leaves_them_alone():
     layer = _pruned_linear(torch.float32)
     sparse = SparseLinear(layer, "numba")
     x = torch.randn(1, 300)
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        with torch.no_grad():
-            one = sparse(x)
-        assert sparse._rows.numba.get_num_threads() == 1
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                results.append(sparse(x))
+                results.append(sparse(torch.randn(5, 300)))
+            assert torch.get_num_threads() == n  # the kernel's thread pool does not change PyTorch's
+            if n > 1:
+                assert sparse._rows.numba.get_num_threads() == n
     finally:
         torch.set_num_threads(threads)
-    with torch.no_grad():
-        _close(sparse(x), one)
+    _close(results[0], results[2])
+    assert sparse._rows.numba.threading_layer() == "workqueue"  # not the OpenMP runtime PyTorch uses
 
 
 def test_a_compiled_weight_moves_to_cuda_as_csr_and_back_to_the_kernel(monkeypatch):
