@@ -105,3 +105,22 @@ def test_structured_training_times_dense_and_each_channel_sparsity(tmp_path: Pat
     assert 0.2 < half["speedup"] < 20  # the same loop on a smaller network
     table = structured_training.table([result])
     assert "| lenet5 (batch 16, layerwise) | channel 50% | 109,295 (0.25x) |" in table
+
+
+@pytest.mark.slow
+def test_sparse_inference_reports_every_arm_and_file(capsys: pytest.CaptureFixture[str]) -> None:
+    import sparse_inference
+
+    argv = ["--networks", "lenet300", "conv1x1", "--patterns", "cfi:0.95", "--batches", "1", "--threads", "1"]
+    results = sparse_inference.main([*argv, "--rounds", "1"])
+    sizes = {r["network"]: r for r in results["sizes"]}
+    lenet = sizes["LeNet-300-100"]
+    assert lenet["dense_pt"] / lenet["safetensors"] > 10  # 95% zeros: about 12x smaller
+    assert lenet["onnx_plain"] / lenet["onnx_sparse"] > 5
+    for row in results["latency"]:
+        assert set(row) >= {"sparsify", "csr", "numba", "dense_ms", "chosen"}
+        assert row["sparsify"]["speedup"] == row["sparsify"]["speedup_min"]  # one round: its ratio is the median
+        assert 0.05 < row["sparsify"]["speedup"] < 50
+    out = capsys.readouterr().out
+    assert "| LeNet-300-100 | 95% constant fan-in | 1.07 MB |" in out
+    assert "ResNet-50 1x1 convolutions" in out

@@ -415,3 +415,40 @@ def test_the_callback_shrinks_on_a_gpu():
     fit(model, [pruning, shapes], _images(), max_steps=2, accelerator="gpu")
     assert (model.net[0].out_channels, model.net[2].out_channels, model.net[5].out_features) == (10, 25, 250)
     assert shapes.devices == {"cuda"}  # the optimizer trains the smaller parameters on the GPU
+
+
+@pytest.mark.slow  # a new process
+def test_a_fresh_process_restores_a_global_structure_and_its_weights(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    model = Classifier()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(
+        model,
+        [SNIPPruning(sparsity=0.6, structure="channel", plot=False), checkpoint],
+        _images(),
+        enable_checkpointing=True,
+        max_steps=2,
+    )
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_structured import Classifier
+from lightning_snip import restore_structure
+path = {str(tmp_path / "last.ckpt")!r}
+model = restore_structure(Classifier(), path)
+model.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+again = Classifier.load_from_checkpoint(path)
+torch.save({{"restored": model.state_dict(), "reloaded": again.state_dict()}}, {str(tmp_path / "out.pt")!r})
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    for state in out.values():
+        assert state.keys() == model.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    widths = (model.net[0].out_channels, model.net[2].out_channels, model.net[5].out_features)
+    assert sum(widths) == kept_count(570, 0.6)
