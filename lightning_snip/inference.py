@@ -35,6 +35,8 @@ from lightning_snip.kernels import RowKernel, numba_available
 log = logging.getLogger(__name__)
 
 Kernel = Literal["csr", "numba", "2:4"]
+Swap = tuple["nn.Module", str, "nn.Module", "_SparseMatrix"]
+"""A layer to replace: its parent, its name there, the dense layer and the sparse one."""
 
 #: Without an example input, a layer goes sparse when at least this fraction of its weights is zero ...
 MIN_ZERO_FRACTION = 0.95
@@ -506,7 +508,9 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
       sees, and the dense layer and each sparse kernel that can run it (MKL CSR; the compiled ``"numba"`` kernel
       when numba is installed, the extra ``lightning-snip[fast]``) are timed on it, interleaved; the fastest kernel
       is used when its median time is at most :data:`MEASURED_MARGIN` (0.9) of the dense median. Layers the
-      example does not reach stay dense.
+      example does not reach stay dense. Then the whole model is timed on the example with and without the chosen
+      layers, interleaved: if it is not faster with them, the compiled-kernel layers, and then all of them, go back
+      to dense, so the result is never slower than the dense model on the example, as measured.
     - without it, a rule decides for ``nn.Linear`` layers: sparse (MKL CSR) when at least :data:`MIN_ZERO_FRACTION`
       (95%) of its weights are zero and it has at least :data:`MIN_WEIGHTS` (262,144) of them; a 2:4 layer that a
       GPU accelerates (see the module docs) always goes sparse. 1x1 convolutions go sparse only when measured.
@@ -597,12 +601,68 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
             why += f", below the rule ({MIN_ZERO_FRACTION:.0%} zeros and {MIN_WEIGHTS:,} weights)"
         replaced[id(layer)] = choice
         log.info("sparsify: %s -> %s (%s)", name, "dense" if choice is None else f"sparse {choice.kernel}", why)
-    for parent in list(result.modules()):
-        for child_name, child in list(parent._modules.items()):  # every occurrence of a shared layer
-            sparse = replaced.get(id(child))
-            if sparse is not None:
-                setattr(parent, child_name, sparse)
+    swaps: list[Swap] = [
+        (parent, child_name, cast(nn.Module, child), sparse)
+        for parent in list(result.modules())
+        for child_name, child in list(parent._modules.items())  # every occurrence of a shared layer
+        if (sparse := replaced.get(id(child))) is not None
+    ]
+    if example_input is not None and swaps:
+        swaps = _keep_if_whole_model_faster(result, swaps, example_input)
+    for parent, child_name, _, sparse in swaps:
+        setattr(parent, child_name, sparse)
     return result
+
+
+def _whole_model_ratio(model: nn.Module, swaps: list[Swap], example_input: Any, rounds: int = 15) -> float:
+    """The whole model's median time with ``swaps`` made over its median time without, interleaved."""
+
+    def use(sparse: bool) -> None:
+        for parent, name, dense, layer in swaps:
+            setattr(parent, name, layer if sparse else dense)
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    run = _timer(lambda: _call(model, example_input), device)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    budget = time.perf_counter() + 3.0
+    with torch.inference_mode():
+        for sparse in (False, True):  # warm-up
+            use(sparse)
+            run()
+        for _ in range(rounds):
+            for sparse in (False, True):
+                use(sparse)
+                times[sparse].append(run())
+            if time.perf_counter() > budget and len(times[True]) >= 3:
+                break
+    use(False)
+    return statistics.median(times[True]) / statistics.median(times[False])
+
+
+def _keep_if_whole_model_faster(model: nn.Module, swaps: list[Swap], example_input: Any) -> list[Swap]:
+    """The layers chosen one by one, kept only if the whole model on the example is faster with them.
+
+    Layers measured alone can still slow the whole model down (two thread pools taking turns on few cores, say):
+    if the whole model is not faster, the compiled-kernel layers go back to dense, and then, if it is still not
+    faster, all of them.
+    """
+    ratio = _whole_model_ratio(model, swaps, example_input)
+    if ratio <= 1.0:
+        log.info("sparsify: the whole model measured at %.2fx the dense time", ratio)
+        return swaps
+    without_numba = [swap for swap in swaps if swap[3].kernel != "numba"]
+    if without_numba and len(without_numba) < len(swaps):
+        retry = _whole_model_ratio(model, without_numba, example_input)
+        if retry <= 1.0:
+            log.info(
+                "sparsify: the whole model measured at %.2fx the dense time, %.2fx with the compiled-kernel layers"
+                " dense: those stay dense",
+                ratio,
+                retry,
+            )
+            return without_numba
+    log.info("sparsify: the whole model measured at %.2fx the dense time with its sparse layers: all stay dense", ratio)
+    return []
 
 
 def densify(model: nn.Module) -> nn.Module:

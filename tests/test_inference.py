@@ -91,6 +91,7 @@ def test_the_example_input_measures_each_layer_on_the_shapes_it_sees(monkeypatch
         return layer.out_features == 300, 0.5 if layer.out_features == 300 else 1.3  # only the middle layer wins
 
     monkeypatch.setattr(inference, "_measured_faster", fake_measure)
+    monkeypatch.setattr(inference, "_whole_model_ratio", lambda model, swaps, x, rounds=15: 0.8)
     with caplog.at_level(logging.INFO, logger="lightning_snip.inference"):
         fast = sparsify(model, example_input=torch.randn(7, 1024))
     assert seen == {512: (7, 1024), 300: (7, 512)}  # the dense last layer has nothing to skip

@@ -145,12 +145,12 @@ class FakeClock:
         self.made = 0
 
     def __call__(self, fn: Any, device: torch.device) -> Any:
-        series = self.series[self.made]
+        series = self.series[self.made] if self.made < len(self.series) else iter(())
         self.made += 1
 
         def run() -> float:
             fn()
-            return next(series)
+            return next(series, 1.0)  # the whole-model check after the per-layer ones: no faster, no slower
 
         return run
 
@@ -376,3 +376,32 @@ def test_a_sparsified_model_runs_under_cuda_autocast():
         dense, sparse = model(x), fast(x)
     assert sparse.dtype == dense.dtype == torch.float16
     torch.testing.assert_close(sparse.float(), dense.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_sparse_layers_that_slow_the_whole_model_down_go_back_to_dense(monkeypatch, caplog):
+    import logging
+
+    from lightning_snip import inference
+
+    model = _pruned(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), zeros=0.99).eval()
+    monkeypatch.setattr(inference, "_measured_faster", lambda layer, sparse, x, rounds=15: (True, 0.5))
+    ratios = iter([1.3, 0.8])  # slower with every chosen layer; faster without the compiled-kernel ones
+    monkeypatch.setattr(inference, "_whole_model_ratio", lambda model, swaps, x, rounds=15: next(ratios))
+    with caplog.at_level(logging.INFO, logger="lightning_snip.inference"):
+        fast = sparsify(model, example_input=torch.randn(1, 1024))
+    kernels = [m.kernel for m in fast.modules() if isinstance(m, inference._SparseMatrix)]
+    assert kernels == ["csr", "csr"] or kernels == []  # numba (chosen first when equally fast) went back to dense
+    assert "whole model measured at 1.30x" in caplog.text
+    monkeypatch.setattr(inference, "_whole_model_ratio", lambda model, swaps, x, rounds=15: 1.2)
+    slow = sparsify(model, example_input=torch.randn(1, 1024))
+    assert not any(isinstance(m, inference._SparseMatrix) for m in slow.modules())  # never slower than dense
+
+
+def test_the_whole_model_check_times_both_configurations_interleaved():
+    from lightning_snip import inference
+
+    model = _pruned(nn.Linear(1024, 1024), zeros=0.99).eval()
+    sparse = SparseLinear(model[0], "csr")
+    ratio = inference._whole_model_ratio(model, [(model, "0", model[0], sparse)], torch.randn(1, 1024), rounds=3)
+    assert 0.01 < ratio < 100
+    assert type(model[0]) is nn.Linear  # left dense: `sparsify` makes the swap it decides on
