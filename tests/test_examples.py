@@ -118,7 +118,7 @@ def test_command_line_overrides_the_callback(tmp_path, monkeypatch):
 
 def test_cifar10_missing_files_explain_how_to_get_them(tmp_path):
     data = CIFAR10DataModule(data_dir=str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py.*--data\.download=true"):
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py.*--data\.init_args\.download=true"):
         data.setup("fit")
 
 
