@@ -24,7 +24,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 Kernel = Literal["csr", "numba", "2:4"]
 Swap = tuple["nn.Module", str, "nn.Module", "_SparseMatrix"]
+_Dense = TypeVar("_Dense", nn.Linear, nn.Conv2d)
 """A layer to replace: its parent, its name there, the dense layer and the sparse one."""
 
 #: Without an example input, a layer goes sparse when at least this fraction of its weights is zero ...
@@ -151,6 +152,18 @@ class _SparseMatrix(nn.Module):
     def dense_weight(self) -> Tensor:
         """The weight as an ordinary dense tensor, in the replaced layer's shape."""
         return self.weight.to_dense().reshape(self._dense_shape)
+
+    def _as_dense(self, layer: _Dense) -> _Dense:
+        """``layer`` (a new dense layer of the replaced kind) given this one's weight, bias, hooks and mode."""
+        weight = self.dense_weight()
+        layer.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+        if self.bias is not None:
+            layer.bias = self.bias
+        _copy_forward_hooks(self, layer)
+        layer.train(self.training)
+        return layer
 
     def _matmul(self, x_t: Tensor) -> Tensor:
         """``weight @ x_t`` for ``x_t`` of shape ``(in, n)``: the ``(out, n)`` product, by this layer's kernel."""
@@ -282,16 +295,7 @@ class SparseLinear(_SparseMatrix):
 
     def to_linear(self) -> nn.Linear:
         """The ordinary ``nn.Linear`` this layer computes: dense weight (trainable), the same bias parameter."""
-        weight = self.dense_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        linear.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-        if self.bias is not None:
-            linear.bias = self.bias
-        _copy_forward_hooks(self, linear)
-        linear.train(self.training)
-        return linear
+        return self._as_dense(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None))
 
     def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -363,16 +367,7 @@ class SparseConv1x1(_SparseMatrix):
 
     def to_conv(self) -> nn.Conv2d:
         """The ordinary ``nn.Conv2d`` this layer computes: dense weight (trainable), the same bias parameter."""
-        weight = self.dense_weight()
-        conv = nn.Conv2d(self.in_channels, self.out_channels, 1, bias=self.bias is not None)
-        conv.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-        if self.bias is not None:
-            conv.bias = self.bias
-        _copy_forward_hooks(self, conv)
-        conv.train(self.training)
-        return conv
+        return self._as_dense(nn.Conv2d(self.in_channels, self.out_channels, 1, bias=self.bias is not None))
 
     def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
         if x.dim() == 3:  # an unbatched (C, H, W) input, as nn.Conv2d takes

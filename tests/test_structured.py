@@ -2,6 +2,8 @@
 network computes what the dense one computes with those channels zeroed; resumes and reloads never re-score."""
 
 import copy
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,17 +34,11 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
 
 
-def lenet5() -> nn.Module:  # Caffe's LeNet-5
-    return nn.Sequential(
-        nn.Conv2d(1, 20, 5),
-        nn.MaxPool2d(2),
-        nn.Conv2d(20, 50, 5),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(800, 500),
-        nn.ReLU(),
-        nn.Linear(500, 10),
-    )
+def lenet5() -> nn.Module:  # Caffe's LeNet-5, as the examples build it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from models import lenet_5_caffe
+
+    return lenet_5_caffe()
 
 
 class Concat(nn.Module):
@@ -280,17 +276,18 @@ def test_the_callback_shrinks_before_the_optimizer_is_built(criterion, scope):
     assert pruning.state_dict()["structure"]
 
 
-def test_resume_and_reload_restore_the_structure_and_never_score(tmp_path, monkeypatch):
+def _shrunk_run(tmp_path: Path, sparsity: float, steps: int) -> "Classifier":
+    """A channel-pruned LeNet-5-Caffe trained for ``steps`` with ``last.ckpt`` written to ``tmp_path``."""
     torch.manual_seed(0)
     model = Classifier()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    fit(
-        model,
-        [SNIPPruning(sparsity=0.5, structure="channel", plot=False), checkpoint],
-        _images(),
-        enable_checkpointing=True,
-        max_steps=3,
-    )
+    pruning = SNIPPruning(sparsity=sparsity, structure="channel", plot=False)
+    fit(model, [pruning, checkpoint], _images(), enable_checkpointing=True, max_steps=steps)
+    return model
+
+
+def test_resume_and_reload_restore_the_structure_and_never_score(tmp_path, monkeypatch):
+    model = _shrunk_run(tmp_path, 0.5, 3)
     import lightning_snip.callback as callback_module
 
     def no_scoring(*args: Any) -> None:
@@ -420,19 +417,8 @@ def test_the_callback_shrinks_on_a_gpu():
 @pytest.mark.slow  # a new process
 def test_a_fresh_process_restores_a_global_structure_and_its_weights(tmp_path):
     import subprocess
-    import sys
-    from pathlib import Path
 
-    torch.manual_seed(0)
-    model = Classifier()
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    fit(
-        model,
-        [SNIPPruning(sparsity=0.6, structure="channel", plot=False), checkpoint],
-        _images(),
-        enable_checkpointing=True,
-        max_steps=2,
-    )
+    model = _shrunk_run(tmp_path, 0.6, 2)
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
