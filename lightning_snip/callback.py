@@ -2,6 +2,8 @@
 
 Which hook does what:
 
+- ``setup`` (``structure="channel"`` only): score, select and remove channels, or restore the structure of the
+  checkpoint being resumed, before Lightning builds the optimizer and wraps the model.
 - ``on_fit_start``: check the strategy and the model; restore masks from a checkpoint, reuse the masks of an earlier
   ``fit`` of the same model, or score the model on batches of the trainer's own train dataloader; zero the pruned
   weights. Under FSDP and ``ModelParallelStrategy`` each rank scores and masks its own shards; the masks are selected
@@ -131,6 +133,13 @@ class SNIPPruning(_Callback):
             directory, and log its size (``snip/compressed_bytes``) and how many times smaller it is than the dense
             tensors (``snip/compression_ratio``). Read it back with :func:`~lightning_snip.compress.load_compressed`.
             Defaults to ``False``.
+        structure: ``"weight"`` prunes single weights (masks kept through training); ``"channel"`` removes whole
+            channels in ``setup``, before the optimizer is built, so a physically smaller network trains: every
+            one-shot criterion's per-weight scores are summed per channel group (see
+            :mod:`lightning_snip.structured`; needs the extra ``lightning-snip[structured]``), ``sparsity`` is the
+            fraction of prunable channels removed, and nothing is masked during training. Defaults to ``"weight"``.
+        width_multiple: With ``structure="channel"``, each layer's kept width is rounded up to a multiple of this.
+            Defaults to ``1``.
 
     Raises:
         TypeError: If an argument has the wrong type.
