@@ -150,7 +150,7 @@ def test_complex_parameters_are_left_out_with_a_warning(criterion):
     model = WithComplex()
     spectral = model.spectral.detach().clone()
     rounds = 2 if criterion in ("iterative_snip", "force", "synflow") else None
-    pruning = SNIPPruning(sparsity=0.9, criterion=criterion, iterations=rounds, plot=False)
+    pruning = SNIPPruning(sparsity=0.5, criterion=criterion, iterations=rounds, min_density=0.1, plot=False)
     with pytest.warns(UserWarning, match=r"\['spectral'\] are complex-valued and are not pruned"):
         fit(model, [pruning], max_steps=1)
     assert set(pruning.masks) == {"net.0.weight", "net.4.weight"}
