@@ -336,7 +336,14 @@ def test_a_whole_lightning_checkpoint_shrinks_and_round_trips(tmp_path):
     assert _same(restored["state_dict"], checkpoint["state_dict"])
     resumed = HyperModule()
     resumed.load_state_dict(restored["state_dict"])
-    again = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=3)
+    again = pl.Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        max_steps=3,
+    )
     torch.save(restored, tmp_path / "restored.ckpt")
     again.fit(
         resumed,
