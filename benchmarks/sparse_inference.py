@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results["latency"].append(row)
                     print(
                         f"  {threads or 'all'} thread(s), batch {batch}: "
-                        + ", ".join(f"{k} {timing[k]['speedup']:.2f}x" for k in arms if k != "dense")
+                        + ", ".join(f"{k} {timing[k]['speedup']:.2f}x" for k in [*kernels, "sparsify"])
                         + f" ({row['sparse_layers']} layers sparse: {chosen})",
                         file=sys.stderr,
                         flush=True,
