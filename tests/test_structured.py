@@ -438,3 +438,19 @@ torch.save({{"restored": model.state_dict(), "reloaded": again.state_dict()}}, {
         assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     widths = (model.net[0].out_channels, model.net[2].out_channels, model.net[5].out_features)
     assert sum(widths) == kept_count(570, 0.6)
+
+
+@pytest.mark.slow  # Inductor compiles C++ (about 30 s)
+def test_the_shrunk_network_compiles_with_torch_compile():
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    torch.manual_seed(0)
+    model = Classifier()
+    fit(model, [SNIPPruning(sparsity=0.5, structure="channel", scope="layerwise", plot=False)], _images(), max_steps=1)
+    net = model.net.eval()
+    compiled = torch.compile(net)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-5)
