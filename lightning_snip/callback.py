@@ -407,7 +407,7 @@ class SNIPPruning(_Callback):
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if not self._params or self.structure == "channel":
+        if not self._params:
             return
         self._check_pruned_weights(trainer, f"before saving a checkpoint at step {trainer.global_step}")
         state = checkpoint.get("state_dict")

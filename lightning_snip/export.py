@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_snip.isolation import eval_mode
+
 EXTRA = 'pip install "lightning-snip[onnx]"'
 
 
@@ -99,9 +101,7 @@ def export_onnx(
 
     path = Path(path)
     args = _as_tuple(example_input)
-    was_training = [m.training for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         with tempfile.TemporaryDirectory() as scratch:
             dense_path = Path(scratch) / "dense.onnx"
             torch.onnx.export(model, args, str(dense_path), dynamo=True, external_data=False, verbose=False)
@@ -109,9 +109,6 @@ def export_onnx(
             graph_model = onnx.load(str(dense_path))
         with torch.no_grad():
             expected = model(*args)
-    finally:
-        for module, mode in zip(model.modules(), was_training, strict=True):
-            module.training = mode
     graph = graph_model.graph
     sparse: dict[str, float] = {}
     keep = []

@@ -58,6 +58,27 @@ def _metric_states(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
 
 
 @contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside, and back in the mode it was in on exit (normal or not).
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Dropout(), nn.Dropout().eval())
+        >>> with eval_mode(net):
+        ...     inside = [m.training for m in net.modules()]
+        >>> inside, [m.training for m in net.modules()]
+        ([False, False, False], [True, True, False])
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextmanager
 def leave_no_trace(module: nn.Module) -> Iterator[None]:
     """Undo, on exit (normal or not), what running ``module`` changes besides its parameters' values.
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_snip.isolation import eval_mode
 
 EXTRA = 'pip install "lightning-snip[structured]"'
 _RECURRENT = (nn.RNNBase, nn.RNNCellBase)
@@ -65,18 +66,6 @@ class ChannelGroup:
     name: str
     size: int
     members: list[Member] = field(default_factory=list)
-    modules: list[str] = field(default_factory=list)  # every layer that gains or loses with the group
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [m.training for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(model.modules(), modes, strict=True):
-            m.training = mode
 
 
 def _custom_function_owner(model: nn.Module, example_input: Tensor) -> tuple[str, str] | None:
@@ -188,7 +177,7 @@ def trace_channel_groups(
                 f" groups={module.groups} (neither 1 nor its {module.in_channels} input channels). Exclude it"
                 f" (`exclude=['{name}.*']`) or use `structure='weight'`."
             )
-    with _eval_mode(model):
+    with eval_mode(model):
         custom = _custom_function_owner(model, example_input)
         if custom is not None:
             raise UntraceableError(
@@ -214,8 +203,6 @@ def trace_channel_groups(
             if name in excluded_modules or (name in outputs and handler == "prune_out_channels"):
                 skip = True  # an excluded layer, or the network's output channels: never pruned
                 break
-            if name not in group.modules:
-                group.modules.append(name)
             key = (id(module), handler)
             if key in seen:
                 continue
@@ -411,15 +398,9 @@ def count_parameters(model: nn.Module) -> int:
 def count_macs(model: nn.Module, example_input: Tensor) -> int:
     """Multiply-accumulates of one forward on ``example_input`` (convolutions and linear layers), by Torch-Pruning."""
     tp = torch_pruning()
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         macs, _ = tp.utils.count_ops_and_params(model, example_inputs=example_input)
     return int(macs)
-
-
-def widths(model: nn.Module, names: Sequence[str]) -> dict[str, int]:
-    """The output width (channels or features) of each named layer."""
-    modules = dict(model.named_modules())
-    return {name: _out_channels(modules[name]) for name in names}
 
 
 def structure_record(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]] | None:
