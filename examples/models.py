@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-Arch = Literal["lenet300", "lenet5", "vgg_d", "resnet18", "resnet8", "lstm", "gru"]
+Arch = Literal["lenet300", "lenet5", "vgg_d", "resnet18", "resnet8", "resnet8w2", "lstm", "gru"]
 
 
 def lenet_300_100(num_classes: int = 10) -> nn.Module:
@@ -96,9 +96,10 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Module:
     return net
 
 
-def resnet8(num_classes: int = 10) -> nn.Module:
-    """A small ResNet for 28x28 grey images: a 3x3 stem of 16 channels, three stages of one basic block (16, 32 and
-    64 channels; the last two halve the resolution), global average pooling, one linear layer."""
+def resnet8(num_classes: int = 10, width: int = 16) -> nn.Module:
+    """A small ResNet for 28x28 grey images: a 3x3 stem of `width` channels, three stages of one basic block (`width`,
+    2 `width` and 4 `width` channels; the last two halve the resolution), global average pooling, one linear layer.
+    `width=16` is ResNet-8; `width=32` its twice-as-wide form (`resnet8w2`)."""
 
     def stage(inplanes: int, planes: int, stride: int) -> nn.Module:
         downsample = None
@@ -107,15 +108,15 @@ def resnet8(num_classes: int = 10) -> nn.Module:
         return torchvision.models.resnet.BasicBlock(inplanes, planes, stride, downsample)
 
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1, bias=False),
-        nn.BatchNorm2d(16),
+        nn.Conv2d(1, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
         nn.ReLU(),
-        stage(16, 16, 1),
-        stage(16, 32, 2),
-        stage(32, 64, 2),
+        stage(width, width, 1),
+        stage(width, 2 * width, 2),
+        stage(2 * width, 4 * width, 2),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(64, num_classes),
+        nn.Linear(4 * width, num_classes),
     )
 
 
@@ -125,6 +126,7 @@ BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "vgg_d": vgg_d,
     "resnet18": resnet18_cifar,
     "resnet8": resnet8,
+    "resnet8w2": lambda num_classes: resnet8(num_classes, width=32),
     "lstm": lambda num_classes: RowRNN("lstm", num_classes=num_classes),
     "gru": lambda num_classes: RowRNN("gru", num_classes=num_classes),
 }

@@ -38,9 +38,9 @@ from models import Arch
 from lightning_snip import SNIPPruning, find_candidates
 from lightning_snip.scoring import CriterionName
 
-ARCHS = {"lenet5": "LeNet-5-Caffe", "resnet8": "ResNet-8"}
-EPOCHS = {"lenet5": 4, "resnet8": 4}
-LR = {"lenet5": 0.05, "resnet8": 0.05}
+ARCHS = {"lenet5": "LeNet-5-Caffe", "resnet8": "ResNet-8", "resnet8w2": "ResNet-8, 2x wide"}
+EPOCHS = {"lenet5": 4, "resnet8": 4, "resnet8w2": 4}
+LR = {"lenet5": 0.05, "resnet8": 0.05, "resnet8w2": 0.05}
 CHANNEL_CRITERIA = ["snip", "synflow", "magnitude", "random"]
 CHANNEL_SPARSITY = 0.5
 

@@ -18,6 +18,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_snip import SNIPPruning, find_candidates, sparsity_report
+from lightning_snip.cli import SNIPCLIMixin
+from lightning_snip.reporting import PLOT_FILE, output_directory
 
 # harmless on a small CPU machine, and not the example's business
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -49,7 +51,7 @@ def where(trainer: pl.Trainer) -> str:
     for logger in trainer.loggers:
         kind = type(logger).__name__
         lines.append(f"  {kind}: {logger.log_dir}" + (" (metrics.csv)" if kind == "CSVLogger" else ""))
-    chart = Path(trainer.log_dir or trainer.default_root_dir) / "snip_sparsity.png"
+    chart = output_directory(trainer) / PLOT_FILE  # the logger's folder, or snip_logs/version_<n> without one
     if chart.exists():
         lines.append(f"  sparsity chart: {chart}")
     checkpoint = trainer.checkpoint_callback
@@ -61,7 +63,7 @@ def where(trainer: pl.Trainer) -> str:
     return "\n".join(["Where things went:", *(lines if trainer.loggers else ["  loggers: none", *lines])])
 
 
-class TrainThenTestCLI(LightningCLI):
+class TrainThenTestCLI(SNIPCLIMixin, LightningCLI):
     """After ``fit``, test the trained model and print a one-line result, then where the logs and files are."""
 
     def after_fit(self) -> None:

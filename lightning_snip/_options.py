@@ -8,6 +8,18 @@ from lightning_snip.scoring import available_criteria, get_criterion
 from lightning_snip.selection import check_min_density, check_n_m_sparsity, parse_n_m
 
 
+def check_sparsity(sparsity: object) -> float:
+    """``sparsity`` as a float, or a ``TypeError``/``ValueError`` that names it, the value and the fix."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"`sparsity` must be a real number in [0, 1), got {sparsity!r}. Use e.g. 0.9.")
+    if not (math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
+        raise ValueError(
+            f"`sparsity` must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}. Use e.g. 0.9"
+            " for 90% zeros."
+        )
+    return float(sparsity)
+
+
 def validate_options(
     *,
     sparsity: object,
@@ -23,13 +35,7 @@ def validate_options(
     width_multiple: object = 1,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` for the first argument that is wrong; ``flags`` are the booleans by name."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"`sparsity` must be a real number in [0, 1), got {sparsity!r}. Use e.g. 0.9.")
-    if not (math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
-        raise ValueError(
-            f"`sparsity` must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}. Use e.g. 0.9"
-            " for 90% zeros."
-        )
+    sparsity = check_sparsity(sparsity)
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"`num_batches` must be an integer >= 1, got {num_batches!r}. Use e.g. 1.")
     if criterion not in available_criteria():

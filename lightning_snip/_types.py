@@ -1,13 +1,15 @@
 """Argument types that LightningCLI checks while it parses a config, before anything is built.
 
-With jsonargparse installed (LightningCLI's parser), ``Sparsity`` and ``PositiveInt`` are its restricted number
-types and ``ScopeName`` a registered string type, so ``--trainer.callbacks.init_args.sparsity=1.5`` or
-``scope=4:2`` is rejected at parse time with a one-line message. Without it they are plain ``float``, ``int`` and
+With jsonargparse installed (LightningCLI's parser), ``Sparsity`` and ``ScopeName`` are registered types that check
+with ``SNIPPruning``'s own messages and ``PositiveInt`` its restricted number type, so
+``--trainer.callbacks.init_args.sparsity=1.5`` or ``scope=4:2`` is rejected at parse time (one line with
+:class:`lightning_snip.cli.SNIPCLIMixin`). Without it they are plain ``float``, ``int`` and
 ``str``; ``SNIPPruning.__init__`` validates the values either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Literal
 
 from lightning_snip.selection import parse_n_m
@@ -37,11 +39,22 @@ else:
     else:
         register_type(ScopeName, str, ScopeName)
 
+    class Sparsity(float):
+        """The fraction of weights (or channels) set to zero, in [0, 1)."""
+
+        __slots__ = ()
+
+        def __new__(cls, value: object) -> Sparsity:
+            from lightning_snip._options import check_sparsity
+
+            if isinstance(value, str):  # from the command line: --trainer.callbacks.init_args.sparsity=0.95
+                with contextlib.suppress(ValueError):
+                    value = float(value)
+            return super().__new__(cls, check_sparsity(value))
+
     try:
-        from jsonargparse.typing import PositiveInt, restricted_number_type
+        from jsonargparse.typing import PositiveInt, register_type
     except ImportError:  # the core package does not need jsonargparse
         Sparsity, PositiveInt = float, int
     else:
-        Sparsity = restricted_number_type(
-            "Sparsity", float, [(">=", 0.0), ("<", 1.0)], docstring="fraction of weights set to zero, in [0, 1)"
-        )
+        register_type(Sparsity, float, Sparsity)

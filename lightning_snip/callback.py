@@ -114,7 +114,9 @@ class SNIPPruning(_Callback):
         exclude: Glob patterns of parameters never pruned. Defaults to ``None``.
         log_per_layer: Also log ``snip/sparsity/<name>`` per tensor after scoring. Defaults to ``True``.
         plot: After scoring, save a per-tensor sparsity bar chart as ``snip_sparsity.png`` in the trainer's log
-            directory and, with a TensorBoard logger, log it as a figure. Needs matplotlib. Defaults to ``True``.
+            directory (without a logger: a fresh ``snip_logs/version_<n>`` under ``default_root_dir``, so runs never
+            overwrite each other; the path is printed) and, with a TensorBoard logger, log it as a figure. Needs
+            matplotlib. Defaults to ``True``.
         seed: Seed for the ``"random"`` criterion. Defaults to ``None``: drawn from torch's global generator (so
             ``seed_everything`` makes it reproducible) and shared by all ranks.
         iterations: Rounds of an iterative criterion (``iterative_snip``, ``force``, ``synflow``); ``None`` takes
@@ -130,8 +132,9 @@ class SNIPPruning(_Callback):
             sharded models. Defaults to ``False``.
         save_compressed: At the end of training, write the trained model's weights compressed
             (:func:`~lightning_snip.compress.compress_state_dict`) to ``snip_compressed.pt`` in the trainer's log
-            directory, and log its size (``snip/compressed_bytes``) and how many times smaller it is than the dense
-            tensors (``snip/compression_ratio``). Read it back with :func:`~lightning_snip.compress.load_compressed`.
+            directory (or the chart's ``snip_logs/version_<n>`` without a logger), and log its size
+            (``snip/compressed_bytes``) and how many times smaller it is than the dense tensors
+            (``snip/compression_ratio``). Read it back with :func:`~lightning_snip.compress.load_compressed`.
             Defaults to ``False``.
         structure: ``"weight"`` prunes single weights (masks kept through training); ``"channel"`` removes whole
             channels in ``setup``, before the optimizer is built, so a physically smaller network trains: every

@@ -42,6 +42,33 @@ def log_metrics(metrics: dict[str, float], trainer: Trainer, step: int) -> None:
             )
 
 
+OUTPUT_DIR = "snip_logs"
+_RUN_DIRECTORY = "_snip_output_dir"
+
+
+def output_directory(trainer: Trainer) -> Path:
+    """Where the callback writes its chart and compressed weights for this trainer's run.
+
+    With a logger: the logger's directory (``lightning_logs/version_<n>``), next to its metrics. Without one
+    (``logger=False``): a fresh ``<default_root_dir>/snip_logs/version_<n>`` per trainer, so runs never overwrite
+    each other's files. Every rank must call it (the logger's directory is a collective under DDP); only rank zero
+    writes there.
+    """
+    log_dir = trainer.log_dir
+    if trainer.loggers:
+        return Path(log_dir or trainer.default_root_dir)
+    chosen = getattr(trainer, _RUN_DIRECTORY, None)
+    if isinstance(chosen, Path):
+        return chosen
+    base = Path(trainer.default_root_dir) / OUTPUT_DIR
+    version = 0
+    while (base / f"version_{version}").exists():
+        version += 1
+    chosen = base / f"version_{version}"
+    setattr(trainer, _RUN_DIRECTORY, chosen)
+    return chosen
+
+
 def report_scoring(
     trainer: Trainer,
     label: str,
@@ -87,7 +114,7 @@ def report_scoring(
     log_metrics(metrics, trainer, trainer.global_step)
     plotted = ""
     if chart:
-        directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        directory = output_directory(trainer)  # a collective under DDP: every rank asks
         if trainer.is_global_zero:
             path = plot(trainer, rows, directory, f"SNIP ({label}): kept weights per tensor")
             plotted = f"; sparsity chart: {path}" if path is not None else ""
@@ -149,7 +176,7 @@ def write_compressed(trainer: Trainer) -> None:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(cast(nn.Module, trainer.strategy.model), options=options)
-    directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+    directory = output_directory(trainer)  # a collective under DDP: every rank asks
     path, size, failure = directory / COMPRESSED_FILE, 0, None
     if trainer.is_global_zero:
         try:
@@ -210,7 +237,7 @@ def report_channels(trainer: Trainer, label: str, shrunk: Shrunk, chart: bool) -
 
     Logged at step 0: ``snip/params_before``, ``snip/params_after``, ``snip/macs_before``, ``snip/macs_after``,
     ``snip/channels_kept``, ``snip/channels_total`` and ``snip/scoring_time_s``. The chart of widths per layer (dense
-    against kept) is saved as ``snip_widths.png`` in the trainer's log directory.
+    against kept) is saved as ``snip_widths.png`` in :func:`output_directory`.
     """
     (params_before, macs_before), (params_after, macs_after) = shrunk.before, shrunk.after
     kept = sum(k for _, k in shrunk.widths.values())
@@ -230,7 +257,7 @@ def report_channels(trainer: Trainer, label: str, shrunk: Shrunk, chart: bool) -
     )
     plotted = ""
     if chart:
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory = output_directory(trainer)  # a collective under DDP: every rank asks
         if trainer.is_global_zero:
 
             def figure() -> Any:

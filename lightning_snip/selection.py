@@ -322,16 +322,21 @@ def parse_n_m(scope: str) -> tuple[int, int] | None:
 
 
 def check_n_m_sparsity(scope: str, sparsity: float) -> None:
-    """Check that an ``"N:M"`` scope comes with ``sparsity == 1 - N/M`` (to within float rounding).
+    """Check that an ``"N:M"`` scope comes with ``sparsity == 1 - N/M``, written to at least three decimals.
+
+    ``"2:3"`` accepts 0.333, 0.3333 and ``1 - 2/3``: the masks keep exactly N of every M weights either way.
 
     Raises:
         ValueError: If it does not, saying which ``sparsity`` to use.
     """
     n_m = parse_n_m(scope)
-    if n_m is not None and not math.isclose(sparsity, 1 - n_m[0] / n_m[1], rel_tol=1e-9, abs_tol=1e-12):
+    if n_m is None:
+        return
+    target = 1 - n_m[0] / n_m[1]
+    if abs(sparsity - target) > 5e-4 + 1e-12:
         raise ValueError(
             f"`scope={scope!r}` keeps {n_m[0]} of every {n_m[1]} weights, so `sparsity` must be 1 - {n_m[0]}/{n_m[1]} ="
-            f" {1 - n_m[0] / n_m[1]!r}; got {sparsity!r}."
+            f" {target:.3g}; got {sparsity!r}."
         )
 
 

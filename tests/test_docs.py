@@ -1,6 +1,10 @@
 """The README and the docs link only to files that exist, and name only commands and result files that exist."""
 
+import json
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +42,140 @@ def test_the_readme_is_a_landing_page():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python -m pytest" in commands[1]
     assert commands[1].split("&& ", 1)[1] in ci
+
+
+def test_the_documentation_site_builds_with_warnings_as_errors(tmp_path):
+    """MkDocs in strict mode: a broken link or anchor, a page missing from the nav, or an API entry that names
+    nothing that exists fails the build (the hook in `docs/_hooks` roots every file at its repository path)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    api = (tmp_path / "site" / "docs" / "api" / "index.html").read_text()
+    for name in ("SNIPPruning", "sparsify", "save_compressed", "restore_structure", "export_onnx"):
+        assert f'id="lightning_snip.{name}"' in api, name
+
+
+NAMED_RESULTS = re.compile(r"(?:examples|benchmarks)/results/[\w/.-]+")
+LINKED_PAGE = re.compile(r"\]\(([\w/.-]+\.md)(?:#[\w-]+)?\)")
+FIGURE = re.compile(r"(?<![\w.])(\d+(?:,\d{3})*\.\d+)(%|x)(?!\w)")  # a measured figure: decimals, then % or x
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def _values(node, out: set[float]) -> None:
+    """Every number in a JSON document, plus the ratios between the byte counts of one record (a size over a size)."""
+    if isinstance(node, dict):
+        numbers = [float(v) for v in node.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        out.update(numbers)
+        sizes = [float(v) for v in node.values() if isinstance(v, int) and not isinstance(v, bool) and v >= 1000]
+        out.update(a / b for a in sizes for b in sizes)
+        for value in node.values():
+            _values(value, out)
+    elif isinstance(node, list):
+        for value in node:
+            _values(value, out)
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        out.add(float(node))
+
+
+def _results_values(path: Path) -> set[float]:
+    if not path.exists():
+        return set()  # a missing file is the link test's failure
+    files = sorted(p for p in path.rglob("results*") if p.suffix in (".json", ".md")) if path.is_dir() else [path]
+    out: set[float] = set()
+    for file in files:
+        if file.suffix == ".json":
+            _values(json.loads(file.read_text()), out)
+        else:
+            out.update(float(n.replace(",", "")) for n in NUMBER.findall(file.read_text()))
+    return out
+
+
+def _named_results(page: Path) -> set[Path]:
+    text = page.read_text()
+    named = {(ROOT / n.rstrip(".")).resolve() for n in NAMED_RESULTS.findall(text)}
+    linked = {(page.parent / n).resolve() for n in LINKED_PAGE.findall(text)}
+    named |= {p for p in linked if "results" in p.parts}
+    return {p for p in named if p.is_dir() or p.suffix in (".json", ".md")}
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "CHANGELOG.md"], ids=lambda p: p.name)
+def test_every_figure_in_a_table_comes_from_a_results_file_the_page_names(page):
+    """A table's measured figures (a number with decimals followed by % or x) must appear, to their printed precision,
+    in a results file the page names, or, for a row that links to another page, in one that page names: a re-run that
+    changes them, or a figure typed by hand, shows."""
+    own = set().union(*(_results_values(source) for source in _named_results(page)))
+    unsourced = []
+    for line in page.read_text().splitlines():
+        if not line.startswith("|"):
+            continue
+        pages = [(page.parent / link).resolve() for link in LINKED_PAGE.findall(line)]
+        pages = [p for p in pages if p.parent.name == "docs" and p.exists()]
+        values = set().union(*(_results_values(s) for p in pages for s in _named_results(p))) if pages else own
+        for number, unit in FIGURE.findall(line):
+            figure = float(number.replace(",", ""))
+            tolerance = 0.5 * 10 ** -len(number.split(".")[1]) + 1e-9
+            candidates = (v for value in values for v in ((value, 100 * value) if unit == "%" else (value,)))
+            if not any(abs(c - figure) <= tolerance for c in candidates):
+                unsourced.append(f"{number}{unit} in `{line[:70]}...`")
+    assert not unsourced, f"{page.name}: figures no named results file holds: {unsourced}"
+
+
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+INLINE = re.compile(r"`(python [^`]+)`")
+# Parse the documented arguments exactly as the script would, then stop before any work: argparse scripts through a
+# patched `parse_args`; LightningCLI scripts through `--print_config`, which validates the whole config.
+PARSE_ONLY = """
+import argparse, runpy, sys
+parse = argparse.ArgumentParser.parse_args
+def parse_and_stop(self, args=None, namespace=None):
+    parse(self, args, namespace)
+    print("PARSED")
+    sys.exit(0)
+argparse.ArgumentParser.parse_args = parse_and_stop
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """Every `python <script>.py ...` command in the README and the docs, as (page, command)."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        shell = [block for language, block in FENCE.findall(text) if language in ("", "bash", "sh", "console")]
+        snippets = [line for block in shell for line in block.replace("\\\n", " ").splitlines()]
+        snippets += [" ".join(span.split()) for span in INLINE.findall(text)]
+        for snippet in snippets:
+            for part in snippet.split("&&"):
+                command = part.split("#", 1)[0].strip()
+                if re.match(r"python [\w/.-]+\.py\b", command):
+                    found.append((page.name, command))
+    return sorted(set(found))
+
+
+def test_the_docs_name_the_commands_users_run():
+    commands = {command for _, command in documented_commands()}
+    assert "python examples/train.py fit --config examples/configs/lenet300_snip.yaml" in commands
+    assert any(command.startswith("python benchmarks/sparse_inference.py") for command in commands)
+    assert len(commands) >= 20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("page", "command"), documented_commands(), ids=lambda v: v[:80])
+def test_every_documented_command_parses_as_written(page, command, tmp_path):
+    """Each documented command's arguments are accepted by its script (the quick forms run in test_examples.py)."""
+    argv = shlex.split(command)[1:]
+    script = ROOT / argv[0]
+    assert script.exists(), f"{page}: `{command}` names a missing script"
+    if "LightningCLI" in script.read_text():
+        run = [sys.executable, str(script), *argv[1:], "--print_config"]
+    else:
+        run = [sys.executable, "-c", PARSE_ONLY, str(script), *argv[1:]]
+    done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{page}: `{command}` is refused:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    assert "PARSED" in done.stdout or "class_path" in done.stdout or "trainer:" in done.stdout

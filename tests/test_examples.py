@@ -267,6 +267,24 @@ def test_without_matplotlib_nothing_breaks_and_the_hint_is_given_once(tmp_path, 
     assert not (tmp_path / "snip_sparsity.png").exists()
 
 
+def test_without_a_logger_each_run_writes_its_own_folder_and_says_where(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            fit(
+                BoringClassifier(),
+                [SNIPPruning(sparsity=0.5, save_compressed=True)],
+                logger=False,
+                default_root_dir=tmp_path,
+            )
+    for version in (0, 1):
+        folder = tmp_path / "snip_logs" / f"version_{version}"
+        assert (folder / "snip_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+        assert (folder / "snip_compressed.pt").exists()  # next to the chart of the same run
+        assert f"sparsity chart: {folder / 'snip_sparsity.png'}" in caplog.text
+        assert f"compressed weights written to {folder / 'snip_compressed.pt'}" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snip_logs"]  # nothing in the working folder
+
+
 def _write_fake_fashion(directory: Path, gz: bool, train_n: int = 40, test_n: int = 10) -> None:
     import gzip
 

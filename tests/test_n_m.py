@@ -72,9 +72,13 @@ def test_sparsity_must_equal_one_minus_n_over_m():
         ValueError, match=r"`scope='2:4'` keeps 2 of every 4 weights, so `sparsity` must be 1 - 2/4 = 0.5"
     ):
         SNIPPruning(sparsity=0.9, scope="2:4")
-    with pytest.raises(ValueError, match=r"must be 1 - 1/3 = 0.666"):
+    with pytest.raises(ValueError, match=r"must be 1 - 1/3 = 0.667; got 0.67\."):
         SNIPPruning(sparsity=0.67, scope="1:3")
     assert SNIPPruning(sparsity=1 - 1 / 3, scope="1:3").scope == "1:3"
+    for written in (0.667, 0.6667, 0.6666):  # three decimals or more, as the message writes it
+        assert SNIPPruning(sparsity=written, scope="1:3").scope == "1:3"
+    with pytest.raises(ValueError, match=r"must be 1 - 2/3 = 0.333; got 0.33\."):
+        SNIPPruning(sparsity=0.33, scope="2:3")
     assert parse_n_m("2:4") == (2, 4)
     assert parse_n_m("layerwise") is None
     with pytest.raises(ValueError, match="must be 1 - 2/4"):
