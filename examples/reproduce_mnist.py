@@ -236,14 +236,18 @@ def _n_m_label(criterion: str, sparsity: float, scope: str) -> str:
 
 
 def plot_errors(runs: list[Run], sparsities: list[float], criteria: list[str], path: Path) -> None:
-    """Error versus sparsity, one panel per network, one line per criterion, dense as a dashed line."""
+    """Error versus sparsity, one panel per network, one line per criterion, dense as a dashed line.
+
+    The error axis is logarithmic with labelled 1-2-5 ticks; one legend below the panels, so no line is hidden.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     archs = list(dict.fromkeys(r.arch for r in runs))
-    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4.6), squeeze=False)
     for ax, arch in zip(axes[0], archs, strict=True):
         dense = [r.test_error for r in runs if r.arch == arch and r.criterion == "dense"]
         if dense:
@@ -259,14 +263,30 @@ def plot_errors(runs: list[Run], sparsities: list[float], criteria: list[str], p
             ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, label=criterion)
         ax.set_xticks(x, [pct(s) for s in sparsities])
         ax.set_yscale("log")
-        ax.set_xlabel("sparsity")
-        ax.set_ylabel("test error (%)")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("sparsity (fraction of weights removed)")
+        ax.set_ylabel("test error (%, log scale)")
         ax.set_title(ARCH_NAMES[arch])
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(out: Path) -> list[Run]:
+    """Draw `error_vs_sparsity.png` again from the runs in `out`'s results.json, without training anything."""
+    runs = _earlier_runs(out / "results.json")
+    if not runs:
+        raise SystemExit(f"--replot: no runs in {out / 'results.json'}")
+    sparsities = sorted({r.sparsity for r in runs if r.criterion != "dense"})
+    criteria = list(dict.fromkeys(r.criterion for r in runs if r.criterion != "dense"))
+    plot_errors(runs, sparsities, criteria, out / "error_vs_sparsity.png")
+    print(f"Wrote {out / 'error_vs_sparsity.png'} from {len(runs)} runs")
+    return runs
 
 
 def plot_pixel_heatmap(first_layer_mask: torch.Tensor, sparsity: float, path: Path) -> None:
@@ -316,6 +336,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--resume",
         action="store_true",
         help="keep the runs already in the output folder's results.json and run only the missing ones",
+    )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="only draw error_vs_sparsity.png again from the output folder's results.json (no training)",
     )
     parser.add_argument(
         "--n-m",
@@ -381,6 +406,8 @@ def main(argv: list[str] | None = None) -> list[Run]:
 
 def _reproduce(args: argparse.Namespace) -> list[Run]:
     out = Path(args.out)
+    if args.replot:
+        return replot(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())  # every run uses the same thread count
 

@@ -168,20 +168,31 @@ def markdown(rows: list[dict[str, Any]], source: str) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Test error against training wall time, one panel per network; one legend below the panels."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 4.5), layout="constrained")
-    axes = fig.subplots(1, len({r["arch"] for r in rows}), squeeze=False)[0]
-    for ax, arch in zip(axes, [a for a in ARCHS if any(r["arch"] == a for r in rows)], strict=True):
+    archs = [a for a in ARCHS if any(r["arch"] == a for r in rows)]
+    fig = Figure(figsize=(4.5 * len(archs), 4.6), layout="constrained")
+    axes = fig.subplots(1, len(archs), squeeze=False)[0]
+    styles: dict[str, tuple[str, str]] = {}
+    for ax, arch in zip(axes, archs, strict=True):
         for r in [r for r in rows if r["arch"] == arch]:
             marker = "s" if r["arm"] == "dense" else "o" if r["arm"].startswith("channel") else "^"
-            ax.scatter(r["train_s"], 100 * r["error"], marker=marker, s=40, label=r["arm"])
-        ax.set_xlim(0, max(r["train_s"] for r in rows) * 1.1)
-        ax.set_xlabel("training wall time (s)")
+            color = styles.setdefault(r["arm"], (marker, f"C{len(styles)}"))[1]
+            ax.scatter(r["train_s"], 100 * r["error"], marker=marker, s=45, color=color, label=r["arm"])
+        mine = [r for r in rows if r["arch"] == arch]
+        ax.set_xlim(0, max(r["train_s"] for r in mine) * 1.1)
+        ax.set_xlabel("training wall time, scoring included (s)")
         ax.set_ylabel("test error (%)")
         ax.set_title(ARCHS[arch])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.grid(True, alpha=0.3)
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(
+        handles=list(handles.values()), labels=list(handles), loc="outside lower center", ncol=min(len(handles), 6)
+    )
     fig.savefig(path, dpi=110)
 
 

@@ -6,14 +6,18 @@ python examples/train.py fit --config examples/configs/lenet300_snip.yaml --trai
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the example modules, also when imported from elsewhere
 
 import lightning.pytorch as pl
 from classifier import ImageClassifier
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -24,6 +28,33 @@ from lightning_snip.reporting import PLOT_FILE, output_directory
 # harmless on a small CPU machine, and not the example's business
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+warnings.filterwarnings("ignore", ".*treespec.*")  # a deprecation inside Lightning with recent torch
+
+
+class _NoTips(logging.Filter):
+    """Drop Lightning's advertising tip; every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip")
+
+
+for _name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):  # whichever logs it
+    for _handler in logging.getLogger(_name).handlers:
+        _handler.addFilter(_NoTips())
+
+
+class EpochBarOnly(TQDMProgressBar):
+    """Lightning's progress bar for training epochs only: no sanity, validation or test bars, which print several
+    lines an epoch when the output is not a terminal. Validation error still shows on the epoch bar."""
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+    def init_test_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
 
 
 def summary(trainer: pl.Trainer, model: pl.LightningModule, test_error: float) -> str:
@@ -64,7 +95,18 @@ def where(trainer: pl.Trainer) -> str:
 
 
 class TrainThenTestCLI(SNIPCLIMixin, LightningCLI):
-    """After ``fit``, test the trained model and print a one-line result, then where the logs and files are."""
+    """After ``fit``, test the trained model and print a one-line result, then where the logs and files are.
+
+    Lightning's default progress bar is replaced by :class:`EpochBarOnly` (a progress bar given in the config is kept).
+    """
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks = [  # type: ignore[attr-defined]  # set by Lightning's callback connector
+            EpochBarOnly() if type(c) is TQDMProgressBar else c
+            for c in trainer.callbacks  # type: ignore[attr-defined]
+        ]
+        return trainer
 
     def after_fit(self) -> None:
         if self.trainer.interrupted:
