@@ -32,7 +32,7 @@ from lightning_snip.selection import (
 )
 from lightning_snip.structured import restore_structure
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ZERO_PRESERVING_OPTIMIZERS",

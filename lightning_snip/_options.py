@@ -33,6 +33,7 @@ def validate_options(
     min_density: object,
     structure: str = "weight",
     width_multiple: object = 1,
+    temperature: object = None,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` for the first argument that is wrong; ``flags`` are the booleans by name."""
     sparsity = check_sparsity(sparsity)
@@ -66,6 +67,16 @@ def validate_options(
             f"`structure` must be 'weight' (prune single weights) or 'channel' (remove whole channels, a physically"
             f" smaller network), got {structure!r}."
         )
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"`temperature` must be a positive number or None, got {temperature!r}. Use e.g. 200.")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"`temperature` must be a positive number or None, got {temperature!r}. Use e.g. 200.")
+        if get_criterion(criterion).default_temperature is None:
+            raise ValueError(
+                f"`temperature={temperature}` divides the logits while GraSP scores, but `criterion={criterion!r}`"
+                " takes no temperature. Leave `temperature` unset, or use `criterion='grasp'`."
+            )
     if isinstance(width_multiple, bool) or not isinstance(width_multiple, int) or width_multiple < 1:
         raise ValueError(f"`width_multiple` must be an integer >= 1, got {width_multiple!r}. Use e.g. 8.")
     if structure == "weight":

@@ -143,6 +143,10 @@ class SNIPPruning(_Callback):
             fraction of prunable channels removed, and nothing is masked during training. Defaults to ``"weight"``.
         width_multiple: With ``structure="channel"``, each layer's kept width is rounded up to a multiple of this.
             Defaults to ``1``.
+        temperature: What the LightningModule's output (the logits) is divided by while a criterion that takes a
+            temperature scores: GraSP, through a forward hook removed after scoring, so ``training_step`` must get its
+            logits from ``self(x)``. ``None`` takes the criterion's default (GraSP: the official 200); ``1.0``
+            scores the loss as it is. Other criteria take none. Defaults to ``None``.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -183,6 +187,7 @@ class SNIPPruning(_Callback):
         save_compressed: bool = False,
         structure: Structure = "weight",
         width_multiple: PositiveInt = 1,
+        temperature: float | None = None,
     ) -> None:
         super().__init__()
         validate_options(
@@ -202,6 +207,7 @@ class SNIPPruning(_Callback):
             min_density=min_density,
             structure=structure,
             width_multiple=width_multiple,
+            temperature=temperature,
         )
         self.sparsity = float(sparsity)
         self.num_batches = num_batches
@@ -219,6 +225,7 @@ class SNIPPruning(_Callback):
         self.save_compressed = save_compressed
         self.structure: Structure = structure
         self.width_multiple = width_multiple
+        self.temperature = None if temperature is None else float(temperature)
         self._init_state()
 
     def _init_state(self) -> None:

@@ -54,6 +54,7 @@ class Options:
     shuffle: bool
     structure: str = "weight"
     width_multiple: int = 1
+    temperature: float | None = None
 
     def config(self) -> dict[str, Any]:
         """The options as the checkpoint state and ``state_key`` hold them.
@@ -75,6 +76,7 @@ _DEFAULTS: dict[str, Any] = {
     "shuffle": False,
     "structure": "weight",
     "width_multiple": 1,
+    "temperature": None,
 }
 OPTION_NAMES = frozenset(f.name for f in fields(Options))
 
@@ -226,6 +228,7 @@ def _scores(
             select=lambda scores, sparsity: _select_round(pl_module, options, scores, sparsity),
             module=pl_module,
             example_input=lightning.example_input(pl_module, loss_fn) if criterion.needs_input else None,
+            temperature=options.temperature or criterion.default_temperature or 1.0,
         )
         if shards is not None:  # each rank scores its own shards; FSDP averages the gradients
             if loss_fn is not None:

@@ -54,8 +54,11 @@ class ScoringContext:
             (``1 - (1 - d) * t / T``), with ``d = 1 - sparsity``. Defaults to ``"exponential"``.
         select: Selects masks (``True`` = kept) at a sparsity from scores, with the caller's scope and exact
             counts; iterative criteria prune with it between rounds. Defaults to ``None``.
-        module: The model, for criteria that run its forward themselves (SynFlow). Defaults to ``None``.
+        module: The model, for criteria that run its forward themselves (SynFlow) or hook it (GraSP's temperature).
+            Defaults to ``None``.
         example_input: An input of the model's input shape with batch size 1 (SynFlow). Defaults to ``None``.
+        temperature: What ``module``'s output (the logits) is divided by while the criterion scores (GraSP's ``T``);
+            ``1.0`` leaves it alone. Defaults to ``1.0``.
     """
 
     weights: Mapping[str, Tensor]
@@ -72,6 +75,7 @@ class ScoringContext:
     select: Callable[[Mapping[str, Tensor], float], dict[str, Tensor]] | None = None
     module: nn.Module | None = None
     example_input: Tensor | None = None
+    temperature: float = 1.0
 
     def mean_gradients(self, round_index: int = 0) -> dict[str, Tensor]:
         """Gradient of the loss for each weight (or shard), averaged over the scoring batches and processes.
@@ -253,6 +257,8 @@ class Criterion(ABC):
         needs_input: Whether :meth:`score` runs the model's forward on ``context.example_input`` itself.
         default_iterations: The published number of rounds of an iterative criterion; ``None`` for a one-shot one.
         supports_sharding: Whether it scores the shards of a sharded model (FSDP, ``fully_shard``).
+        default_temperature: What the logits are divided by while scoring, by default (GraSP: the official 200);
+            ``None`` for a criterion that takes no temperature.
     """
 
     name: ClassVar[str] = ""
@@ -260,6 +266,7 @@ class Criterion(ABC):
     needs_input: ClassVar[bool] = False
     default_iterations: ClassVar[int | None] = None
     supports_sharding: ClassVar[bool] = True
+    default_temperature: ClassVar[float | None] = None
 
     @abstractmethod
     def score(self, context: ScoringContext) -> dict[str, Tensor]:

@@ -222,9 +222,12 @@ def test_synflow_refuses_an_input_that_is_not_a_float_tensor():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_grasp_is_w_times_the_hessian_gradient_product():
+@pytest.mark.parametrize("temperature", [None, 1.0, 7.0])
+def test_grasp_is_w_times_the_hessian_gradient_product(temperature):
+    """GraSP against a hand-written one by full Jacobian and Hessian, with the logits divided by T (None: 200)."""
     data = _data()
-    got = _masks("grasp", 0.7, data, num_batches=2)
+    got = _masks("grasp", 0.7, data, num_batches=2, temperature=temperature)
+    divisor = 200.0 if temperature is None else temperature
     model = _init_model()
     batches = _batches(data)[:2]
     names = list(WEIGHTS)
@@ -238,7 +241,7 @@ def test_grasp_is_w_times_the_hessian_gradient_product():
         total = torch.zeros((), dtype=torch.float64)
         for x, y in batches:
             out = torch.func.functional_call(model, state, (x,))
-            total = total + nn.functional.cross_entropy(out, y)
+            total = total + nn.functional.cross_entropy(out / divisor, y)
         return total / len(batches)
 
     g = torch.autograd.functional.jacobian(loss_of, flat)
@@ -252,7 +255,50 @@ def test_grasp_is_w_times_the_hessian_gradient_product():
         assert torch.equal(got[name], expected[name]), name
 
 
+def test_the_temperature_changes_grasps_masks():
+    data = _data()
+    plain, default = _masks("grasp", 0.7, data, temperature=1.0), _masks("grasp", 0.7, data)  # T=200 by default
+    assert any(not torch.equal(plain[name], default[name]) for name in plain)
+
+
+class LayersInTrainingStep(TinyNet):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)  # not through `forward`: a hook there never runs
+
+
+class DictOutput(TinyNet):
+    def forward(self, x: torch.Tensor) -> Any:
+        return {"logits": self.net(x)}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x)["logits"], y)
+
+
+@pytest.mark.parametrize(
+    ("model_class", "message"),
+    [
+        (LayersInTrainingStep, r"temperature \(T=200\) divides the output .* the loss never went through it"),
+        (DictOutput, r"temperature \(T=200\) divides the logits, but `DictOutput`'s forward returned a dict"),
+    ],
+)
+def test_grasps_temperature_is_refused_where_it_cannot_divide_the_logits(model_class, message):
+    torch.manual_seed(0)
+    model = model_class().double()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pruning = SNIPPruning(sparsity=0.5, criterion="grasp", plot=False)
+    with pytest.raises(ScoringError, match=message):
+        fit(model, [pruning], _data(), max_steps=1, precision="64-true")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # untouched
+    assert not model._forward_hooks  # the hook is gone
+    fit(model, [SNIPPruning(sparsity=0.5, criterion="grasp", temperature=1.0, plot=False)], _data(), max_steps=1)
+
+
 ARGUMENTS = {
+    "temperature-snip": ({"criterion": "snip", "temperature": 200}, r"but `criterion='snip'` takes no temperature"),
+    "temperature-zero": ({"criterion": "grasp", "temperature": 0}, r"`temperature` must be a positive number"),
+    "temperature-text": ({"criterion": "grasp", "temperature": "hot"}, r"`temperature` must be a positive number"),
     "iterations-one-shot": ({"criterion": "snip", "iterations": 5}, r"`iterations=5` but `criterion='snip'`"),
     "iterations-grasp": ({"criterion": "grasp", "iterations": 2}, r"`criterion='grasp'` scores in one pass"),
     "iterations-zero": ({"criterion": "force", "iterations": 0}, r"`iterations` must be an integer >= 1 or None"),
@@ -263,7 +309,7 @@ ARGUMENTS = {
 
 @pytest.mark.parametrize(("options", "message"), ARGUMENTS.values(), ids=ARGUMENTS.keys())
 def test_bad_arguments_are_refused_in_init(options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((TypeError, ValueError), match=message):
         SNIPPruning(**options)
 
 
@@ -439,3 +485,73 @@ def test_min_density_and_shuffle_are_refused_on_sharded_models(monkeypatch, opti
     monkeypatch.setattr(lightning_glue, "is_sharding", lambda strategy: True)
     with pytest.raises(MisconfigurationException, match=r"`min_density` and `shuffle` need the whole masks"):
         fit(_init_model(), [SNIPPruning(sparsity=0.5, plot=False, **options)], _data(), precision="64-true")
+
+
+def _official_force_rounds(
+    model: nn.Module, names: list[str], batches: list, keep_fraction: float, rounds: int
+) -> list[dict[str, torch.Tensor]]:
+    """FORCE as its official code runs it (`iterative_pruning` with `prune_method=3`, `mode='exp'`), one batch a
+    round: each round starts again from the dense network, zeroes the pruned weights (gradients not blocked), takes
+    the gradient there and scores every weight, pruned or not, by |dense weight * gradient|; it keeps the top
+    `keep_fraction ** ((t + 1) / rounds)` of all weights. Written from the published algorithm, independently of the
+    package. Returns each round's mask."""
+    import copy
+    import math
+
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    total = sum(dense[n].numel() for n in names)
+    masks: list[dict[str, torch.Tensor]] = []
+    for t in range(rounds):
+        net = copy.deepcopy(model)
+        params = dict(net.named_parameters())
+        with torch.no_grad():
+            for n in names:
+                if masks:
+                    params[n].mul_(masks[-1][n])
+        x, y = batches[t]
+        loss = nn.functional.cross_entropy(net(x), y)
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        saliency = {n: (dense[n] * g).abs() for n, g in zip(names, grads, strict=True)}
+        density = math.exp(-(t + 1) * -math.log(keep_fraction) / rounds)
+        # the official code keeps int(total * density); the package prunes exactly round((1 - density) * total), which
+        # can keep one more: the one documented difference, so the reference counts as the package does
+        keep = total - round((1 - density) * total)
+        threshold = torch.topk(torch.cat([saliency[n].flatten() for n in names]), keep).values[-1]
+        masks.append({n: saliency[n] >= threshold for n in names})
+    return masks
+
+
+def test_force_equals_the_official_algorithm_round_by_round():
+    torch.manual_seed(3)
+    model = TinyNet(features=6, hidden=16, classes=3).double()
+    names = list(WEIGHTS)
+    rounds, keep_fraction = 6, 0.1
+    batches = [(torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(rounds)]
+    reference = _official_force_rounds(model, names, batches, keep_fraction, rounds)
+
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    chosen: list[dict[str, torch.Tensor]] = []
+
+    def select(scores, sparsity):
+        masks = select_masks(scores, sparsity)
+        chosen.append(masks)
+        return masks
+
+    context = ScoringContext(
+        weights={n: params[n] for n in names},
+        loss_fn=lambda i: nn.functional.cross_entropy(model(batches[i][0]), batches[i][1]),
+        sparsity=1 - keep_fraction,
+        iterations=rounds,
+        select=select,
+        module=model,
+    )
+    scores = get_criterion("force").score(context)
+    chosen.append(select_masks(scores, 1 - keep_fraction))  # the caller's final selection
+    assert len(chosen) == rounds
+    for t, (mine, theirs) in enumerate(zip(chosen, reference, strict=True)):
+        for n in names:
+            assert torch.equal(mine[n], theirs[n]), f"round {t}, {n}"
+    came_back = sum(int((reference[t + 1][n] & ~reference[t][n]).sum()) for t in range(rounds - 1) for n in names)
+    assert came_back > 0  # weights pruned in a round do come back: the reference exercises FORCE's defining step
+    assert all(torch.equal(p, before[n]) for n, p in params.items())  # the weights are restored

@@ -179,3 +179,42 @@ def test_every_documented_command_parses_as_written(page, command, tmp_path):
     done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{page}: `{command}` is refused:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     assert "PARSED" in done.stdout or "class_path" in done.stdout or "trainer:" in done.stdout
+
+
+def test_the_release_has_a_dated_changelog_section():
+    import lightning_snip
+
+    version = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert lightning_snip.__version__ == version
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert re.search(rf"^## \[{re.escape(version)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, re.M), version
+    assert changelog.index("## [Unreleased]") < changelog.index(f"## [{version}]")
+
+
+def _message_templates() -> list[str]:
+    """Every string literal in the package, f-strings with `…` where a value goes (adjacent literals joined)."""
+    import ast
+
+    templates = []
+    for path in sorted((ROOT / "lightning_snip").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                templates.append(
+                    "".join(v.value if isinstance(v, ast.Constant) else "…" for v in node.values)  # type: ignore[misc]
+                )
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                templates.append(node.value)
+    return templates
+
+
+def test_every_quoted_message_in_troubleshooting_is_raised_by_the_package():
+    text = (ROOT / "docs" / "troubleshooting.md").read_text()
+    quotes = [row.split("|")[1].strip() for row in text.splitlines() if row.startswith("| ``")]
+    assert len(quotes) >= 40
+    templates = _message_templates()
+    stale = []
+    for quote in quotes:
+        fragment = quote.split("``")[1].strip()
+        if not any(fragment in template for template in templates):
+            stale.append(fragment)
+    assert not stale, f"docs/troubleshooting.md quotes messages the package no longer has: {stale}"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_snip.scoring import Criterion, ScoringContext, ScoringError, register_criterion
 from lightning_snip.selection import all_finite
@@ -15,8 +17,11 @@ class GraSP(Criterion):
 
     ``g`` is the mean loss gradient over the scoring batches; ``H g`` comes from a second pass over the same
     batches by double backward (``z = sum(dL/dw * g)``, ``H g = dz/dw``), averaged like ``g`` (and across DDP
-    ranks). The loss is the module's ``training_step`` loss as it is: the official code divides the logits by a
-    temperature of 200 first, which a criterion that sees only the loss cannot do.
+    ranks). As in the official code, the logits are divided by a temperature ``T`` (``context.temperature``; the
+    callback's default is the official 200) in both passes: a forward hook on ``context.module`` divides its output
+    while GraSP scores, and is removed after. The output must be one floating-point tensor (the logits), and the loss
+    must come through the module's forward (``self(x)`` in ``training_step``); otherwise scoring stops with a
+    ``ScoringError`` that says so (``T = 1`` scores the loss as it is).
 
     Every operation between the weights and the loss needs a double backward. Where one has none (``F.ctc_loss``, a
     custom ``autograd.Function`` marked ``once_differentiable``) scoring stops with a ``ScoringError`` and the model
@@ -26,11 +31,34 @@ class GraSP(Criterion):
 
     needs_data = True
     supports_sharding = False
+    default_temperature = 200.0
 
     def score(self, context: ScoringContext) -> dict[str, Tensor]:  # noqa: D102
         if context.loss_fn is None:
             raise ScoringError("GraSP needs the loss, but the scoring context has no `loss_fn`.")
+        if context.temperature == 1.0:
+            return self._score(context)
+        if context.module is None:
+            raise ScoringError(
+                "GraSP's temperature divides the model's output, but the scoring context has no `module`. Pass the"
+                " module, or `temperature=1.0` to score the loss as it is."
+            )
+        divide = _Temperature(context.temperature)
+        handle = context.module.register_forward_hook(divide)
+        try:
+            return self._score(context, divide)
+        finally:
+            handle.remove()
+
+    def _score(self, context: ScoringContext, divide: _Temperature | None = None) -> dict[str, Tensor]:
+        assert context.loss_fn is not None
         g = context.mean_gradients()
+        if divide is not None and divide.calls == 0:
+            raise ScoringError(
+                f"GraSP's temperature (T={divide.temperature:g}) divides the output of the module's `forward`, but"
+                " the loss never went through it (does `training_step` call the layers directly?). Compute the"
+                " logits with `self(x)` in `training_step`, or pass `temperature=1.0` to score without one."
+            )
         names = list(context.weights)
         weights = [context.weights[n] for n in names]
         hg = {n: torch.zeros_like(g[n]) for n in names}
@@ -62,3 +90,21 @@ class GraSP(Criterion):
                 raise ScoringError(f"The Hessian-gradient product of `{n}` is not finite; GraSP is undefined here.")
             scores[n] = mean.mul_(context.weights[n].detach())
         return scores
+
+
+class _Temperature:
+    """A forward hook that divides a module's output (the logits) by ``temperature`` and counts its calls."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature, self.calls = temperature, 0
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Tensor:
+        if not (isinstance(output, Tensor) and output.is_floating_point()):
+            kind = f"a {output.dtype} tensor" if isinstance(output, Tensor) else f"a {type(output).__name__}"
+            raise ScoringError(
+                f"GraSP's temperature (T={self.temperature:g}) divides the logits, but `{type(module).__name__}`'s"
+                f" forward returned {kind}. Return the logits as one floating-point tensor, or pass"
+                " `temperature=1.0` to score without a temperature."
+            )
+        self.calls += 1
+        return output / self.temperature
