@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -20,8 +20,10 @@ class ImageClassifier(pl.LightningModule):
         lr: Initial learning rate.
         momentum: SGD momentum.
         weight_decay: L2 weight decay.
-        lr_milestones: Epochs at which the learning rate is multiplied by ``lr_gamma``.
+        lr_milestones: Epochs (or steps, with ``lr_interval="step"``) at which the learning rate is multiplied by
+            ``lr_gamma``.
         lr_gamma: Learning-rate decay factor.
+        lr_interval: Whether ``lr_milestones`` count epochs or optimizer steps.
     """
 
     def __init__(
@@ -33,6 +35,7 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: float = 5e-4,
         lr_milestones: list[int] | None = None,
         lr_gamma: float = 0.1,
+        lr_interval: Literal["epoch", "step"] = "epoch",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -71,4 +74,4 @@ class ImageClassifier(pl.LightningModule):
         if not h.lr_milestones:
             return optimizer
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=h.lr_milestones, gamma=h.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": h.lr_interval}}

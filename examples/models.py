@@ -11,7 +11,21 @@ import torch
 import torchvision
 from torch import nn
 
-Arch = Literal["lenet300", "lenet5", "vgg_d", "resnet18", "resnet8", "resnet8w2", "lstm", "gru"]
+Arch = Literal[
+    "lenet300",
+    "lenet5",
+    "vgg_d",
+    "resnet18",
+    "resnet8",
+    "resnet8w2",
+    "lstm",
+    "gru",
+    "lstm_s",
+    "gru_s",
+    "lstm_b",
+    "gru_b",
+    "gru_s_default",
+]
 
 
 def lenet_300_100(num_classes: int = 10) -> nn.Module:
@@ -47,19 +61,47 @@ class RowRNN(nn.Module):
 
     Args:
         cell: ``"lstm"`` or ``"gru"``.
-        hidden_size: Width of the hidden state (128 is the small size of the paper's recurrent experiments).
+        hidden_size: Width of the hidden state. The paper's LSTM-s/GRU-s (137k / 104k parameters) and LSTM-b/GRU-b
+            (536k / 404k) are one layer of 170 and 350 units reading 28-pixel rows (``PAPER_SIZES``).
         num_classes: Number of classes.
+        init: ``"glorot"``: variance scaling (Glorot uniform) for each gate's input and recurrent matrix on its
+            own, biases zero, as the paper trains every recurrent network ("VS-X"); ``"default"``: PyTorch's
+            uniform(-1/sqrt(h), 1/sqrt(h)) for all of them.
     """
 
-    def __init__(self, cell: Literal["lstm", "gru"], hidden_size: int = 128, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        cell: Literal["lstm", "gru"],
+        hidden_size: int = 128,
+        num_classes: int = 10,
+        init: Literal["default", "glorot"] = "default",
+    ) -> None:
         super().__init__()
         layer = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
         self.rnn = layer(28, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, num_classes)
+        if init == "glorot":
+            glorot_gates_(self.rnn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, _ = self.rnn(x.reshape(len(x), 28, 28))
         return self.head(rows[:, -1])
+
+
+PAPER_SIZES = {"s": 170, "b": 350}
+"""Hidden units of the paper's small and big recurrent networks, from their parameter counts (see ``RowRNN``)."""
+
+
+def glorot_gates_(rnn: nn.LSTM | nn.GRU) -> None:
+    """Glorot-uniform each gate's block of every input-to-hidden and hidden-to-hidden matrix (fan-in and fan-out of
+    that gate alone), and zero the biases."""
+    gates = 4 if isinstance(rnn, nn.LSTM) else 3
+    for name, param in rnn.named_parameters():
+        if name.startswith("weight"):
+            for block in param.data.chunk(gates, dim=0):
+                nn.init.xavier_uniform_(block)
+        else:
+            nn.init.zeros_(param)
 
 
 _VGG_D: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -129,6 +171,12 @@ BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "resnet8w2": lambda num_classes: resnet8(num_classes, width=32),
     "lstm": lambda num_classes: RowRNN("lstm", num_classes=num_classes),
     "gru": lambda num_classes: RowRNN("gru", num_classes=num_classes),
+    # the paper's recurrent networks: its sizes and its (variance scaling) initialization; `_default` for its Table 3
+    "lstm_s": lambda num_classes: RowRNN("lstm", PAPER_SIZES["s"], num_classes, init="glorot"),
+    "gru_s": lambda num_classes: RowRNN("gru", PAPER_SIZES["s"], num_classes, init="glorot"),
+    "lstm_b": lambda num_classes: RowRNN("lstm", PAPER_SIZES["b"], num_classes, init="glorot"),
+    "gru_b": lambda num_classes: RowRNN("gru", PAPER_SIZES["b"], num_classes, init="glorot"),
+    "gru_s_default": lambda num_classes: RowRNN("gru", PAPER_SIZES["s"], num_classes, init="default"),
 }
 
 

@@ -46,11 +46,27 @@ from lightning_snip import SNIPPruning, get_criterion
 from lightning_snip.enforcement import count_zeros
 from lightning_snip.scoring import CriterionName
 
-ARCH_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe", "lstm": "LSTM-128", "gru": "GRU-128"}
+ARCH_NAMES = {
+    "lenet300": "LeNet-300-100",
+    "lenet5": "LeNet-5-Caffe",
+    "lstm": "LSTM-128",
+    "gru": "GRU-128",
+    "lstm_s": "LSTM-s (170, Glorot)",
+    "gru_s": "GRU-s (170, Glorot)",
+    "lstm_b": "LSTM-b (350, Glorot)",
+    "gru_b": "GRU-b (350, Glorot)",
+    "gru_s_default": "GRU-s (170, PyTorch init)",
+}
+RECURRENT = ("lstm_s", "gru_s", "lstm_b", "gru_b", "gru_s_default")
 # Test error (%) reported by Lee et al. (2019), Table 1 / Figure 1, on full MNIST.
 PAPER = {"lenet300": {"dense": 1.7, 0.95: 1.6, 0.98: 2.4}, "lenet5": {"dense": 0.9, 0.98: 0.8, 0.99: 1.1}}
-DEFAULT_EPOCHS = {"lenet300": 30, "lenet5": 15, "lstm": 20, "gru": 20}
-QUICK_EPOCHS = {"lenet300": 2, "lenet5": 1, "lstm": 1, "gru": 1}
+DEFAULT_EPOCHS = {"lenet300": 30, "lenet5": 15, "lstm": 20, "gru": 20, **dict.fromkeys(RECURRENT, 20)}
+QUICK_EPOCHS = {"lenet300": 2, "lenet5": 1, "lstm": 1, "gru": 1, **dict.fromkeys(RECURRENT, 1)}
+# The paper's schedule (Lee et al. 2019, section 5): SGD, momentum 0.9, weight decay 5e-4, batch 100, learning rate
+# 0.1 divided by 10 every 25k iterations, 10% of the training images held out; 100k iterations in all.
+PAPER_ITERATIONS = 100_000
+PAPER_DECAY_EVERY = 25_000
+PAPER_QUICK_ITERATIONS = 200
 QUICK_CRITERIA = ["snip", "random"]
 CRITERIA = ["snip", "iterative_snip", "force", "grasp", "synflow", "magnitude", "random"]
 SPARSITIES = [0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
@@ -62,9 +78,9 @@ MNIST_SEEDS = 3
 # Full Fashion-MNIST (59,500 training images, 500 held out): every criterion at six sparsities, two seeds, in about an
 # hour on two CPU cores (LeNet-300-100 about 17 s a run, LeNet-5-Caffe about 22 s).
 FASHION_QUICK_CRITERIA = ["snip", "synflow"]
-FASHION_EPOCHS = {"lenet300": 10, "lenet5": 2, "lstm": 5, "gru": 5}
+FASHION_EPOCHS = {"lenet300": 10, "lenet5": 2, "lstm": 5, "gru": 5, **dict.fromkeys(RECURRENT, 5)}
 FASHION_ARCHS = ["lenet300", "lenet5"]
-LR = {"lenet300": 0.1, "lenet5": 0.05, "lstm": 0.1, "gru": 0.1}
+LR = {"lenet300": 0.1, "lenet5": 0.05, "lstm": 0.1, "gru": 0.1, **dict.fromkeys(RECURRENT, 0.1)}
 NONE = "\u2013"  # an en dash marks cells the paper does not report
 
 
@@ -89,6 +105,7 @@ class Run:
     seconds: float
     scope: str = "global"
     dense_tensors: list[str] | None = None  # candidates N:M left dense (their rows are not a multiple of M long)
+    schedule: str = "short"  # "paper": the paper's optimizer and iteration schedule
 
 
 def train_and_test(
@@ -100,13 +117,32 @@ def train_and_test(
     data: pl.LightningDataModule,
     scope: str = "global",
     iterations: int | None = None,
+    paper_iterations: int | None = None,
 ) -> tuple[Run, dict[str, torch.Tensor]]:
-    """One run: seed, build, (prune), train, test; returns the result and the masks (empty when dense)."""
+    """One run: seed, build, (prune), train, test; returns the result and the masks (empty when dense).
+
+    With ``paper_iterations``, the paper's schedule: that many SGD steps at learning rate 0.1, divided by 10 every
+    quarter of them (every 25k of 100k), instead of ``epochs`` epochs with this script's short schedule.
+    """
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
-    model = ImageClassifier(
-        arch=cast(Arch, arch), lr=LR[arch], lr_milestones=[round(0.6 * epochs), round(0.85 * epochs)], weight_decay=5e-4
-    )
+    if paper_iterations:
+        decay = paper_iterations * PAPER_DECAY_EVERY // PAPER_ITERATIONS
+        model = ImageClassifier(
+            arch=cast(Arch, arch),
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=5e-4,
+            lr_milestones=list(range(decay, paper_iterations, decay)),
+            lr_interval="step",
+        )
+    else:
+        model = ImageClassifier(
+            arch=cast(Arch, arch),
+            lr=LR[arch],
+            lr_milestones=[round(0.6 * epochs), round(0.85 * epochs)],
+            weight_decay=5e-4,
+        )
     pruning = (
         SNIPPruning(
             sparsity=sparsity,
@@ -120,7 +156,8 @@ def train_and_test(
         else None
     )
     trainer = pl.Trainer(
-        max_epochs=epochs,
+        max_epochs=-1 if paper_iterations else epochs,
+        max_steps=paper_iterations or -1,
         callbacks=[pruning] if pruning else [],
         logger=False,
         enable_checkpointing=False,
@@ -142,7 +179,17 @@ def train_and_test(
     else:
         achieved = 0.0
     run = Run(
-        arch, criterion, sparsity, seed, 100 * error, achieved, collapsed, time.perf_counter() - start, scope, unfit
+        arch,
+        criterion,
+        sparsity,
+        seed,
+        100 * error,
+        achieved,
+        collapsed,
+        time.perf_counter() - start,
+        scope,
+        unfit,
+        "paper" if paper_iterations else "short",
     )
     return run, masks
 
@@ -350,6 +397,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--iterations", type=int, help="rounds of iterative_snip, force, synflow (default: theirs)")
     parser.add_argument(
+        "--schedule",
+        choices=["short", "paper"],
+        default="short",
+        help="short: this script's epochs (default); paper: the paper's SGD schedule, learning rate 0.1 divided by 10"
+        f" every {PAPER_DECAY_EVERY:,} of {PAPER_ITERATIONS:,} iterations, batch 100, 10%% of the training images"
+        f" held out for validation ({PAPER_QUICK_ITERATIONS} iterations with --quick)",
+    )
+    parser.add_argument(
         "--scope",
         default="global",
         choices=["global", "layerwise", "constant_fan_in"],
@@ -373,6 +428,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.archs_given = args.archs is not None
+    paper = args.schedule == "paper"
+    args.paper_iterations = (PAPER_QUICK_ITERATIONS if args.quick else PAPER_ITERATIONS) if paper else None
+    args.val_fraction = 0.1 if paper else None
     base = "results/mnist" if args.dataset == "mnist" else "results/fashion-mnist"
     args.out = args.out or (f"{base}-quick" if args.quick else base)
     if args.dataset == "fashion-mnist":
@@ -412,9 +470,11 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     torch.set_num_threads(torch.get_num_threads())  # every run uses the same thread count
 
     data: MNISTDataModule | FashionMNISTDataModule = (
-        MNISTDataModule(data_dir=args.data_dir)
+        MNISTDataModule(data_dir=args.data_dir, val_fraction=args.val_fraction)
         if args.dataset == "mnist"
-        else FashionMNISTDataModule(data_dir=args.data_dir, system_dir=args.system_dir, val_size=500)
+        else FashionMNISTDataModule(
+            data_dir=args.data_dir, system_dir=args.system_dir, val_size=6000 if args.val_fraction else 500
+        )
     )
     data.setup("fit")
     print(f"Data: {data.source}", flush=True)
@@ -438,7 +498,15 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     for i, (arch, criterion, sparsity, seed) in enumerate(plan, 1):
         epochs = args.epochs or args.epoch_table[arch]
         run, masks = train_and_test(
-            arch, criterion, sparsity, seed, epochs, data, scope=args.scope, iterations=args.iterations
+            arch,
+            criterion,
+            sparsity,
+            seed,
+            epochs,
+            data,
+            scope=args.scope,
+            iterations=args.iterations,
+            paper_iterations=args.paper_iterations,
         )
         runs.append(run)
         (out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")  # for --resume

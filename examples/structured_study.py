@@ -121,27 +121,35 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+DIVERGED = 0.85  # a test error this high (chance is 90%) means the run diverged: counted, not averaged
+
+
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Mean over seeds, per network and arm, with the time ratio to dense."""
+    """Per network and arm: mean and spread of the test error over the seeds whose run trained, how many diverged,
+    and the mean wall time (of every run) with its ratio to dense."""
     rows = []
     for arch in ARCHS:
         runs = [r for r in results["runs"] if r["arch"] == arch]
         if not runs:
             continue
         dense_s = statistics.mean(r["train_s"] for r in runs if r["arm"] == "dense")
-        dense_error = statistics.mean(r["error"] for r in runs if r["arm"] == "dense")
+        dense_errors = [r["error"] for r in runs if r["arm"] == "dense" and r["error"] < DIVERGED]
+        dense_error = statistics.mean(dense_errors) if dense_errors else float("nan")
         for arm in _arms(arch):
             mine = [r for r in runs if r["arm"] == arm]
             if not mine:
                 continue
-            error = statistics.mean(r["error"] for r in mine)
+            trained = [r["error"] for r in mine if r["error"] < DIVERGED]
+            error = statistics.mean(trained) if trained else float("nan")
             seconds = statistics.mean(r["train_s"] for r in mine)
             rows.append(
                 {
                     "arch": arch,
                     "arm": arm,
                     "seeds": len(mine),
+                    "diverged": len(mine) - len(trained),
                     "error": error,
+                    "error_std": statistics.stdev(trained) if len(trained) > 1 else 0.0,
                     "vs_dense": error - dense_error,
                     "params": mine[0]["params"],
                     "train_s": seconds,
@@ -154,15 +162,18 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]], source: str) -> str:
     lines = [
-        f"Data: {source}. Test error, mean over seeds; wall time of `trainer.fit` on this machine's CPU.",
+        f"Data: {source}. Test error: mean ± standard deviation over the seeds whose run trained (a run ending at"
+        f" {DIVERGED:.0%} error or more diverged and is counted apart); wall time of `trainer.fit` on this machine's"
+        " CPU, mean over all seeds.",
         "",
-        "| network | run | seeds | test error | vs dense | parameters | training time | faster than dense |",
-        "|---|---|---|---|---|---|---|---|",
+        "| network | run | seeds | diverged | test error | vs dense | parameters | training time | faster than dense |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {ARCHS[r['arch']]} ({r['epochs']} epochs) | {r['arm']} | {r['seeds']} | {r['error']:.2%} |"
-            f" {100 * r['vs_dense']:+.2f} pt | {r['params']:,} | {r['train_s']:.0f} s | {r['speedup']:.2f}x |"
+            f"| {ARCHS[r['arch']]} ({r['epochs']} epochs) | {r['arm']} | {r['seeds']} | {r['diverged']} |"
+            f" {r['error']:.2%} ± {100 * r['error_std']:.2f} | {100 * r['vs_dense']:+.2f} pt | {r['params']:,} |"
+            f" {r['train_s']:.0f} s | {r['speedup']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 

@@ -378,3 +378,74 @@ def test_structured_study_quick_path_on_fake_fashion(tmp_path):
     assert (out / "error_vs_time.png").stat().st_size > 1000
     again = structured_study.main([*argv, "--archs", "lenet5", "--out", str(out), "--resume"])
     assert again["runs"] == results["runs"]  # nothing re-run
+
+
+def test_structured_study_counts_diverged_runs_apart():
+    import structured_study
+
+    runs = [
+        {"arch": "lenet5", "arm": "dense", "seed": s, "error": e, "train_s": 50.0, "params": 10, "epochs": 4}
+        for s, e in enumerate([0.09, 0.11, 0.90])
+    ] + [
+        {"arch": "lenet5", "arm": "channel-snip", "seed": s, "error": e, "train_s": 20.0, "params": 4, "epochs": 4}
+        for s, e in enumerate([0.10, 0.12, 0.11])
+    ]
+    rows = {r["arm"]: r for r in structured_study.summarize({"runs": runs})}
+    assert rows["dense"]["diverged"] == 1
+    assert rows["dense"]["error"] == pytest.approx(0.10)
+    assert rows["channel-snip"]["diverged"] == 0
+    assert rows["channel-snip"]["vs_dense"] == pytest.approx(0.01)
+    assert rows["channel-snip"]["speedup"] == pytest.approx(2.5)
+    table = structured_study.markdown(list(rows.values()), "test data")
+    assert "| LeNet-5-Caffe (4 epochs) | dense | 3 | 1 | 10.00% ± 1.41 | +0.00 pt |" in table
+
+
+@pytest.mark.parametrize(("arch", "paper"), [("lstm_s", 137e3), ("gru_s", 104e3), ("lstm_b", 536e3), ("gru_b", 404e3)])
+def test_the_papers_recurrent_sizes_and_initialization(arch, paper):
+    import math
+
+    from models import build
+
+    torch.manual_seed(0)
+    model = build(arch)
+    params = sum(p.numel() for p in model.parameters())
+    assert abs(params - paper) / paper < 0.03, params  # one layer of 170 or 350 units reading 28-pixel rows
+    rnn = model.rnn
+    gates = 4 if isinstance(rnn, torch.nn.LSTM) else 3
+    for name, param in rnn.named_parameters():
+        if name.startswith("bias"):
+            assert not param.any(), name
+            continue
+        for block in param.detach().chunk(gates):
+            bound = math.sqrt(6 / (block.shape[0] + block.shape[1]))  # Glorot uniform, per gate
+            assert block.abs().max() <= bound, name
+            assert block.abs().max() > 0.9 * bound, name
+    default = build("gru_s_default").rnn.weight_hh_l0.detach()
+    assert default.abs().max() <= 1 / math.sqrt(170)
+    assert default.abs().max() > 0.9 / math.sqrt(170)
+
+
+def test_the_papers_schedule_quick_path(tmp_path):
+    import reproduce_mnist
+
+    out = tmp_path / "paper"
+    argv = ["--schedule", "paper", "--quick", "--archs", "lenet300", "--criteria", "snip", "--sparsities", "0.9"]
+    runs = reproduce_mnist.main([*argv, "--data-dir", str(tmp_path), "--out", str(out)])
+    assert [(r.criterion, r.schedule) for r in runs] == [("dense", "paper"), ("snip", "paper")]
+    args = reproduce_mnist.parse_args([*argv, "--out", str(out)])
+    assert args.paper_iterations == reproduce_mnist.PAPER_QUICK_ITERATIONS
+    assert args.val_fraction == 0.1
+    assert json.loads((out / "results.json").read_text())[0]["schedule"] == "paper"
+
+
+def test_the_step_schedule_decays_at_steps():
+    from classifier import ImageClassifier
+
+    model = ImageClassifier(arch="lenet300", lr=0.1, lr_milestones=[50, 100, 150], lr_interval="step")
+    config = model.configure_optimizers()
+    assert config["lr_scheduler"]["interval"] == "step"
+    scheduler = config["lr_scheduler"]["scheduler"]
+    for _ in range(100):
+        config["optimizer"].step()
+        scheduler.step()
+    assert config["optimizer"].param_groups[0]["lr"] == pytest.approx(0.001)

@@ -124,7 +124,7 @@ def test_grasp_with_a_loss_without_double_backward_names_what_to_do_and_changes_
     before = copy.deepcopy(model.state_dict())
     data = DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 10, 8)), batch_size=4)
     with pytest.raises(ScoringError, match=r"GraSP needs second derivatives.*'snip'.*'synflow'"):
-        fit(model, [SNIPPruning(sparsity=0.9, criterion="grasp", plot=False)], data)
+        fit(model, [SNIPPruning(sparsity=0.9, criterion="grasp", temperature=1.0, plot=False)], data)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     pruning = SNIPPruning(sparsity=0.9, plot=False)
