@@ -34,6 +34,7 @@ def validate_options(
     structure: str = "weight",
     width_multiple: object = 1,
     temperature: object = None,
+    linear_reinit: object = None,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` for the first argument that is wrong; ``flags`` are the booleans by name."""
     sparsity = check_sparsity(sparsity)
@@ -76,6 +77,14 @@ def validate_options(
             raise ValueError(
                 f"`temperature={temperature}` divides the logits while GraSP scores, but `criterion={criterion!r}`"
                 " takes no temperature. Leave `temperature` unset, or use `criterion='grasp'`."
+            )
+    if linear_reinit is not None:
+        if not isinstance(linear_reinit, bool):
+            raise TypeError(f"`linear_reinit` must be True, False or None, got {linear_reinit!r}.")
+        if get_criterion(criterion).default_linear_reinit is None:
+            raise ValueError(
+                f"`linear_reinit={linear_reinit}` redraws the Linear weights while GraSP scores, but"
+                f" `criterion={criterion!r}` does not take it. Leave `linear_reinit` unset, or use `criterion='grasp'`."
             )
     if isinstance(width_multiple, bool) or not isinstance(width_multiple, int) or width_multiple < 1:
         raise ValueError(f"`width_multiple` must be an integer >= 1, got {width_multiple!r}. Use e.g. 8.")

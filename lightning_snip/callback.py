@@ -147,6 +147,10 @@ class SNIPPruning(_Callback):
             temperature scores: GraSP, through a forward hook removed after scoring, so ``training_step`` must get its
             logits from ``self(x)``. ``None`` takes the criterion's default (GraSP: the official 200); ``1.0``
             scores the loss as it is. Other criteria take none. Defaults to ``None``.
+        linear_reinit: Whether a criterion that takes it scores with every ``nn.Linear`` weight redrawn from a
+            Xavier-normal distribution (from ``seed``), the weights being put back after scoring, so only the masks
+            differ: GraSP, whose official code scores this way. ``None`` takes the criterion's default (GraSP:
+            ``True``); ``False`` scores the model's own weights. Other criteria take none. Defaults to ``None``.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -188,6 +192,7 @@ class SNIPPruning(_Callback):
         structure: Structure = "weight",
         width_multiple: PositiveInt = 1,
         temperature: float | None = None,
+        linear_reinit: bool | None = None,
     ) -> None:
         super().__init__()
         validate_options(
@@ -208,6 +213,7 @@ class SNIPPruning(_Callback):
             structure=structure,
             width_multiple=width_multiple,
             temperature=temperature,
+            linear_reinit=linear_reinit,
         )
         self.sparsity = float(sparsity)
         self.num_batches = num_batches
@@ -226,6 +232,7 @@ class SNIPPruning(_Callback):
         self.structure: Structure = structure
         self.width_multiple = width_multiple
         self.temperature = None if temperature is None else float(temperature)
+        self.linear_reinit = linear_reinit
         self._init_state()
 
     def _init_state(self) -> None:

@@ -55,6 +55,7 @@ class Options:
     structure: str = "weight"
     width_multiple: int = 1
     temperature: float | None = None
+    linear_reinit: bool | None = None
 
     def config(self) -> dict[str, Any]:
         """The options as the checkpoint state and ``state_key`` hold them.
@@ -77,6 +78,7 @@ _DEFAULTS: dict[str, Any] = {
     "structure": "weight",
     "width_multiple": 1,
     "temperature": None,
+    "linear_reinit": None,
 }
 OPTION_NAMES = frozenset(f.name for f in fields(Options))
 
@@ -229,6 +231,9 @@ def _scores(
             module=pl_module,
             example_input=lightning.example_input(pl_module, loss_fn) if criterion.needs_input else None,
             temperature=options.temperature or criterion.default_temperature or 1.0,
+            linear_reinit=bool(
+                criterion.default_linear_reinit if options.linear_reinit is None else options.linear_reinit
+            ),
         )
         if shards is not None:  # each rank scores its own shards; FSDP averages the gradients
             if loss_fn is not None:

@@ -59,6 +59,9 @@ class ScoringContext:
         example_input: An input of the model's input shape with batch size 1 (SynFlow). Defaults to ``None``.
         temperature: What ``module``'s output (the logits) is divided by while the criterion scores (GraSP's ``T``);
             ``1.0`` leaves it alone. Defaults to ``1.0``.
+        linear_reinit: Score with every ``nn.Linear`` weight of ``module`` redrawn from a Xavier-normal
+            distribution (drawn from ``generator``), as GraSP's official code does; the weights are put back after
+            scoring. Defaults to ``False``.
     """
 
     weights: Mapping[str, Tensor]
@@ -76,6 +79,7 @@ class ScoringContext:
     module: nn.Module | None = None
     example_input: Tensor | None = None
     temperature: float = 1.0
+    linear_reinit: bool = False
 
     def mean_gradients(self, round_index: int = 0) -> dict[str, Tensor]:
         """Gradient of the loss for each weight (or shard), averaged over the scoring batches and processes.
@@ -259,6 +263,8 @@ class Criterion(ABC):
         supports_sharding: Whether it scores the shards of a sharded model (FSDP, ``fully_shard``).
         default_temperature: What the logits are divided by while scoring, by default (GraSP: the official 200);
             ``None`` for a criterion that takes no temperature.
+        default_linear_reinit: Whether it scores with the ``nn.Linear`` weights redrawn (Xavier normal), by default
+            (GraSP: ``True``, as the official code); ``None`` for a criterion that does not take the option.
     """
 
     name: ClassVar[str] = ""
@@ -267,6 +273,7 @@ class Criterion(ABC):
     default_iterations: ClassVar[int | None] = None
     supports_sharding: ClassVar[bool] = True
     default_temperature: ClassVar[float | None] = None
+    default_linear_reinit: ClassVar[bool | None] = None
 
     @abstractmethod
     def score(self, context: ScoringContext) -> dict[str, Tensor]:

@@ -222,13 +222,39 @@ def test_synflow_refuses_an_input_that_is_not_a_float_tensor():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("temperature", [None, 1.0, 7.0])
-def test_grasp_is_w_times_the_hessian_gradient_product(temperature):
-    """GraSP against a hand-written one by full Jacobian and Hessian, with the logits divided by T (None: 200)."""
+@pytest.mark.parametrize(("temperature", "linear_reinit"), [(None, None), (None, False), (1.0, False), (7.0, True)])
+def test_grasp_is_w_times_the_hessian_gradient_product(temperature, linear_reinit):
+    """GraSP against a hand-written one by full Jacobian and Hessian, with the logits divided by T (None: 200).
+
+    With the Linear weights redrawn (the default), the reference scores a copy whose Linear weights are Xavier-normal
+    draws, ``N(0, 2 / (fan_in + fan_out))`` from a CPU generator seeded with ``seed``, layer by layer.
+    """
     data = _data()
-    got = _masks("grasp", 0.7, data, num_batches=2, temperature=temperature)
+    before = {n: p.detach().clone() for n, p in _init_model().named_parameters()}
+    model = _init_model()
+    pruning = SNIPPruning(
+        sparsity=0.7,
+        criterion="grasp",
+        num_batches=2,
+        seed=11,
+        temperature=temperature,
+        linear_reinit=linear_reinit,
+        plot=False,
+    )
+    fit(model, [pruning], data, max_steps=1, precision="64-true")
+    got = pruning.masks
+    for name, param in model.named_parameters():  # the model trains its own weights, never the draws
+        kept = got[name] if name in got else torch.ones_like(param, dtype=torch.bool)
+        assert torch.equal(param.detach()[kept], before[name][kept]), name
     divisor = 200.0 if temperature is None else temperature
     model = _init_model()
+    if linear_reinit is not False:
+        generator = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for layer in (model.net[0], model.net[2]):
+                fan_out, fan_in = layer.weight.shape
+                std = (2.0 / (fan_in + fan_out)) ** 0.5
+                layer.weight.copy_((torch.randn(fan_out, fan_in, generator=generator) * std).double())
     batches = _batches(data)[:2]
     names = list(WEIGHTS)
     params = dict(model.named_parameters())
@@ -257,8 +283,35 @@ def test_grasp_is_w_times_the_hessian_gradient_product(temperature):
 
 def test_the_temperature_changes_grasps_masks():
     data = _data()
-    plain, default = _masks("grasp", 0.7, data, temperature=1.0), _masks("grasp", 0.7, data)  # T=200 by default
+    plain = _masks("grasp", 0.7, data, temperature=1.0, linear_reinit=False)
+    default = _masks("grasp", 0.7, data, linear_reinit=False)  # T=200 by default
     assert any(not torch.equal(plain[name], default[name]) for name in plain)
+
+
+def test_redrawn_linear_weights_change_grasps_masks_and_follow_the_seed():
+    data = _data()
+    own = _masks("grasp", 0.7, data, linear_reinit=False)
+    drawn, again, other = (_masks("grasp", 0.7, data, seed=seed) for seed in (3, 3, 4))
+    assert any(not torch.equal(own[name], drawn[name]) for name in own)
+    assert all(torch.equal(drawn[name], again[name]) for name in own)  # same seed, same draws, same masks
+    assert any(not torch.equal(drawn[name], other[name]) for name in own)
+
+
+def test_xavier_draws_have_the_xavier_spread_and_skip_what_is_not_a_plain_linear_weight():
+    from lightning_snip.criteria.grasp import xavier_linear_weights
+
+    wide = nn.Linear(800, 500)
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+    conv = nn.Conv2d(3, 4, 3)
+    model = nn.Sequential(wide, normed, conv, nn.Sequential(wide))  # `wide` shared: drawn once
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    with xavier_linear_weights(model, torch.Generator().manual_seed(0)) as names:
+        assert names == ["0.weight"]
+        std = float(wide.weight.std())
+        assert abs(std / (2.0 / 1300) ** 0.5 - 1) < 0.01  # 400,000 draws: the spread is within 1%
+        assert abs(float(wide.weight.mean())) < 1e-3
+        assert torch.equal(conv.weight, before["2.weight"])
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
 
 
 class LayersInTrainingStep(TinyNet):
@@ -299,6 +352,8 @@ ARGUMENTS = {
     "temperature-snip": ({"criterion": "snip", "temperature": 200}, r"but `criterion='snip'` takes no temperature"),
     "temperature-zero": ({"criterion": "grasp", "temperature": 0}, r"`temperature` must be a positive number"),
     "temperature-text": ({"criterion": "grasp", "temperature": "hot"}, r"`temperature` must be a positive number"),
+    "reinit-snip": ({"criterion": "snip", "linear_reinit": True}, r"but `criterion='snip'` does not take it"),
+    "reinit-text": ({"criterion": "grasp", "linear_reinit": "yes"}, r"`linear_reinit` must be True, False or None"),
     "iterations-one-shot": ({"criterion": "snip", "iterations": 5}, r"`iterations=5` but `criterion='snip'`"),
     "iterations-grasp": ({"criterion": "grasp", "iterations": 2}, r"`criterion='grasp'` scores in one pass"),
     "iterations-zero": ({"criterion": "force", "iterations": 0}, r"`iterations` must be an integer >= 1 or None"),

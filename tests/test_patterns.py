@@ -58,7 +58,7 @@ def test_the_closure_pattern_scores_like_automatic_optimization(criterion, optim
     torch.manual_seed(0)
     model = ClosureModule(optimizer)
     twin = _automatic_twin(model)
-    options = {"sparsity": 0.8, "criterion": criterion, "plot": False}
+    options = {"sparsity": 0.8, "criterion": criterion, "plot": False, "seed": 0}
     if criterion in ("iterative_snip", "force"):
         options["iterations"] = 3
     manual, automatic = SNIPPruning(**options), SNIPPruning(**options)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -19,7 +22,12 @@ class GraSP(Criterion):
     batches by double backward (``z = sum(dL/dw * g)``, ``H g = dz/dw``), averaged like ``g`` (and across DDP
     ranks). As in the official code, the logits are divided by a temperature ``T`` (``context.temperature``; the
     callback's default is the official 200) in both passes: a forward hook on ``context.module`` divides its output
-    while GraSP scores, and is removed after. The output must be one floating-point tensor (the logits), and the loss
+    while GraSP scores, and is removed after. Also as in the official code, every ``nn.Linear`` weight of the module
+    is redrawn from a Xavier-normal distribution for scoring (``context.linear_reinit``, on by default in the
+    callback; see :func:`xavier_linear_weights`), so the scores of those layers are ``w' * (H' g')`` at the drawn
+    weights ``w'``; the model's own weights come back after scoring and are the ones that train.
+
+    The output must be one floating-point tensor (the logits), and the loss
     must come through the module's forward (``self(x)`` in ``training_step``); otherwise scoring stops with a
     ``ScoringError`` that says so (``T = 1`` scores the loss as it is).
 
@@ -32,23 +40,26 @@ class GraSP(Criterion):
     needs_data = True
     supports_sharding = False
     default_temperature = 200.0
+    default_linear_reinit = True
 
     def score(self, context: ScoringContext) -> dict[str, Tensor]:  # noqa: D102
         if context.loss_fn is None:
             raise ScoringError("GraSP needs the loss, but the scoring context has no `loss_fn`.")
-        if context.temperature == 1.0:
-            return self._score(context)
-        if context.module is None:
+        if context.module is None and (context.temperature != 1.0 or context.linear_reinit):
             raise ScoringError(
-                "GraSP's temperature divides the model's output, but the scoring context has no `module`. Pass the"
-                " module, or `temperature=1.0` to score the loss as it is."
+                "GraSP's temperature and Linear redraw act on the model, but the scoring context has no `module`."
+                " Pass the module, or `temperature=1.0` and `linear_reinit=False` to score the loss as it is."
             )
-        divide = _Temperature(context.temperature)
-        handle = context.module.register_forward_hook(divide)
-        try:
+        with ExitStack() as stack:
+            divide = None
+            if context.temperature != 1.0:
+                assert context.module is not None
+                divide = _Temperature(context.temperature)
+                stack.callback(context.module.register_forward_hook(divide).remove)
+            if context.linear_reinit:
+                assert context.module is not None
+                stack.enter_context(xavier_linear_weights(context.module, context.generator))
             return self._score(context, divide)
-        finally:
-            handle.remove()
 
     def _score(self, context: ScoringContext, divide: _Temperature | None = None) -> dict[str, Tensor]:
         assert context.loss_fn is not None
@@ -108,3 +119,53 @@ class _Temperature:
             )
         self.calls += 1
         return output / self.temperature
+
+
+@contextmanager
+def xavier_linear_weights(module: nn.Module, generator: torch.Generator | None = None) -> Iterator[list[str]]:
+    """Within the block, every ``nn.Linear`` weight of ``module`` holds a Xavier-normal draw; the originals come back.
+
+    The draw is ``N(0, 2 / (fan_in + fan_out))`` per weight (``nn.init.xavier_normal_`` with gain 1), taken in the
+    order of ``module.named_modules()`` from ``generator`` (on the CPU, so every process given the same seed draws
+    the same weights), or from torch's global generator when it is ``None``. Only weights that are plain
+    parameters are redrawn: parametrized (weight norm, spectral norm) and uninitialized lazy layers keep theirs.
+
+    Args:
+        module: The model whose Linear layers are redrawn.
+        generator: Where the draws come from. Defaults to ``None``.
+
+    Yields:
+        The names of the redrawn weights.
+
+    Example::
+
+        >>> layer = nn.Linear(4, 2)
+        >>> before = layer.weight.detach().clone()
+        >>> with xavier_linear_weights(nn.Sequential(layer), torch.Generator().manual_seed(0)) as names:
+        ...     names, torch.equal(layer.weight, before)
+        (['0.weight'], False)
+        >>> torch.equal(layer.weight, before)
+        True
+    """
+    saved: list[tuple[nn.Parameter, Tensor]] = []
+    names: list[str] = []
+    try:
+        with torch.no_grad():
+            for name, layer in module.named_modules():
+                weight = layer._parameters.get("weight") if isinstance(layer, nn.Linear) else None
+                if (
+                    not isinstance(weight, nn.Parameter)
+                    or isinstance(weight, nn.parameter.UninitializedParameter)
+                    or any(weight is w for w, _ in saved)
+                ):
+                    continue
+                fan_out, fan_in = weight.shape
+                draw = torch.randn(weight.shape, generator=generator) * math.sqrt(2.0 / (fan_in + fan_out))
+                saved.append((weight, weight.detach().clone()))
+                weight.copy_(draw.to(device=weight.device, dtype=weight.dtype))
+                names.append(f"{name}.weight" if name else "weight")
+        yield names
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
