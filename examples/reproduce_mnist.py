@@ -524,11 +524,13 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
             flush=True,
         )
 
-    table = markdown_table(
-        runs, args.sparsities, args.criteria, data.source.split(" (")[0], paper=args.dataset == "mnist"
-    )
+    # The table and the plot show every run in results.json, also those kept by --resume from other commands.
+    pruned = [r for r in runs if r.criterion != "dense"]
+    sparsities = sorted({*args.sparsities, *(r.sparsity for r in pruned)})
+    criteria = list(dict.fromkeys([*args.criteria, *(r.criterion for r in pruned)]))
+    table = markdown_table(runs, sparsities, criteria, data.source.split(" (")[0], paper=args.dataset == "mnist")
     (out / "results.md").write_text(table + "\n")  # results.json is written after every run
-    plot_errors(runs, args.sparsities, args.criteria, out / "error_vs_sparsity.png")
+    plot_errors(runs, sparsities, criteria, out / "error_vs_sparsity.png")
     print(
         "\n"
         + table

@@ -212,6 +212,13 @@ def test_reproduction_recurrent_rows_and_resume(tmp_path, capsys):
     assert "| GRU-128 | dense |" in table
     assert "paper" not in table  # no paper row for the recurrent networks
     assert len(json.loads((out / "results.json").read_text())) == 4
+    capsys.readouterr()
+    again = reproduce_mnist.main([*argv[:7], "0.9", *argv[7:], "--resume"])  # a new column; the 80% runs stay
+    assert len(again) == 6
+    table = (out / "results.md").read_text()
+    assert table.splitlines()[0] == "| network | method | dense | 80% | 90% |"
+    gru_80 = next(r for r in again if (r.arch, r.criterion, r.sparsity) == ("gru", "snip", 0.8))
+    assert f"| | snip | | {gru_80.test_error:.2f} | " in table.split("| GRU-128 |")[1]
 
 
 def test_reproduction_n_m_study(tmp_path, capsys):
@@ -449,3 +456,46 @@ def test_the_step_schedule_decays_at_steps():
         config["optimizer"].step()
         scheduler.step()
     assert config["optimizer"].param_groups[0]["lr"] == pytest.approx(0.001)
+
+
+def test_chain_connectivity_golden():
+    import mask_connectivity
+
+    # 3 inputs -> 2 hidden -> 2 hidden -> 2 outputs. The first layer keeps no input of its hidden unit 1, so the
+    # weights downstream of it are dead, and output 1 is fed only through them.
+    m1 = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    m2 = torch.tensor([[1, 0], [0, 1]])  # the second weight reads hidden unit 1, which nothing reaches
+    m3 = torch.tensor([[1, 0], [0, 1]])
+    layers = mask_connectivity.chain_connectivity([m1, m2, m3], ["a", "b", "c"])
+    assert [(x.name, x.kept, x.effective, x.alive_outputs, x.outputs) for x in layers] == [
+        ("a", 2, 2, 1, 2),
+        ("b", 2, 1, 1, 2),
+        ("c", 2, 1, 1, 2),
+    ]
+    # A unit reached from the input but reaching no output makes its incoming weights dead too.
+    m3_cut = torch.tensor([[1, 0], [0, 0]])
+    m2_both = torch.tensor([[1, 0], [1, 0]])
+    layers = mask_connectivity.chain_connectivity([m1, m2_both, m3_cut])
+    assert [(x.kept, x.effective, x.alive_outputs) for x in layers] == [(2, 2, 1), (2, 1, 1), (1, 1, 1)]
+    with pytest.raises(ValueError, match=r"`masks\[1\]` reads 3 units but `masks\[0\]` writes 2"):
+        mask_connectivity.chain_connectivity([m1, torch.ones(2, 3)])
+    with pytest.raises(ValueError, match="`masks` is empty"):
+        mask_connectivity.chain_connectivity([])
+
+
+def test_mask_connectivity_quick(tmp_path, capsys):
+    import mask_connectivity
+
+    out = tmp_path / "out"
+    rows = mask_connectivity.main(["--quick", "--data-dir", str(tmp_path), "--out", str(out)])
+    assert [(r["criterion"], r["sparsity"]) for r in rows] == [("snip", 0.99), ("force", 0.99)]
+    table = (out / "connectivity.md").read_text()
+    assert json.loads((out / "connectivity.json").read_text()) == rows
+    for row in rows:
+        layers = row["layers"]
+        assert sum(x["kept"] for x in layers) == kept_count(266_200, 0.99)
+        assert all(x["effective"] <= x["kept"] and x["alive_outputs"] <= x["outputs"] for x in layers)
+        assert layers[-1]["outputs"] == 10
+        first = layers[0]
+        assert f"| {row['criterion']} | 99% | {first['kept']:,} / {first['effective']:,} " in table
+    assert "Wrote" in capsys.readouterr().out
