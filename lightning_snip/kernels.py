@@ -1,7 +1,8 @@
 """A compiled sparse x dense product for the CPU, from numba (the optional extra ``lightning-snip[fast]``).
 
 Plain PyTorch and NumPy, no Lightning. :class:`RowKernel` holds a pruned weight ``(out, in)`` in compressed sparse
-rows (``int32`` column indices). ``RowKernel(x_t)`` computes ``weight @ x_t`` for ``x_t`` of shape ``(in, n)``: the
+rows: 16-bit column indices where the weight has at most 65,536 columns (a quarter less memory read per weight),
+else 32-bit. ``RowKernel(x_t)`` computes ``weight @ x_t`` for ``x_t`` of shape ``(in, n)``: the
 transposed input of a linear layer (``n`` = batch), or a 1x1 convolution's input as it lies in memory,
 ``(channels, height * width)`` for one image. For one input vector each row's sum stays in a register and its
 gathers vectorize; for several, each row of the output is accumulated in place. Rows are spread over
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 EXTRA = 'pip install "lightning-snip[fast]"'
+_UINT16_COLUMNS = 1 << 16
 _compiled: dict[str, Any] = {}
 
 
@@ -111,7 +113,7 @@ class RowKernel:
         self.constant = bool(counts.size) and bool((counts == counts[0]).all())
         rows, cols = np.nonzero(nonzero)  # row-major: each row's columns in increasing order
         self.indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.indices = cols.astype(np.int32)
+        self.indices = cols.astype(np.uint16 if self.shape[1] <= _UINT16_COLUMNS else np.int32)
         self.values = np.ascontiguousarray(dense[rows, cols])
 
     @property

@@ -4,6 +4,7 @@ import builtins
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -47,6 +48,19 @@ def test_the_compiled_kernel_equals_the_dense_layer(dtype, constant, bias):
     with torch.no_grad():
         _close(pickle.loads(pickle.dumps(sparse))(x), layer(x))
         _close(copy.deepcopy(sparse)(x), layer(x))
+
+
+@pytest.mark.parametrize("columns", [300, 1 << 16, (1 << 16) + 1])
+def test_the_compiled_kernel_reads_16_bit_columns_where_they_fit(columns):
+    torch.manual_seed(0)
+    weight = torch.zeros(3, columns)
+    weight[:, [0, 1, columns // 2, columns - 2, columns - 1]] = torch.randn(3, 5)  # the last column included
+    rows = RowKernel(weight)
+    assert rows.indices.dtype == (np.uint16 if columns <= 1 << 16 else np.int32)
+    assert int(rows.indices.max()) == columns - 1
+    for n in (1, 7):
+        x_t = torch.randn(columns, n)
+        _close(rows(x_t), weight @ x_t)
 
 
 def test_the_compiled_kernel_follows_torch_threads_and_leaves_them_alone():
