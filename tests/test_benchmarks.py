@@ -124,3 +124,32 @@ def test_sparse_inference_reports_every_arm_and_file(capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "| LeNet-300-100 | 95% constant fan-in | 1.07 MB |" in out
     assert "ResNet-50 1x1 convolutions" in out
+
+
+@pytest.mark.parametrize("block_ms", [0.0, 20.0])
+def test_sparse_inference_sizes_each_arms_block_to_its_own_speed(block_ms: float) -> None:
+    import time
+
+    import sparse_inference
+    import torch
+
+    made = {"dense": 0, "sparsify": 0}
+
+    def arm(name: str, seconds: float):
+        def call() -> None:
+            made[name] += 1
+            time.sleep(seconds)
+
+        return call
+
+    arms = {"dense": arm("dense", 0.004), "sparsify": arm("sparsify", 0.0)}
+    result = sparse_inference.interleaved(arms, rounds=3, device=torch.device("cpu"), block_s=block_ms / 1e3)
+    calls = result["calls_per_block"]
+    if block_ms == 0:
+        assert calls == {"dense": 1, "sparsify": 1}  # one call a block: a cold start after the other arm
+    else:
+        assert calls["dense"] <= 5  # a 4 ms call fills a 20 ms block in about 5 calls
+        assert calls["sparsify"] > 10 * calls["dense"]  # the fast arm runs back to back
+    for name in arms:  # a warm-up call, the call that sizes the block, then the rounds
+        assert made[name] == 2 + 3 * calls[name]
+    assert result["sparsify"]["ms"] < result["dense_ms"]
