@@ -153,3 +153,20 @@ def test_sparse_inference_sizes_each_arms_block_to_its_own_speed(block_ms: float
     for name in arms:  # a warm-up call, the call that sizes the block, then the rounds
         assert made[name] == 2 + 3 * calls[name]
     assert result["sparsify"]["ms"] < result["dense_ms"]
+
+
+def test_block_sparse_times_every_arm_on_block_masked_weights(capsys: pytest.CaptureFixture[str]) -> None:
+    import block_sparse
+    import torch
+
+    weight = block_sparse.block_masked_weight(64, 8, 0.75)
+    tiles = (weight.view(8, 8, 8, 8).transpose(1, 2) != 0).flatten(2).any(-1)  # which 8x8 tiles hold any value
+    assert int(tiles.sum()) == 16  # a quarter of the 64 tiles
+    assert torch.equal((weight != 0).sum(), torch.tensor(16 * 64))  # kept tiles are full
+    results = block_sparse.main(["--size", "256", "--blocks", "4", "16", "--batches", "1", "3", "--rounds", "1"])
+    assert [(r["block"], r["batch"]) for r in results["rows"]] == [(4, 1), (4, 3), (16, 1), (16, 3)]
+    for row in results["rows"]:
+        assert row["dense_ms"] > 0 and all(row[arm] > 0 for arm in ("bsr", "csr"))
+    assert "| 16x16 | 95% | 3 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        block_sparse.main(["--size", "100", "--blocks", "16"])  # 16 does not divide 100
