@@ -45,6 +45,10 @@ MIN_ZERO_FRACTION = 0.95
 MIN_WEIGHTS = 1 << 18
 #: With an example input, a layer goes sparse when its measured time is at most this fraction of the dense time.
 MEASURED_MARGIN = 0.9
+#: Each measured block runs one configuration back to back for about this long (at most 100 calls), as a serving
+#: loop calls a model: a faster configuration makes more calls, so the first call after the other one's weights went
+#: through the caches does not decide its time.
+BLOCK_SECONDS = 0.005
 _CPU_CSR_DTYPES = (torch.float32, torch.float64)
 _CUDA_CSR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
@@ -460,16 +464,34 @@ def _timer(fn: Callable[[], Any], device: torch.device) -> Callable[[], float]:
     return run
 
 
+def _block_calls(once: float) -> int:
+    """How many back-to-back calls of ``once`` seconds fill a block of :data:`BLOCK_SECONDS`."""
+    return max(1, min(100, int(BLOCK_SECONDS / max(once, 1e-7))))
+
+
 def _measured_faster(layer: nn.Module, sparse: _SparseMatrix, x: Tensor, rounds: int = 15) -> tuple[bool, float]:
-    """Time the dense and the sparse layer on ``x``, interleaved; sparse wins by :data:`MEASURED_MARGIN` or more."""
-    dense_run = _timer(lambda: layer(x), x.device)
-    sparse_run = _timer(lambda: sparse(x), x.device)
-    dense_run(), sparse_run()  # warm-up
+    """Time the dense and the sparse layer on ``x``; sparse wins at :data:`MEASURED_MARGIN` of dense or less.
+
+    Interleaved blocks of back-to-back calls, each block sized to its own layer's speed; the medians per call compared.
+    """
+    calls = {"dense": 1, "sparse": 1}
+
+    def repeat(name: str, fn: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(calls[name]):
+                fn()
+
+        return run
+
+    dense_run = _timer(repeat("dense", lambda: layer(x)), x.device)
+    sparse_run = _timer(repeat("sparse", lambda: sparse(x)), x.device)
+    dense_run(), sparse_run()  # warm-up (a compiled kernel compiles on its first call)
+    calls["dense"], calls["sparse"] = _block_calls(dense_run()), _block_calls(sparse_run())
     dense_times, sparse_times = [], []
     budget = time.perf_counter() + 2.0  # a few seconds at most per layer, however slow
     for _ in range(rounds):
-        dense_times.append(dense_run())
-        sparse_times.append(sparse_run())
+        dense_times.append(dense_run() / calls["dense"])
+        sparse_times.append(sparse_run() / calls["sparse"])
         if time.perf_counter() > budget and len(dense_times) >= 3:
             break
     ratio = statistics.median(sparse_times) / statistics.median(dense_times)
@@ -501,7 +523,8 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
 
     - with ``example_input``, the decision is measured: one forward of the model records the input each layer
       sees, and the dense layer and each sparse kernel that can run it (MKL CSR; the compiled ``"numba"`` kernel
-      when numba is installed, the extra ``lightning-snip[fast]``) are timed on it, interleaved; the fastest kernel
+      when numba is installed, the extra ``lightning-snip[fast]``) are timed on it, interleaved in blocks of
+      back-to-back calls (about 5 ms each, as a serving loop calls the model); the fastest kernel
       is used when its median time is at most :data:`MEASURED_MARGIN` (0.9) of the dense median. Layers the
       example does not reach stay dense. Then the whole model is timed on the example with and without the chosen
       layers, interleaved: if it is not faster with them, the compiled-kernel layers, and then all of them, go back
@@ -610,24 +633,37 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
 
 
 def _whole_model_ratio(model: nn.Module, swaps: list[Swap], example_input: Any, rounds: int = 15) -> float:
-    """The whole model's median time with ``swaps`` made over its median time without, interleaved."""
+    """The whole model's median time per call with ``swaps`` made over its median time without.
+
+    Interleaved blocks of back-to-back calls, each sized to its configuration's speed.
+    """
 
     def use(sparse: bool) -> None:
         for parent, name, dense, layer in swaps:
             setattr(parent, name, layer if sparse else dense)
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    run = _timer(lambda: _call(model, example_input), device)
+    calls = {False: 1, True: 1}
+    current = [False]
+
+    def block() -> None:
+        for _ in range(calls[current[0]]):
+            _call(model, example_input)
+
+    run = _timer(block, device)
     times: dict[bool, list[float]] = {False: [], True: []}
     budget = time.perf_counter() + 3.0
     with torch.inference_mode():
-        for sparse in (False, True):  # warm-up
+        for sparse in (False, True):  # a warm-up call, then one call to size the blocks
             use(sparse)
+            current[0] = sparse
             run()
+            calls[sparse] = _block_calls(run())
         for _ in range(rounds):
             for sparse in (False, True):
                 use(sparse)
-                times[sparse].append(run())
+                current[0] = sparse
+                times[sparse].append(run() / calls[sparse])
             if time.perf_counter() > budget and len(times[True]) >= 3:
                 break
     use(False)
