@@ -128,17 +128,32 @@ def test_every_figure_in_a_table_comes_from_a_results_file_the_page_names(page):
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"`(python [^`]+)`")
 # Parse the documented arguments exactly as the script would, then stop before any work: argparse scripts through a
-# patched `parse_args`; LightningCLI scripts through `--print_config`, which validates the whole config.
-PARSE_ONLY = """
-import argparse, runpy, sys
-parse = argparse.ArgumentParser.parse_args
+# patched `parse_args`; LightningCLI scripts through `--print_config`, which validates the whole config. Every
+# command runs in one Python process (each script afresh through `runpy`), so torch and Lightning load once.
+PARSE_ALL = """
+import argparse, contextlib, io, json, runpy, sys
+original = argparse.ArgumentParser.parse_args
 def parse_and_stop(self, args=None, namespace=None):
-    parse(self, args, namespace)
+    original(self, args, namespace)
     print("PARSED")
     sys.exit(0)
-argparse.ArgumentParser.parse_args = parse_and_stop
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+results = []
+for script, args, cli in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    argparse.ArgumentParser.parse_args = original if cli else parse_and_stop
+    sys.argv = [script, *args]
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        except BaseException as error:
+            code = 1
+            print(repr(error), file=sys.stderr)
+    results.append({"code": code, "stdout": out.getvalue()[-2000:], "stderr": err.getvalue()[-3000:]})
+argparse.ArgumentParser.parse_args = original
+sys.stdout.write("RESULTS" + json.dumps(results) + "\\n")
 """
 
 
@@ -165,20 +180,39 @@ def test_the_docs_name_the_commands_users_run():
     assert len(commands) >= 20
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("page", "command"), documented_commands(), ids=lambda v: v[:80])
-def test_every_documented_command_parses_as_written(page, command, tmp_path):
-    """Each documented command's arguments are accepted by its script (the quick forms run in test_examples.py)."""
+def _job(command: str) -> tuple[str, list[str], bool]:
     argv = shlex.split(command)[1:]
     script = ROOT / argv[0]
+    cli = "LightningCLI" in script.read_text()
+    return str(script), [*argv[1:], "--print_config"] if cli else argv[1:], cli
+
+
+@pytest.fixture(scope="module")
+def parsed_commands() -> dict[str, dict[str, object]]:
+    """Every documented command parsed by its script, all in one subprocess: command -> exit code and output."""
+    commands = sorted({c for _, c in documented_commands() if (ROOT / shlex.split(c)[1]).exists()})
+    done = subprocess.run(
+        [sys.executable, "-c", PARSE_ALL, json.dumps([_job(c) for c in commands])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULTS")), None)
+    assert line is not None, f"the parsing process failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return dict(zip(commands, json.loads(line[len("RESULTS") :]), strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("page", "command"), documented_commands(), ids=lambda v: v[:80])
+def test_every_documented_command_parses_as_written(page, command, parsed_commands):
+    """Each documented command's arguments are accepted by its script (the quick forms run in test_examples.py)."""
+    script = ROOT / shlex.split(command)[1]
     assert script.exists(), f"{page}: `{command}` names a missing script"
-    if "LightningCLI" in script.read_text():
-        run = [sys.executable, str(script), *argv[1:], "--print_config"]
-    else:
-        run = [sys.executable, "-c", PARSE_ONLY, str(script), *argv[1:]]
-    done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{page}: `{command}` is refused:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-    assert "PARSED" in done.stdout or "class_path" in done.stdout or "trainer:" in done.stdout
+    done = parsed_commands[command]
+    assert done["code"] == 0, f"{page}: `{command}` is refused:\n{done['stdout']}\n{done['stderr']}"
+    out = str(done["stdout"])
+    assert "PARSED" in out or "class_path" in out or "trainer:" in out
 
 
 def test_the_release_has_a_dated_changelog_section():
