@@ -5,6 +5,8 @@ each 1x1 ``nn.Conv2d``) for which a sparse kernel is faster by a :class:`SparseL
 
 - on the CPU, and on CUDA without 2:4 support, its weight is a CSR tensor (MKL on x86 CPUs, cuSPARSE on CUDA), or,
   on the CPU with numba installed, the rows the compiled kernel of :mod:`lightning_snip.kernels` reads;
+- on the CPU, a weight whose zeros come in whole square tiles (:func:`block_size`) can also be a block-sparse (BSR)
+  tensor, which multiplies large batches faster than CSR;
 - on a CUDA GPU of compute capability 8.0 or newer, a weight whose zeros follow a 2:4 pattern (at most 2 nonzeros in
   every 4 consecutive inputs), in float16 or bfloat16, with both dimensions multiples of 64, is converted with
   ``torch.sparse.to_sparse_semi_structured`` (the GPU path is not covered by the CPU test suite).
@@ -34,7 +36,7 @@ from lightning_snip.kernels import RowKernel, numba_available
 
 log = logging.getLogger(__name__)
 
-Kernel = Literal["csr", "numba", "2:4"]
+Kernel = Literal["csr", "numba", "bsr", "2:4"]
 Swap = tuple["nn.Module", str, "nn.Module", "_SparseMatrix"]
 _Dense = TypeVar("_Dense", nn.Linear, nn.Conv2d)
 """A layer to replace: its parent, its name there, the dense layer and the sparse one."""
@@ -49,6 +51,8 @@ MEASURED_MARGIN = 0.9
 #: loop calls a model: a faster configuration makes more calls, so the first call after the other one's weights went
 #: through the caches does not decide its time.
 BLOCK_SECONDS = 0.005
+#: Square tile sizes a block-sparse (BSR) weight may use, largest first (see :func:`block_size`).
+BLOCK_SIZES = (32, 16, 8, 4)
 _CPU_CSR_DTYPES = (torch.float32, torch.float64)
 _CUDA_CSR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
@@ -56,8 +60,38 @@ _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 
 def _csr(weight: Tensor) -> Tensor:
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": the kernels used here are stable
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        warnings.filterwarnings("ignore", message=r"Sparse \w+ tensor support is in beta state")
         return weight.detach().to_sparse_csr()
+
+
+def block_size(weight: Tensor) -> int | None:
+    """The largest of :data:`BLOCK_SIZES` in whose square tiles a 2-D ``weight``'s zeros lie, or ``None``.
+
+    A size ``b`` qualifies when it divides both dimensions, at least half of the ``b x b`` tiles are all zero, and the
+    other tiles are on average at least half full: then a block-sparse (BSR) tensor stores little more than the
+    nonzeros. An unstructured mask fails the second test (at 95% zeros, 4x4 tiles average 9% full).
+
+    Example::
+
+        >>> tiles = (torch.rand(8, 8) > 0.8).repeat_interleave(8, 0).repeat_interleave(8, 1)
+        >>> block_size(torch.randn(64, 64) * tiles), block_size(torch.randn(64, 64) * (torch.rand(64, 64) > 0.95))
+        (8, None)
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"`weight` must be 2-D, got shape {tuple(weight.shape)}.")
+    rows, cols = weight.shape
+    nonzero = weight != 0
+    count = int(nonzero.sum())
+    if count == 0:
+        return None
+    for b in BLOCK_SIZES:
+        if rows % b or cols % b:
+            continue
+        tiles = nonzero.view(rows // b, b, cols // b, b).any(dim=3).any(dim=1)
+        filled = int(tiles.sum())
+        if 2 * filled <= tiles.numel() and 2 * count >= filled * b * b:
+            return b
+    return None
 
 
 def is_two_four(weight: Tensor) -> bool:
@@ -123,6 +157,16 @@ class _SparseMatrix(nn.Module):
         weight = weight.detach()
         self.zero_fraction = float((weight == 0).sum()) / max(weight.numel(), 1)
         self._rows: RowKernel | None = None
+        self.block_size: int | None = None
+        if kernel == "bsr":
+            self.block_size = block_size(weight.reshape(weight.shape[0], -1))
+            if self.block_size is None:
+                raise ValueError(
+                    f"kernel='bsr' needs a weight whose zeros come in square tiles ({', '.join(map(str, BLOCK_SIZES))}:"
+                    f" at least half the tiles zero, the rest at least half full); this {tuple(weight.shape)} weight"
+                    " has none. Use kernel='csr' or 'numba', or `sparsify(model, example_input=x)` to choose by"
+                    " measurement."
+                )
         self.register_buffer("weight", self._convert(weight), persistent=False)  # `state_dict` writes it dense
         self.bias = source.bias  # type: ignore[assignment]
         self.train(source.training)
@@ -142,15 +186,20 @@ class _SparseMatrix(nn.Module):
                     f" shape {tuple(weight.shape)} on {weight.device}."
                 )
             return torch.sparse.to_sparse_semi_structured(weight)
-        if self.kernel not in ("csr", "numba"):
-            raise ValueError(f"`kernel` must be 'csr', 'numba' or '2:4', got {self.kernel!r}.")
-        if not _csr_ok(weight) or (self.kernel == "numba" and weight.is_cuda):
+        if self.kernel not in ("csr", "numba", "bsr"):
+            raise ValueError(f"`kernel` must be 'csr', 'numba', 'bsr' or '2:4', got {self.kernel!r}.")
+        if not _csr_ok(weight) or (self.kernel in ("numba", "bsr") and weight.is_cuda):
             raise ValueError(
                 f"A {self.kernel} `{type(self).__name__}` needs a {'/'.join(str(d) for d in _CPU_CSR_DTYPES)} weight on"
                 f" the CPU (CSR on CUDA also half precision); got {weight.dtype} on {weight.device}."
             )
         if self.kernel == "numba":
             self._rows = RowKernel(weight)
+        if self.kernel == "bsr":
+            size = cast(int, self.block_size)  # set in __init__; a later weight (a load, a cast) keeps the tiling
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Sparse \w+ tensor support is in beta state")
+                return weight.detach().to_sparse_bsr((size, size))
         return _csr(weight)
 
     def dense_weight(self) -> Tensor:
@@ -177,13 +226,16 @@ class _SparseMatrix(nn.Module):
             return F.linear(x_t.t(), self.weight).t()
         return torch.sparse.mm(self.weight, x_t)
 
+    def _tiles(self) -> str:
+        return f", blocks={self.block_size}x{self.block_size}" if self.kernel == "bsr" else ""
+
     def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError  # pragma: no cover - each layer kind computes its own
 
     def forward(self, input: Tensor) -> Tensor:
         """The replaced layer's output, computed with the sparse weight."""
         x = input
-        if self.kernel in ("csr", "numba") and not _csr_ok(self.weight):
+        if self.kernel in ("csr", "numba", "bsr") and not _csr_ok(self.weight):
             raise RuntimeError(
                 f"This {self.kernel} `{type(self).__name__}` holds a {self.weight.dtype} weight on"
                 f" {self.weight.device}, which no sparse kernel multiplies (the CPU needs float32 or float64). Cast it"
@@ -207,13 +259,13 @@ class _SparseMatrix(nn.Module):
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _SparseMatrix:
         if self.kernel == "csr":
             return super()._apply(fn, recurse)
-        # a 2:4 or compiled-kernel weight is rebuilt from its dense values: the same kernel where it still suits,
-        # else CSR (a move to CUDA, say)
+        # a 2:4, compiled-kernel or BSR weight is rebuilt from its dense values: the same kernel where it still
+        # suits, else CSR (a move to CUDA, say)
         moved = fn(self.weight.to_dense())
         if self.kernel == "2:4":
             self.kernel = "2:4" if _semi_structured_ok(moved) else "csr"
-        else:
-            self.kernel = "numba" if moved.device.type == "cpu" and _csr_ok(moved) else "csr"
+        else:  # numba or bsr: CPU kernels
+            self.kernel = self.kernel if moved.device.type == "cpu" and _csr_ok(moved) else "csr"
         rebuilt = self._convert(moved) if self.kernel != "csr" else _csr(moved)
         if self.kernel == "csr":
             self._rows = None
@@ -280,16 +332,19 @@ class SparseLinear(_SparseMatrix):
 
     ``.to(device)`` and casts move the weight. A CSR weight must stay float32 or float64 on the CPU (a half-precision
     one is refused when called). A 2:4 weight is rebuilt from its dense values: it stays 2:4 where the new device and
-    dtype allow, and becomes CSR elsewhere (on the CPU, say); a ``"numba"`` weight becomes CSR on CUDA.
+    dtype allow, and becomes CSR elsewhere (on the CPU, say); a ``"numba"`` or ``"bsr"`` weight becomes CSR on CUDA.
+    A ``"bsr"`` weight keeps its tile size through casts and loads (any values are multiplied exactly; the speed
+    needs the tiles).
 
     Args:
         linear: The dense layer.
         kernel: ``"csr"`` (MKL on the CPU, cuSPARSE on CUDA), ``"numba"`` (the compiled CPU kernel of
-            :mod:`lightning_snip.kernels`, the extra ``lightning-snip[fast]``) or ``"2:4"`` (semi-structured, CUDA
-            only).
+            :mod:`lightning_snip.kernels`, the extra ``lightning-snip[fast]``), ``"bsr"`` (block-sparse, CPU only,
+            for a weight whose zeros come in square tiles: :func:`block_size` picks the tile) or ``"2:4"``
+            (semi-structured, CUDA only).
 
     Raises:
-        ValueError: If the weight's dtype or device does not suit the kernel.
+        ValueError: If the weight's dtype or device does not suit the kernel, or ``"bsr"`` finds no tiles.
         ImportError: For ``"numba"`` without numba (the message names the extra).
     """
 
@@ -319,7 +374,7 @@ class SparseLinear(_SparseMatrix):
         """The layer's sizes, kernel and fraction of zeros, for ``print(model)``."""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None},"
-            f" kernel={self.kernel!r}, zeros={self.zero_fraction:.2%}"
+            f" kernel={self.kernel!r}{self._tiles()}, zeros={self.zero_fraction:.2%}"
         )
 
 
@@ -355,7 +410,7 @@ class SparseConv1x1(_SparseMatrix):
 
     Args:
         conv: The dense 1x1 convolution.
-        kernel: ``"csr"`` or ``"numba"``.
+        kernel: ``"csr"``, ``"numba"`` or ``"bsr"``.
 
     Raises:
         ValueError: If ``conv`` is not a plain 1x1 convolution, or the weight does not suit the kernel.
@@ -365,7 +420,7 @@ class SparseConv1x1(_SparseMatrix):
         if not is_pointwise_conv(conv):
             raise ValueError(f"`SparseConv1x1` takes a 1x1, stride-1, unpadded, ungrouped `nn.Conv2d`; got {conv}.")
         if kernel == "2:4":
-            raise ValueError("`SparseConv1x1` takes kernel 'csr' or 'numba'.")
+            raise ValueError("`SparseConv1x1` takes kernel 'csr', 'numba' or 'bsr', got '2:4'.")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         super().__init__(conv, conv.weight.reshape(conv.out_channels, conv.in_channels), kernel)
 
@@ -388,7 +443,7 @@ class SparseConv1x1(_SparseMatrix):
         """The layer's channels, kernel and fraction of zeros, for ``print(model)``."""
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), bias={self.bias is not None},"
-            f" kernel={self.kernel!r}, zeros={self.zero_fraction:.2%}"
+            f" kernel={self.kernel!r}{self._tiles()}, zeros={self.zero_fraction:.2%}"
         )
 
 
@@ -504,7 +559,14 @@ def _kernels_for(matrix: Tensor, conv: bool) -> list[Kernel]:
         return ["2:4"]
     if not _csr_ok(matrix):
         return []
-    return ["csr", "numba"] if matrix.device.type == "cpu" and numba_available() else ["csr"]
+    if matrix.device.type != "cpu":
+        return ["csr"]
+    kernels: list[Kernel] = ["csr"]
+    if numba_available():
+        kernels.append("numba")
+    if block_size(matrix) is not None:
+        kernels.append("bsr")
+    return kernels
 
 
 def _sparse_layer(layer: nn.Module, kernel: Kernel) -> _SparseMatrix:
@@ -523,7 +585,8 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
 
     - with ``example_input``, the decision is measured: one forward of the model records the input each layer
       sees, and the dense layer and each sparse kernel that can run it (MKL CSR; the compiled ``"numba"`` kernel
-      when numba is installed, the extra ``lightning-snip[fast]``) are timed on it, interleaved in blocks of
+      when numba is installed, the extra ``lightning-snip[fast]``; block-sparse ``"bsr"`` when the layer's zeros
+      come in square tiles, :func:`block_size`) are timed on it, interleaved in blocks of
       back-to-back calls (about 5 ms each, as a serving loop calls the model); the fastest kernel
       is used when its median time is at most :data:`MEASURED_MARGIN` (0.9) of the dense median. Layers the
       example does not reach stay dense. Then the whole model is timed on the example with and without the chosen
@@ -533,8 +596,8 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
       (95%) of its weights are zero and it has at least :data:`MIN_WEIGHTS` (262,144) of them; a 2:4 layer that a
       GPU accelerates (see the module docs) always goes sparse. 1x1 convolutions go sparse only when measured.
 
-    The kernel is 2:4 semi-structured where the GPU, dtype, shape and pattern allow, else CSR or the compiled kernel
-    (float32/float64 on the CPU). Other layers, other convolutions included, are left as they are. The copy is in
+    The kernel is 2:4 semi-structured where the GPU, dtype, shape and pattern allow, else CSR, the compiled kernel or
+    BSR (float32/float64 on the CPU). Other layers, other convolutions included, are left as they are. The copy is in
     eval mode; ``model`` is not changed at all (every submodule keeps its own train/eval mode). Forward hooks and
     forward pre-hooks of a replaced layer run on its sparse replacement, so outputs match the dense model's; the
     copy runs under ``torch.autocast`` too (see :class:`SparseLinear`). Each decision is logged at INFO level on the

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_snip import SNIPPruning, densify, select_masks, sparsify
-from lightning_snip.inference import SparseConv1x1, SparseLinear, is_pointwise_conv
+from lightning_snip.inference import SparseConv1x1, SparseLinear, block_size, is_pointwise_conv
 from lightning_snip.kernels import RowKernel
 from lightning_snip.selection import kept_count, select_constant_fan_in
 
@@ -164,9 +164,12 @@ def _pruned_conv(dtype: torch.dtype, bias: bool = True) -> nn.Conv2d:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kernel", ["csr", "numba"])
+@pytest.mark.parametrize("kernel", ["csr", "numba", "bsr"])
 def test_a_sparse_1x1_convolution_equals_the_dense_one(dtype, kernel):
     conv = _pruned_conv(dtype)
+    if kernel == "bsr":  # whole 8x8 tiles of channels zero
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(128, 64, 1, 1, dtype=dtype) * _tiles(128, 64, 8, 0.2).view(128, 64, 1, 1))
     sparse = SparseConv1x1(conv, kernel)
     inputs = [
         torch.randn(1, 64, 7, 7, dtype=dtype),
@@ -183,6 +186,122 @@ def test_a_sparse_1x1_convolution_equals_the_dense_one(dtype, kernel):
     assert torch.equal(back.weight, conv.weight)
     with pytest.raises(RuntimeError, match="for inference only"):
         sparse(inputs[0].requires_grad_()).sum().backward()
+
+
+# ------------------------------------------------------------------ block-sparse weights
+
+
+def _tiles(rows: int, cols: int, size: int, kept: float, seed: int = 0) -> torch.Tensor:
+    """A ``(rows, cols)`` 0/1 mask made of ``size x size`` tiles, ``kept`` of them ones."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        (torch.rand(rows // size, cols // size, generator=g) < kept)
+        .repeat_interleave(size, 0)
+        .repeat_interleave(size, 1)
+    )
+
+
+def test_block_size_finds_the_largest_tiling_and_refuses_scattered_zeros():
+    torch.manual_seed(0)
+    for size in (4, 8, 16, 32):
+        assert block_size(torch.randn(256, 128) * _tiles(256, 128, size, 0.1)) == size
+    # half-filled tiles still count; tiles that are mostly empty or a dense weight do not
+    half = torch.randn(64, 64) * _tiles(64, 64, 8, 0.2) * (torch.arange(64) % 2 == 0)
+    assert block_size(half) == 8
+    assert block_size(torch.randn(256, 256) * (torch.rand(256, 256) > 0.95)) is None
+    assert block_size(torch.randn(64, 64)) is None
+    assert block_size(torch.zeros(64, 64)) is None
+    # a tile size must divide both dimensions: 8x8 tiles in a 68-column weight leave only the 4x4 tiling
+    odd = torch.zeros(64, 68)
+    odd[:8, :8] = torch.randn(8, 8)
+    assert block_size(odd) == 4
+    assert block_size(torch.zeros(6, 6).index_fill_(0, torch.tensor([0]), 1.0)) is None
+    with pytest.raises(ValueError, match=r"`weight` must be 2-D, got shape \(2, 2, 2\)"):
+        block_size(torch.ones(2, 2, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_a_block_sparse_layer_equals_the_dense_one_and_keeps_its_tiles(dtype, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 128, bias=bias).to(dtype)
+    with torch.no_grad():
+        layer.weight.mul_(_tiles(128, 256, 16, 0.1).to(dtype))
+    sparse = SparseLinear(layer, "bsr")
+    assert sparse.weight.layout == torch.sparse_bsr
+    assert sparse.block_size == 16
+    assert "kernel='bsr', blocks=16x16" in repr(sparse)
+    for shape in [(1, 256), (64, 256), (2, 5, 256), (256,)]:
+        x = torch.randn(shape, dtype=dtype)
+        with torch.no_grad():
+            _close(sparse(x), layer(x))
+    assert torch.equal(sparse.state_dict()["weight"], layer.weight)
+    x = torch.randn(4, 256, dtype=dtype)
+    with torch.no_grad():
+        for copied in (pickle.loads(pickle.dumps(sparse)), copy.deepcopy(sparse)):
+            assert copied.kernel == "bsr"
+            assert copied.weight.layout == torch.sparse_bsr
+            _close(copied(x), layer(x))
+        # a cast keeps the kernel and the tiles; a load of other values keeps the tiling and multiplies them exactly
+        other = torch.float64 if dtype == torch.float32 else torch.float32
+        cast = copy.deepcopy(sparse).to(other)
+        assert (cast.kernel, cast.block_size, cast.weight.layout) == ("bsr", 16, torch.sparse_bsr)
+        _close(cast(x.to(other)), layer.to(other)(x.to(other)))
+        layer.to(dtype)
+        scattered = copy.deepcopy(layer)
+        scattered.weight.copy_(torch.randn(128, 256, dtype=dtype) * (torch.rand(128, 256) > 0.5))
+        sparse.load_state_dict(scattered.state_dict())
+        assert sparse.weight.layout == torch.sparse_bsr
+        _close(sparse(x), scattered(x))
+    assert type(densify(nn.Sequential(sparse))[0]) is nn.Linear
+    with pytest.raises(RuntimeError, match="for inference only"):
+        sparse(x.requires_grad_()).sum().backward()
+
+
+def test_bsr_without_tiles_is_refused_naming_the_fix():
+    layer = _pruned_linear(torch.float32)  # scattered zeros
+    with pytest.raises(ValueError, match=r"kernel='bsr' needs a weight whose zeros come in square tiles.*\(200, 300\)"):
+        SparseLinear(layer, "bsr")
+    tiled = nn.Linear(64, 64)
+    with torch.no_grad():
+        tiled.weight.mul_(_tiles(64, 64, 8, 0.2))
+    with pytest.raises(ValueError, match="'bsr' or '2:4'"):
+        SparseLinear(tiled, "coo")  # type: ignore[arg-type]
+    conv = nn.Conv2d(64, 64, 1)
+    with pytest.raises(ValueError, match="takes kernel 'csr', 'numba' or 'bsr', got '2:4'"):
+        SparseConv1x1(conv, "2:4")
+
+
+def test_sparsify_offers_bsr_only_for_tiled_layers_and_takes_it_when_measured_fastest(monkeypatch):
+    from lightning_snip import inference
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU()).eval()
+    with torch.no_grad():
+        mlp[0].weight.mul_(_tiles(256, 256, 8, 0.05))  # tiles
+        mlp[2].weight.mul_(torch.rand(256, 256) > 0.95)  # scattered
+    timed: list[tuple[int, str]] = []
+    speed = {"csr": 0.6, "numba": 0.5, "bsr": 0.3}
+
+    def fake_measure(layer, sparse, x, rounds=15):
+        timed.append((layer.out_features, sparse.kernel))
+        return True, speed[sparse.kernel]
+
+    monkeypatch.setattr(inference, "_measured_faster", fake_measure)
+    monkeypatch.setattr(inference, "_whole_model_ratio", lambda model, swaps, x, rounds=15: 0.8)
+    x = torch.randn(64, 256)
+    fast = sparsify(mlp, example_input=x)
+    assert {k for n, k in timed if n == 256} >= {"csr", "bsr"}
+    assert sorted(k for _, k in timed).count("bsr") == 1  # only the tiled layer is offered BSR
+    assert (fast[0].kernel, fast[2].kernel) == ("bsr", "numba")
+    with torch.no_grad():
+        _close(fast(x), mlp(x))
+    speed["bsr"] = 0.7  # slower than another kernel: never taken
+    assert sparsify(mlp, example_input=x)[0].kernel == "numba"
+    big = nn.Linear(1024, 1024)
+    with torch.no_grad():
+        big.weight.mul_(_tiles(1024, 1024, 8, 0.04))
+    assert sparsify(nn.Sequential(big))[0].kernel == "csr"  # the rule, without an example, stays with MKL CSR
 
 
 def test_only_plain_1x1_convolutions_are_pointwise():

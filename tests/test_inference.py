@@ -248,7 +248,7 @@ def test_bad_input_is_refused():
         sparsify({})
     with pytest.raises(TypeError, match=r"`model` must be an `nn\.Module`"):
         densify(3)
-    with pytest.raises(ValueError, match="`kernel` must be 'csr', 'numba' or '2:4', got 'coo'"):
+    with pytest.raises(ValueError, match="`kernel` must be 'csr', 'numba', 'bsr' or '2:4', got 'coo'"):
         SparseLinear(nn.Linear(4, 4), kernel="coo")
     with pytest.raises(ValueError, match="2:4 `SparseLinear` needs a CUDA weight"):
         SparseLinear(nn.Linear(64, 64), kernel="2:4")
