@@ -1,9 +1,10 @@
-"""Would a block-sparse (BSR) kernel pay on the CPU? One 4096x4096 weight whose zeros come in square blocks (the most
-favourable case for BSR), multiplied by a batch of 1 and of 64 inputs: dense, PyTorch's BSR product
-(``to_sparse_bsr``), MKL CSR and the compiled numba kernel ``sparsify`` uses (when numba is installed).
+"""When does a block-sparse (BSR) kernel pay on the CPU? One 4096x4096 weight whose zeros come in square blocks (the
+case BSR is made for), multiplied by a batch of 1 and of 64 inputs: dense, PyTorch's BSR product (``to_sparse_bsr``),
+MKL CSR, the compiled numba kernel (when numba is installed), and ``sparsify`` of an ``nn.Linear`` holding the weight,
+given the batch as its example input (its own measured choice among CSR, numba and BSR).
 
 Rounds interleave the arms; each arm's block runs back to back for about 20 ms, as in ``sparse_inference.py``. The
-table gives each arm's speed-up over dense (ratio of the medians over the rounds).
+table gives each arm's speed-up over dense (ratio of the medians over the rounds) and the kernel ``sparsify`` chose.
 
     python benchmarks/block_sparse.py --json benchmarks/results/block_sparse_cpu.json
     python benchmarks/block_sparse.py --blocks 16 --batches 1 --rounds 3        # a quick look
@@ -21,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sparse_inference import interleaved
 
+from lightning_snip import sparsify
+from lightning_snip.inference import _SparseMatrix
 from lightning_snip.kernels import RowKernel, numba_available
 
 
@@ -55,26 +59,35 @@ def measure(size: int, block: int, sparsity: float, batch: int, rounds: int) -> 
     if numba_available():
         rows = RowKernel(weight)
         arms["numba"] = lambda: rows(x)
+    linear = nn.Linear(size, size, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    rows_in = x.t().contiguous()  # the layer's input: one row per example
+    fast = sparsify(linear, example_input=rows_in)
+    chosen = fast.kernel if isinstance(fast, _SparseMatrix) else "dense"
+    arms["sparsify"] = lambda: fast(rows_in).t()
     expected = weight @ x
     for name, arm in arms.items():
-        got = arm()
+        with torch.inference_mode():
+            got = arm()
         if not torch.allclose(got, expected, rtol=1e-4, atol=1e-3):
             raise AssertionError(f"{name}: the product differs from dense by {float((got - expected).abs().max())}")
     timing = interleaved(arms, rounds, torch.device("cpu"))
     row: dict[str, Any] = {"block": block, "sparsity": sparsity, "batch": batch, "dense_ms": timing["dense_ms"]}
     row.update({name: timing[name]["speedup"] for name in arms if name != "dense"})
+    row["sparsify_kernel"] = chosen
     return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    arms = [a for a in ("bsr", "csr", "numba") if a in rows[0]]
-    names = {"bsr": "BSR", "csr": "MKL CSR", "numba": "numba"}
+    arms = [a for a in ("bsr", "csr", "numba", "sparsify") if a in rows[0]]
+    names = {"bsr": "BSR", "csr": "MKL CSR", "numba": "numba", "sparsify": "`sparsify` (its choice)"}
     lines = [
         "| blocks | sparsity | batch | dense ms | " + " | ".join(names[a] for a in arms) + " |",
         "|---|---|---:|---:|" + "---:|" * len(arms),
     ]
     for r in rows:
-        cells = " | ".join(f"{r[a]:.2f}x" for a in arms)
+        cells = " | ".join(f"{r[a]:.2f}x" + (f": {r['sparsify_kernel']}" if a == "sparsify" else "") for a in arms)
         lines.append(
             f"| {r['block']}x{r['block']} | {r['sparsity']:.0%} | {r['batch']} | {r['dense_ms']:.3f} | {cells} |"
         )

@@ -13,11 +13,14 @@ layer has and how they are spread over rows, not on which weights they are). The
   ``nn.Linear`` and 1x1 convolution forced onto MKL CSR, forced onto the compiled numba kernel (when numba is
   installed), and ``sparsify(model, example_input=x)`` built for the same input (its own per-layer choice). Rounds
   interleave dense and ``sparsify`` (dense block, sparsify block, dense block, ...), and then, in rounds of their own,
-  dense and the forced kernels; each arm's block calls its model back to back for about ``--block-ms`` (20 ms: a
-  sparse model 10x faster makes 10x more calls, as a serving loop would), and a round's time is the block's time per
-  call. ``--block-ms 0`` gives blocks of one call each: every sparse call then runs right after the dense model has
-  streamed its weights through the caches, which measures a cold start. The table gives each arm's speed-up over
-  the dense blocks of its own rounds, the ratio of the medians, with the lowest and highest per-round ratio.
+  dense, the forced kernels and ``sparsify`` again, which gives ``sparsify`` against forced MKL CSR side by side; the
+  order of three or more arms turns by one every round, so no arm always follows the same one. Each arm's block calls
+  its model back to back for about ``--block-ms`` (20 ms: a sparse model 10x faster makes 10x more calls, as a serving
+  loop would), and a round's time is the block's time per call. ``--block-ms 0`` gives blocks of one call each: in the
+  rounds of dense and ``sparsify`` every sparse call runs right after the dense model has streamed its weights through
+  the caches, which measures a cold start. The table gives each arm's speed-up over the dense blocks of its own
+  rounds, the ratio of the medians, with the lowest and highest per-round ratio, and ``sparsify``'s speed-up over
+  forced MKL CSR in the shared rounds.
 
 Networks: LeNet-300-100 (MNIST shapes), an MLP 4096-4096-4096-1000 with biases, one ``nn.TransformerEncoderLayer``
 (d_model 1024, 16 heads, feed-forward 4096, batch-first, sequences of 16 tokens; its attention projections are
@@ -139,7 +142,10 @@ def interleaved(
 
     Each arm's block is sized to its own speed, about ``block_s`` of back-to-back calls, as a serving loop makes them:
     a sparse model that is 10x faster makes 10x more calls per block, so the one call per block that finds the caches
-    filled by the other arm's weights does not decide its time."""
+    filled by the other arm's weights does not decide its time. With three arms or more, their order turns by one every
+    round (A B C, B C A, C A B, ...), so no arm always runs right after the same other one; two arms alternate (A B A
+    B ...), each always after the other."""
+    names = list(arms)
     with torch.inference_mode():
         calls: dict[str, int] = {}
         for name, fn in arms.items():
@@ -147,20 +153,27 @@ def interleaved(
             once = _block(fn, 1, device)
             calls[name] = max(1, min(1000, int(block_s / max(once, 1e-7))))
         times: dict[str, list[float]] = {name: [] for name in arms}
-        for _ in range(rounds):
-            for name, fn in arms.items():
-                times[name].append(_block(fn, calls[name], device))
-    dense = next(iter(times))
+        for r in range(rounds):
+            turn = r % len(names) if len(names) > 2 else 0
+            for name in names[turn:] + names[:turn]:
+                times[name].append(_block(arms[name], calls[name], device))
+    dense = names[0]
     out: dict[str, Any] = {"dense_ms": statistics.median(times[dense]) * 1e3, "calls_per_block": calls}
-    for name in list(arms)[1:]:
-        ratios = [d / t for d, t in zip(times[dense], times[name], strict=True)]
-        out[name] = {
-            "ms": statistics.median(times[name]) * 1e3,
-            "speedup": statistics.median(times[dense]) / statistics.median(times[name]),
-            "speedup_min": min(ratios),
-            "speedup_max": max(ratios),
-        }
+    for name in names[1:]:
+        out[name] = _ratio(times[dense], times[name])
+    out["_times"] = times
     return out
+
+
+def _ratio(base: list[float], other: list[float]) -> dict[str, float]:
+    """``other``'s median time, and how much faster it is than ``base`` (ratio of the medians; per-round spread)."""
+    ratios = [b / t for b, t in zip(base, other, strict=True)]
+    return {
+        "ms": statistics.median(other) * 1e3,
+        "speedup": statistics.median(base) / statistics.median(other),
+        "speedup_min": min(ratios),
+        "speedup_max": max(ratios),
+    }
 
 
 def forced(model: nn.Module, kernel: str) -> nn.Module:
@@ -222,16 +235,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     fast = sparsify(model, example_input=x)
                     layers = sum(type(m) is nn.Linear or is_pointwise_conv(m) for m in model.modules())
                     chosen = [m.kernel for m in fast.modules() if isinstance(m, _SparseMatrix)]
-                    # `sparsify` against dense alone, as a user runs it; the forced kernels in rounds of their own
-                    # (a kernel's leftovers, a thread pool waking or caches, must not land on the arm after it)
+                    # `sparsify` against dense alone, as a user runs it; then, in rounds of their own, dense, the
+                    # forced kernels and `sparsify` side by side, which measures `sparsify` against MKL CSR directly
                     pair = {"dense": lambda: model(x), "sparsify": lambda: fast(x)}  # noqa: B023
                     timing = interleaved(pair, args.rounds, device, block)
+                    del timing["_times"]
                     arms: dict[str, Callable[[], Any]] = {"dense": lambda: model(x)}  # noqa: B023
                     for kernel in kernels:
                         arms[kernel] = (lambda m: lambda: m(x))(forced(model, kernel))  # noqa: B023
-                    timing.update(
-                        {k: v for k, v in interleaved(arms, args.rounds, device, block).items() if k in kernels}
-                    )
+                    arms["sparsify"] = pair["sparsify"]
+                    side = interleaved(arms, args.rounds, device, block)
+                    timing.update({k: side[k] for k in kernels})
+                    timing["sparsify_vs_csr"] = _ratio(side["_times"]["csr"], side["_times"]["sparsify"])
                     row = {
                         "network": title,
                         "pattern": pattern,
@@ -245,7 +260,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(
                         f"  {threads or 'all'} thread(s), batch {batch}: "
                         + ", ".join(f"{k} {timing[k]['speedup']:.2f}x" for k in [*kernels, "sparsify"])
-                        + f" ({row['sparse_layers']} layers sparse: {chosen})",
+                        + f" ({row['sparse_layers']} layers sparse: {chosen}),"
+                        + f" sparsify/csr {timing['sparsify_vs_csr']['speedup']:.2f}x",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -283,18 +299,19 @@ def markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| network | sparsity | threads | batch | dense ms | MKL CSR | numba | `sparsify` (its choice) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| network | sparsity | threads | batch | dense ms | MKL CSR | numba | `sparsify` (its choice) |"
+        " `sparsify` vs MKL CSR |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["latency"]:
         cells = []
-        for arm in ("csr", "numba", "sparsify"):
+        for arm in ("csr", "numba", "sparsify", "sparsify_vs_csr"):
             t = r.get(arm)
             cells.append("-" if t is None else f"{t['speedup']:.2f}x ({t['speedup_min']:.2f}-{t['speedup_max']:.2f})")
         choice = ", ".join(sorted(set(r["chosen"]))) or "dense"
         lines.append(
             f"| {r['network']} | {_pattern_label(r['pattern'])} | {r['threads']} | {r['batch']} | {r['dense_ms']:.3f}"
-            f" | {cells[0]} | {cells[1]} | {cells[2]}: {r['sparse_layers']} {choice} |"
+            f" | {cells[0]} | {cells[1]} | {cells[2]}: {r['sparse_layers']} {choice} | {cells[3]} |"
         )
     return "\n".join(lines)
 

@@ -118,8 +118,9 @@ def test_sparse_inference_reports_every_arm_and_file(capsys: pytest.CaptureFixtu
     assert lenet["dense_pt"] / lenet["safetensors"] > 10  # 95% zeros: about 12x smaller
     assert lenet["onnx_plain"] / lenet["onnx_sparse"] > 5
     for row in results["latency"]:
-        assert set(row) >= {"sparsify", "csr", "numba", "dense_ms", "chosen"}
+        assert set(row) >= {"sparsify", "csr", "numba", "dense_ms", "chosen", "sparsify_vs_csr"}
         assert row["sparsify"]["speedup"] == row["sparsify"]["speedup_min"]  # one round: its ratio is the median
+        assert row["sparsify_vs_csr"]["speedup"] > 0
         assert 0.05 < row["sparsify"]["speedup"] < 50
     out = capsys.readouterr().out
     assert "| LeNet-300-100 | 95% constant fan-in | 1.07 MB |" in out
@@ -155,6 +156,27 @@ def test_sparse_inference_sizes_each_arms_block_to_its_own_speed(block_ms: float
     assert result["sparsify"]["ms"] < result["dense_ms"]
 
 
+def test_sparse_inference_turns_the_order_of_the_arms_every_round() -> None:
+    import sparse_inference
+    import torch
+
+    order: list[str] = []
+    arms = {name: (lambda n: lambda: order.append(n))(name) for name in ("dense", "csr", "sparsify")}
+    result = sparse_inference.interleaved(arms, rounds=4, device=torch.device("cpu"), block_s=0.0)
+    assert order[:6] == ["dense", "dense", "csr", "csr", "sparsify", "sparsify"]  # warm-up and sizing call each
+    rounds = [order[6 + 3 * r : 9 + 3 * r] for r in range(4)]
+    assert rounds == [
+        ["dense", "csr", "sparsify"],
+        ["csr", "sparsify", "dense"],
+        ["sparsify", "dense", "csr"],
+        ["dense", "csr", "sparsify"],
+    ]
+    assert {len(t) for t in result["_times"].values()} == {4}
+    order.clear()  # two arms alternate strictly: each block follows the other arm's (a cold start with --block-ms 0)
+    sparse_inference.interleaved(dict(list(arms.items())[:2]), rounds=3, device=torch.device("cpu"), block_s=0.0)
+    assert order[4:] == ["dense", "csr"] * 3
+
+
 def test_block_sparse_times_every_arm_on_block_masked_weights(capsys: pytest.CaptureFixture[str]) -> None:
     import block_sparse
     import torch
@@ -167,7 +189,8 @@ def test_block_sparse_times_every_arm_on_block_masked_weights(capsys: pytest.Cap
     assert [(r["block"], r["batch"]) for r in results["rows"]] == [(4, 1), (4, 3), (16, 1), (16, 3)]
     for row in results["rows"]:
         assert row["dense_ms"] > 0
-        assert all(row[arm] > 0 for arm in ("bsr", "csr"))
+        assert all(row[arm] > 0 for arm in ("bsr", "csr", "sparsify"))
+        assert row["sparsify_kernel"] in ("dense", "csr", "numba", "bsr")
     assert "| 16x16 | 95% | 3 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         block_sparse.main(["--size", "100", "--blocks", "16"])  # 16 does not divide 100
