@@ -583,12 +583,13 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
     Each ``nn.Linear`` and each 1x1 ``nn.Conv2d`` (:func:`is_pointwise_conv`; exactly those classes: subclasses may
     compute differently) gets a sparse kernel where it is faster, and stays dense otherwise:
 
-    - with ``example_input``, the decision is measured: one forward of the model records the input each layer
-      sees, and the dense layer and each sparse kernel that can run it (MKL CSR; the compiled ``"numba"`` kernel
-      when numba is installed, the extra ``lightning-snip[fast]``; block-sparse ``"bsr"`` when the layer's zeros
-      come in square tiles, :func:`block_size`) are timed on it, interleaved in blocks of
-      back-to-back calls (about 5 ms each, as a serving loop calls the model); the fastest kernel
-      is used when its median time is at most :data:`MEASURED_MARGIN` (0.9) of the dense median. Layers the
+    - with ``example_input``, the decision is measured, layer by layer in the order they run: a forward of the model
+      records the input a layer gets from the layers before it as already chosen (a CSR layer's result is laid out
+      transposed, which a next sparse layer reads faster), and the dense layer and each sparse kernel that can run
+      it (MKL CSR; the compiled ``"numba"`` kernel when numba is installed, the extra ``lightning-snip[fast]``;
+      block-sparse ``"bsr"`` when the layer's zeros come in square tiles, :func:`block_size`) are timed on it,
+      interleaved in blocks of back-to-back calls (about 5 ms each, as a serving loop calls the model); the fastest
+      kernel is used when its median time is at most :data:`MEASURED_MARGIN` (0.9) of the dense median. Layers the
       example does not reach stay dense. Then the whole model is timed on the example with and without the chosen
       layers, interleaved: if it is not faster with them, the compiled-kernel layers, and then all of them, go back
       to dense, so the result is never slower than the dense model on the example, as measured.
@@ -631,25 +632,16 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
         raise TypeError(f"`model` must be an `nn.Module`, got {type(model).__name__}.")
     _refuse_old_weight_norm(model)
     result = copy.deepcopy(model).eval()
+    holder = _Holder(result)  # a parent for the model itself, which may be a single layer to replace
     layers = {name: m for name, m in result.named_modules() if type(m) is nn.Linear or is_pointwise_conv(m)}
-    seen: dict[str, Tensor] = {}
-    if example_input is not None:
-
-        def record(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
-            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                seen.setdefault(name, args[0] if args else kwargs["input"])
-
-            return hook
-
-        handles = [m.register_forward_pre_hook(record(name), with_kwargs=True) for name, m in layers.items()]
-        try:
-            with torch.inference_mode():
-                _call(result, example_input)
-        finally:
-            for handle in handles:
-                handle.remove()
+    reached = _layer_inputs(holder, layers, example_input) if example_input is not None else {}
     replaced: dict[int, _SparseMatrix | None] = {}
-    for name, layer in layers.items():
+    swaps: list[Swap] = []
+    # the layers the example reaches first, in the order they run: each is measured on the input it gets from the
+    # layers before it as already chosen (a CSR layer hands on a transposed result, which a next CSR layer reads
+    # faster than a contiguous one)
+    for name in [*reached, *(n for n in layers if n not in reached)]:
+        layer = layers[name]
         if id(layer) in replaced:
             continue
         weight = layer.weight.detach()
@@ -663,14 +655,15 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
         elif zeros == 0:
             why += ", nothing to skip"
         elif example_input is not None:
-            if name not in seen:
+            if name not in reached:
                 why += ", not reached by the example input"
             else:
+                x = _layer_inputs(holder, {name: layer}, example_input).get(name, reached[name])
                 measured: dict[Kernel, tuple[float, _SparseMatrix]] = {}
                 for kernel in kernels:
                     candidate = _sparse_layer(layer, kernel)
                     with torch.inference_mode():
-                        measured[kernel] = (_measured_faster(layer, candidate, seen[name])[1], candidate)
+                        measured[kernel] = (_measured_faster(layer, candidate, x)[1], candidate)
                 best = min(measured, key=lambda k: measured[k][0])
                 why += ", measured " + ", ".join(f"{k} {r:.2f}x" for k, (r, _) in measured.items()) + " the dense time"
                 choice = measured[best][1] if measured[best][0] <= MEASURED_MARGIN else None
@@ -682,17 +675,57 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
             why += f", below the rule ({MIN_ZERO_FRACTION:.0%} zeros and {MIN_WEIGHTS:,} weights)"
         replaced[id(layer)] = choice
         log.info("sparsify: %s -> %s (%s)", name, "dense" if choice is None else f"sparse {choice.kernel}", why)
-    swaps: list[Swap] = [
-        (parent, child_name, cast(nn.Module, child), sparse)
-        for parent in list(result.modules())
-        for child_name, child in list(parent._modules.items())  # every occurrence of a shared layer
-        if (sparse := replaced.get(id(child))) is not None
-    ]
+        if choice is not None:  # every occurrence of a shared layer, in place now for the layers measured after it
+            found: list[Swap] = [
+                (parent, child_name, child, choice)
+                for parent in list(holder.modules())
+                for child_name, child in list(parent._modules.items())
+                if child is layer
+            ]
+            for parent, child_name, _, sparse in found:
+                setattr(parent, child_name, sparse)
+            swaps += found
     if example_input is not None and swaps:
-        swaps = _keep_if_whole_model_faster(result, swaps, example_input)
-    for parent, child_name, _, sparse in swaps:
-        setattr(parent, child_name, sparse)
-    return result
+        for parent, child_name, dense, _ in swaps:  # dense again; the whole-model check decides what goes sparse
+            setattr(parent, child_name, dense)
+        swaps = _keep_if_whole_model_faster(holder, swaps, example_input)
+        for parent, child_name, _, sparse in swaps:
+            setattr(parent, child_name, sparse)
+    return holder.model
+
+
+class _Holder(nn.Module):
+    """The model as the one child of a parent, so that a model that is a single layer can be swapped too."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def _layer_inputs(holder: _Holder, layers: Mapping[str, nn.Module], example_input: Any) -> dict[str, Tensor]:
+    """The input each of ``layers`` gets in one forward of the held model on ``example_input``.
+
+    In the order the layers first run (each layer's first call); layers the example does not reach are left out.
+    """
+    seen: dict[str, Tensor] = {}
+
+    def record(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.setdefault(name, args[0] if args else kwargs["input"])
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name), with_kwargs=True) for name, m in layers.items()]
+    try:
+        with torch.inference_mode():
+            _call(holder, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def _whole_model_ratio(model: nn.Module, swaps: list[Swap], example_input: Any, rounds: int = 15) -> float:

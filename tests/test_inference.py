@@ -132,6 +132,51 @@ def test_the_measurement_interleaves_and_compares_medians():
     assert ratio > 1
 
 
+def test_each_layer_is_measured_on_the_input_the_layers_before_it_hand_on(monkeypatch, caplog):
+    model = _mlp().eval()
+    model[4] = _prune_(model[4], 0.5)  # the last layer has zeros too: three layers to measure
+    measured: list[tuple[int, bool, tuple[int, ...]]] = []
+
+    def fake_measure(layer, sparse, x, rounds=15):
+        measured.append((layer.out_features, x.is_contiguous(), tuple(x.shape)))
+        wins = layer.out_features == 512 or (layer.out_features == 10 and not x.is_contiguous())
+        return wins, 0.5 if wins else 1.2
+
+    monkeypatch.setattr(inference, "_measured_faster", fake_measure)
+    monkeypatch.setattr(inference, "_whole_model_ratio", lambda model, swaps, x, rounds=15: 0.8)
+    with caplog.at_level(logging.INFO, logger="lightning_snip.inference"):
+        fast = sparsify(model, example_input=torch.randn(64, 1024))
+    by_layer = {out: contiguous for out, contiguous, _ in measured}
+    # the first layer goes sparse (CSR: its result is a transposed view), so the second is measured on that layout;
+    # the second stays dense and hands on a contiguous result again ... which the last layer is measured on
+    assert by_layer == {512: True, 300: False, 10: True}
+    assert {shape for *_, shape in measured} == {(64, 1024), (64, 512), (64, 300)}
+    assert [type(m).__name__ for m in fast] == ["SparseLinear", "ReLU", "Linear", "ReLU", "Linear"]
+    # measured in the order they run, not the order they are declared
+    assert list(dict.fromkeys(out for out, *_ in measured)) == [512, 300, 10]
+    with torch.no_grad():
+        x = torch.randn(64, 1024)
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_is_one_layer_is_replaced_too(monkeypatch):
+    layer = _prune_(nn.Linear(1024, 1024), 0.99).eval()
+    monkeypatch.setattr(inference, "_measured_faster", lambda *args, **kwargs: (True, 0.2))
+    monkeypatch.setattr(inference, "_whole_model_ratio", lambda model, swaps, x, rounds=15: 0.3)
+    x = torch.randn(1, 1024)
+    fast = sparsify(layer, example_input=x)
+    assert type(fast) is SparseLinear
+    assert type(sparsify(layer)) is SparseLinear  # the rule too: 99% zeros, 1,048,576 weights
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-5)
+    back = densify(fast)
+    assert type(back) is nn.Linear
+    assert torch.equal(back.weight, layer.weight)
+    assert type(layer) is nn.Linear  # the input model is never changed
+    monkeypatch.setattr(inference, "_whole_model_ratio", lambda model, swaps, x, rounds=15: 1.1)
+    assert type(sparsify(layer, example_input=x)) is nn.Linear  # slower as a whole: stays dense
+
+
 def test_a_layer_the_example_does_not_reach_stays_dense(monkeypatch):
     monkeypatch.setattr(inference, "_measured_faster", lambda *args, **kwargs: (True, 0.1))  # the reach, not timing
 
