@@ -87,7 +87,7 @@ def block_size(weight: Tensor) -> int | None:
     for b in BLOCK_SIZES:
         if rows % b or cols % b:
             continue
-        tiles = nonzero.view(rows // b, b, cols // b, b).any(dim=3).any(dim=1)
+        tiles = nonzero.reshape(rows // b, b, cols // b, b).any(dim=3).any(dim=1)
         filled = int(tiles.sum())
         if 2 * filled <= tiles.numel() and 2 * count >= filled * b * b:
             return b

@@ -216,6 +216,8 @@ def test_block_size_finds_the_largest_tiling_and_refuses_scattered_zeros():
     odd[:8, :8] = torch.randn(8, 8)
     assert block_size(odd) == 4
     assert block_size(torch.zeros(6, 6).index_fill_(0, torch.tensor([0]), 1.0)) is None
+    transposed = (torch.randn(128, 256) * _tiles(128, 256, 8, 0.1)).t()  # a non-contiguous view
+    assert block_size(transposed) == 8
     with pytest.raises(ValueError, match=r"`weight` must be 2-D, got shape \(2, 2, 2\)"):
         block_size(torch.ones(2, 2, 2))
 
