@@ -58,10 +58,11 @@ _CUDA_CSR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _csr(weight: Tensor) -> Tensor:
-    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": the kernels used here are stable
+def _csr(weight: Tensor, blocks: int | None = None) -> Tensor:
+    """``weight`` as a CSR tensor, or as a BSR tensor of ``blocks x blocks`` tiles."""
+    with warnings.catch_warnings():  # "Sparse CSR/BSR tensor support is in beta state": the kernels used are stable
         warnings.filterwarnings("ignore", message=r"Sparse \w+ tensor support is in beta state")
-        return weight.detach().to_sparse_csr()
+        return weight.detach().to_sparse_csr() if blocks is None else weight.detach().to_sparse_bsr((blocks, blocks))
 
 
 def block_size(weight: Tensor) -> int | None:
@@ -195,12 +196,8 @@ class _SparseMatrix(nn.Module):
             )
         if self.kernel == "numba":
             self._rows = RowKernel(weight)
-        if self.kernel == "bsr":
-            size = cast(int, self.block_size)  # set in __init__; a later weight (a load, a cast) keeps the tiling
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"Sparse \w+ tensor support is in beta state")
-                return weight.detach().to_sparse_bsr((size, size))
-        return _csr(weight)
+        # a BSR weight keeps the tiling set in __init__ through later weights (a load, a cast)
+        return _csr(weight, self.block_size if self.kernel == "bsr" else None)
 
     def dense_weight(self) -> Tensor:
         """The weight as an ordinary dense tensor, in the replaced layer's shape."""
@@ -637,6 +634,7 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
     reached = _layer_inputs(holder, layers, example_input) if example_input is not None else {}
     replaced: dict[int, _SparseMatrix | None] = {}
     swaps: list[Swap] = []
+    changed = False  # whether a layer has gone sparse since `reached` was recorded
     # the layers the example reaches first, in the order they run: each is measured on the input it gets from the
     # layers before it as already chosen (a CSR layer hands on a transposed result, which a next CSR layer reads
     # faster than a contiguous one)
@@ -658,7 +656,11 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
             if name not in reached:
                 why += ", not reached by the example input"
             else:
-                x = _layer_inputs(holder, {name: layer}, example_input).get(name, reached[name])
+                x = (
+                    _layer_inputs(holder, {name: layer}, example_input).get(name, reached[name])
+                    if changed
+                    else reached[name]
+                )
                 measured: dict[Kernel, tuple[float, _SparseMatrix]] = {}
                 for kernel in kernels:
                     candidate = _sparse_layer(layer, kernel)
@@ -685,6 +687,7 @@ def sparsify(model: nn.Module, example_input: Any = None) -> nn.Module:
             for parent, child_name, _, sparse in found:
                 setattr(parent, child_name, sparse)
             swaps += found
+            changed = True
     if example_input is not None and swaps:
         for parent, child_name, dense, _ in swaps:  # dense again; the whole-model check decides what goes sparse
             setattr(parent, child_name, dense)

@@ -31,6 +31,16 @@ def _pruned_linear(dtype: torch.dtype, bias: bool = True, constant: bool = False
     return layer
 
 
+def _equals_on_every_input_shape(sparse: nn.Module, layer: nn.Linear, dtype: torch.dtype) -> None:
+    """The sparse layer's outputs equal the dense layer's for batches of 1 and 64, 3-D and unbatched inputs."""
+    n = layer.in_features
+    for shape in [(1, n), (64, n), (2, 5, n), (n,)]:
+        x = torch.randn(shape, dtype=dtype)
+        with torch.no_grad():
+            _close(sparse(x), layer(x))
+    assert torch.equal(sparse.state_dict()["weight"], layer.weight)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("constant", [False, True], ids=["csr", "constant-fan-in"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -39,11 +49,7 @@ def test_the_compiled_kernel_equals_the_dense_layer(dtype, constant, bias):
     sparse = SparseLinear(layer, "numba")
     assert sparse._rows is not None
     assert sparse._rows.layout == ("constant fan-in" if constant else "csr")
-    for shape in [(1, 300), (64, 300), (2, 5, 300), (300,)]:
-        x = torch.randn(shape, dtype=dtype)
-        with torch.no_grad():
-            _close(sparse(x), layer(x))
-    assert torch.equal(sparse.state_dict()["weight"], layer.weight)
+    _equals_on_every_input_shape(sparse, layer, dtype)
     x = torch.randn(4, 300, dtype=dtype)
     with torch.no_grad():
         _close(pickle.loads(pickle.dumps(sparse))(x), layer(x))
@@ -233,11 +239,7 @@ def test_a_block_sparse_layer_equals_the_dense_one_and_keeps_its_tiles(dtype, bi
     assert sparse.weight.layout == torch.sparse_bsr
     assert sparse.block_size == 16
     assert "kernel='bsr', blocks=16x16" in repr(sparse)
-    for shape in [(1, 256), (64, 256), (2, 5, 256), (256,)]:
-        x = torch.randn(shape, dtype=dtype)
-        with torch.no_grad():
-            _close(sparse(x), layer(x))
-    assert torch.equal(sparse.state_dict()["weight"], layer.weight)
+    _equals_on_every_input_shape(sparse, layer, dtype)
     x = torch.randn(4, 256, dtype=dtype)
     with torch.no_grad():
         for copied in (pickle.loads(pickle.dumps(sparse)), copy.deepcopy(sparse)):
