@@ -67,6 +67,9 @@ QUICK_EPOCHS = {"lenet300": 2, "lenet5": 1, "lstm": 1, "gru": 1, **dict.fromkeys
 PAPER_ITERATIONS = 100_000
 PAPER_DECAY_EVERY = 25_000
 PAPER_QUICK_ITERATIONS = 200
+# The paper's text gives momentum 0.9; the official code's default optimizer (`--optimizer sgd`) has none. At 0.1 with
+# momentum 0.9 LeNet-5-Caffe diverges within 30 steps, without momentum it trains: `--momentum 0` for it.
+PAPER_MOMENTUM = 0.9
 QUICK_CRITERIA = ["snip", "random"]
 CRITERIA = ["snip", "iterative_snip", "force", "grasp", "synflow", "magnitude", "random"]
 SPARSITIES = [0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
@@ -106,6 +109,7 @@ class Run:
     scope: str = "global"
     dense_tensors: list[str] | None = None  # candidates N:M left dense (their rows are not a multiple of M long)
     schedule: str = "short"  # "paper": the paper's optimizer and iteration schedule
+    momentum: float | None = None  # the SGD momentum of a paper-schedule run (older results: 0.9)
 
 
 def train_and_test(
@@ -118,11 +122,13 @@ def train_and_test(
     scope: str = "global",
     iterations: int | None = None,
     paper_iterations: int | None = None,
+    momentum: float = PAPER_MOMENTUM,
 ) -> tuple[Run, dict[str, torch.Tensor]]:
     """One run: seed, build, (prune), train, test; returns the result and the masks (empty when dense).
 
     With ``paper_iterations``, the paper's schedule: that many SGD steps at learning rate 0.1, divided by 10 every
-    quarter of them (every 25k of 100k), instead of ``epochs`` epochs with this script's short schedule.
+    quarter of them (every 25k of 100k), with ``momentum``, instead of ``epochs`` epochs with this script's short
+    schedule.
     """
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
@@ -131,7 +137,7 @@ def train_and_test(
         model = ImageClassifier(
             arch=cast(Arch, arch),
             lr=0.1,
-            momentum=0.9,
+            momentum=momentum,
             weight_decay=5e-4,
             lr_milestones=list(range(decay, paper_iterations, decay)),
             lr_interval="step",
@@ -190,6 +196,7 @@ def train_and_test(
         scope,
         unfit,
         "paper" if paper_iterations else "short",
+        momentum if paper_iterations else None,
     )
     return run, masks
 
@@ -198,7 +205,9 @@ def _earlier_runs(path: Path) -> list[Run]:
     """The runs a previous invocation wrote to ``path`` (none when it is not there yet)."""
     if not path.exists():
         return []
-    return [Run(**entry) for entry in json.loads(path.read_text())]
+    entries = json.loads(path.read_text())
+    # paper-schedule runs written before --momentum existed trained with the paper's 0.9
+    return [Run(**{"momentum": PAPER_MOMENTUM if e.get("schedule") == "paper" else None, **e}) for e in entries]
 
 
 def _cell(errors: list[float]) -> str:
@@ -246,10 +255,22 @@ def markdown_table(
             + " |"
         )
     seeds = len({r.seed for r in runs})
+    momenta = {
+        arch: sorted({r.momentum for r in runs if r.arch == arch and r.momentum is not None})
+        for arch in dict.fromkeys(r.arch for r in runs if r.schedule == "paper")
+    }
+    momentum_note = (
+        " The paper's schedule, SGD momentum: "
+        + ", ".join(f"{ARCH_NAMES[a]} {' and '.join(f'{m:g}' for m in ms)}" for a, ms in momenta.items())
+        + "."
+        if momenta
+        else ""
+    )
     return (
         "\n".join(lines)
         + f"\n\nTest error in %, mean ± standard deviation over {seeds} seed(s). Data: {source}."
         + ' "collapsed": runs in which at least one layer was pruned entirely.'
+        + momentum_note
     )
 
 
@@ -385,6 +406,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep the runs already in the output folder's results.json and run only the missing ones",
     )
     parser.add_argument(
+        "--no-dense",
+        action="store_true",
+        help="leave the dense runs out of the plan: for long studies split across processes, each with its own"
+        " --out, whose results.json files are joined afterwards",
+    )
+    parser.add_argument(
         "--replot",
         action="store_true",
         help="only draw error_vs_sparsity.png again from the output folder's results.json (no training)",
@@ -403,6 +430,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="short: this script's epochs (default); paper: the paper's SGD schedule, learning rate 0.1 divided by 10"
         f" every {PAPER_DECAY_EVERY:,} of {PAPER_ITERATIONS:,} iterations, batch 100, 10%% of the training images"
         f" held out for validation ({PAPER_QUICK_ITERATIONS} iterations with --quick)",
+    )
+    parser.add_argument(
+        "--momentum",
+        type=float,
+        help=f"SGD momentum of --schedule paper (default {PAPER_MOMENTUM}, the paper's text; 0 is the official code's"
+        " default optimizer, which LeNet-5-Caffe needs at learning rate 0.1)",
     )
     parser.add_argument(
         "--scope",
@@ -431,6 +464,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     paper = args.schedule == "paper"
     args.paper_iterations = (PAPER_QUICK_ITERATIONS if args.quick else PAPER_ITERATIONS) if paper else None
     args.val_fraction = 0.1 if paper else None
+    if args.momentum is not None and not paper:
+        parser.error(f"--momentum {args.momentum} applies to --schedule paper only; add --schedule paper or drop it")
+    if args.momentum is not None and not 0.0 <= args.momentum < 1.0:
+        parser.error(f"--momentum must be in [0, 1), got {args.momentum}; the paper uses 0.9, the official code 0")
+    args.momentum = PAPER_MOMENTUM if args.momentum is None else args.momentum
     base = "results/mnist" if args.dataset == "mnist" else "results/fashion-mnist"
     args.out = args.out or (f"{base}-quick" if args.quick else base)
     if args.dataset == "fashion-mnist":
@@ -484,7 +522,8 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     plan = [
         (arch, criterion, sparsity, seed)
         for arch in args.archs
-        for criterion, sparsity in [("dense", 0.0)] + [(c, s) for c in args.criteria for s in args.sparsities]
+        for criterion, sparsity in [("dense", 0.0)] * (not args.no_dense)
+        + [(c, s) for c in args.criteria for s in args.sparsities]
         for seed in range(args.seeds)
     ]
     runs = _earlier_runs(out / "results.json") if args.resume else []
@@ -507,6 +546,7 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
             scope=args.scope,
             iterations=args.iterations,
             paper_iterations=args.paper_iterations,
+            momentum=args.momentum,
         )
         runs.append(run)
         (out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")  # for --resume

@@ -443,6 +443,60 @@ def test_the_papers_schedule_quick_path(tmp_path):
     assert args.paper_iterations == reproduce_mnist.PAPER_QUICK_ITERATIONS
     assert args.val_fraction == 0.1
     assert json.loads((out / "results.json").read_text())[0]["schedule"] == "paper"
+    assert [r.momentum for r in runs] == [reproduce_mnist.PAPER_MOMENTUM] * 2
+
+
+def test_the_papers_schedule_takes_the_official_codes_momentum(tmp_path, monkeypatch):
+    import reproduce_mnist
+
+    built = []
+    real = reproduce_mnist.ImageClassifier
+
+    def recording(**kwargs):
+        built.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(reproduce_mnist, "ImageClassifier", recording)
+    out = tmp_path / "paper"
+    argv = ["--schedule", "paper", "--quick", "--archs", "lenet300", "--criteria", "snip", "--sparsities", "0.9"]
+    runs = reproduce_mnist.main([*argv, "--momentum", "0", "--data-dir", str(tmp_path), "--out", str(out)])
+    assert [kwargs["momentum"] for kwargs in built] == [0.0, 0.0]
+    assert [r.momentum for r in runs] == [0.0, 0.0]
+    assert "SGD momentum: LeNet-300-100 0." in (out / "results.md").read_text()
+    # a second process's share of the study, without the dense baseline the first one ran
+    more = reproduce_mnist.main([*argv[:-1], "0.95", "--no-dense", "--data-dir", str(tmp_path), "--out", str(out)])
+    assert [(r.criterion, r.sparsity) for r in more] == [("snip", 0.95)]
+
+
+def test_results_written_before_the_momentum_option_load_with_the_papers(tmp_path):
+    import reproduce_mnist
+
+    old = {"arch": "lenet300", "criterion": "snip", "sparsity": 0.95, "seed": 0, "test_error": 11.0}
+    old |= {"achieved_sparsity": 0.95, "collapsed": [], "seconds": 1.0, "schedule": "paper"}
+    short = old | {"schedule": "short"}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([old, short]))
+    runs = reproduce_mnist._earlier_runs(path)
+    assert [r.momentum for r in runs] == [0.9, None]
+    mixed = [*runs, reproduce_mnist.Run(**(old | {"arch": "lenet5", "momentum": 0.0}))]
+    table = reproduce_mnist.markdown_table(mixed, [0.95], ["snip"], "somewhere", paper=False)
+    assert "SGD momentum: LeNet-300-100 0.9, LeNet-5-Caffe 0." in table
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--momentum", "0"], r"--momentum 0.0 applies to --schedule paper only"),
+        (["--schedule", "paper", "--momentum", "1"], r"--momentum must be in \[0, 1\), got 1.0"),
+        (["--schedule", "paper", "--momentum", "-0.5"], r"--momentum must be in \[0, 1\), got -0.5"),
+    ],
+)
+def test_momentum_is_refused_where_it_would_be_ignored_or_invalid(extra, message, capsys):
+    import reproduce_mnist
+
+    with pytest.raises(SystemExit):
+        reproduce_mnist.parse_args(extra)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_the_step_schedule_decays_at_steps():
