@@ -178,6 +178,35 @@ def markdown(rows: list[dict[str, Any]], source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(results: dict[str, Any], against: str = "channel-random", arm: str = "channel-snip") -> str:
+    """Seed by seed, ``against``'s test error minus ``arm``'s, in points: every arm of a seed starts from the same
+    initialization, so the pair differs only in the channels kept (positive: ``arm`` is better). Seeds where either
+    run diverged are left out."""
+    lines = [
+        f"Paired by seed, at the same widths: {against}'s test error minus {arm}'s, in points (positive: {arm} is"
+        " better).",
+        "",
+        f"| network | seeds | per seed | mean | {arm} better in |",
+        "|---|---|---|---|---|",
+    ]
+    for arch in ARCHS:
+        errors = {
+            (r["arm"], r["seed"]): r["error"]
+            for r in results["runs"]
+            if r["arch"] == arch and r["arm"] in (arm, against) and r["error"] < DIVERGED
+        }
+        seeds = sorted({s for a, s in errors if (arm, s) in errors and (against, s) in errors})
+        if not seeds:
+            continue
+        diffs = [100 * (errors[(against, s)] - errors[(arm, s)]) for s in seeds]
+        per_seed = ", ".join(f"{d:+.2f}" for d in diffs)
+        lines.append(
+            f"| {ARCHS[arch]} | {len(seeds)} | {per_seed} | {statistics.mean(diffs):+.2f} |"
+            f" {sum(d > 0 for d in diffs)} of {len(seeds)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Test error against training wall time, one panel per network; one legend below the panels."""
     from matplotlib.figure import Figure
@@ -223,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = run_study(args)
     rows = summarize(results)
     source = results["runs"][0]["source"] if results["runs"] else ""
-    table = markdown(rows, source)
+    table = markdown(rows, source) + "\n" + paired(results)
     (args.out / "results.md").write_text(table)
     plot(rows, args.out / "error_vs_time.png")
     print(table)

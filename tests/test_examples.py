@@ -407,6 +407,21 @@ def test_structured_study_counts_diverged_runs_apart():
     assert "| LeNet-5-Caffe (4 epochs) | dense | 3 | 1 | 10.00% ± 1.41 | +0.00 pt |" in table
 
 
+def test_structured_study_pairs_snip_and_random_by_seed():
+    import structured_study
+
+    def run(arch, arm, seed, error):
+        return {"arch": arch, "arm": arm, "seed": seed, "error": error}
+
+    runs = [run("resnet8", "channel-snip", s, e) for s, e in enumerate([0.10, 0.12, 0.11, 0.95])]
+    runs += [run("resnet8", "channel-random", s, e) for s, e in enumerate([0.11, 0.115, 0.13, 0.12])]
+    runs += [run("lenet5", "channel-snip", 0, 0.10), run("lenet5", "dense", 0, 0.09)]  # no random run: no row
+    table = structured_study.paired({"runs": runs})
+    # seed 3 diverged under snip and is left out; differences are random minus snip, in points
+    assert "| ResNet-8 | 3 | +1.00, -0.50, +2.00 | +0.83 | 2 of 3 |" in table
+    assert "LeNet-5-Caffe" not in table
+
+
 @pytest.mark.parametrize(("arch", "paper"), [("lstm_s", 137e3), ("gru_s", 104e3), ("lstm_b", 536e3), ("gru_b", 404e3)])
 def test_the_papers_recurrent_sizes_and_initialization(arch, paper):
     import math
