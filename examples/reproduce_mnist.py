@@ -255,17 +255,12 @@ def markdown_table(
             + " |"
         )
     seeds = len({r.seed for r in runs})
-    momenta = {
-        arch: sorted({r.momentum for r in runs if r.arch == arch and r.momentum is not None})
-        for arch in dict.fromkeys(r.arch for r in runs if r.schedule == "paper")
-    }
-    momentum_note = (
-        " The paper's schedule, SGD momentum: "
-        + ", ".join(f"{ARCH_NAMES[a]} {' and '.join(f'{m:g}' for m in ms)}" for a, ms in momenta.items())
-        + "."
-        if momenta
-        else ""
-    )
+    momenta: dict[str, set[float]] = {}  # only paper-schedule runs have a momentum
+    for r in runs:
+        if r.momentum is not None:
+            momenta.setdefault(r.arch, set()).add(r.momentum)
+    named = ", ".join(f"{ARCH_NAMES[a]} {' and '.join(f'{m:g}' for m in sorted(ms))}" for a, ms in momenta.items())
+    momentum_note = f" The paper's schedule, SGD momentum: {named}." if momenta else ""
     return (
         "\n".join(lines)
         + f"\n\nTest error in %, mean ± standard deviation over {seeds} seed(s). Data: {source}."
@@ -522,7 +517,7 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     plan = [
         (arch, criterion, sparsity, seed)
         for arch in args.archs
-        for criterion, sparsity in [("dense", 0.0)] * (not args.no_dense)
+        for criterion, sparsity in ([] if args.no_dense else [("dense", 0.0)])
         + [(c, s) for c in args.criteria for s in args.sparsities]
         for seed in range(args.seeds)
     ]
