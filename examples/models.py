@@ -54,6 +54,26 @@ def lenet_5_caffe(num_classes: int = 10) -> nn.Module:
     )
 
 
+def variance_scaling_(net: nn.Module) -> nn.Module:
+    """The official SNIP code's initialization, in place: TensorFlow's ``variance_scaling_initializer`` defaults.
+
+    Every convolution and linear weight is drawn from a normal distribution truncated at two standard deviations and
+    rescaled to a standard deviation of ``1/sqrt(fan_in)``; every bias is zero. PyTorch's default draws uniformly
+    within ``1/sqrt(fan_in)`` (a standard deviation ``sqrt(3)`` times smaller) and gives the biases the same range.
+    """
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            std = (1.0 / module.weight[0].numel()) ** 0.5 / TRUNCATED_STD
+            nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return net
+
+
+# The standard deviation of a unit normal truncated to [-2, 2], by which TensorFlow divides to keep the variance.
+TRUNCATED_STD = 0.87962566103423978
+
+
 class RowRNN(nn.Module):
     """Sequential MNIST: reads a 28x28 image as 28 time steps of one 28-pixel row each, one recurrent layer, and
     classifies from the last hidden state. SNIP prunes its input-to-hidden and hidden-to-hidden matrices and the

@@ -30,7 +30,8 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -40,7 +41,7 @@ import lightning.pytorch as pl
 import torch
 from classifier import ImageClassifier
 from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule, MNISTDataModule
-from models import Arch
+from models import Arch, variance_scaling_
 
 from lightning_snip import SNIPPruning, get_criterion
 from lightning_snip.enforcement import count_zeros
@@ -70,6 +71,12 @@ PAPER_QUICK_ITERATIONS = 200
 # The paper's text gives momentum 0.9; the official code's default optimizer (`--optimizer sgd`) has none. At 0.1 with
 # momentum 0.9 LeNet-5-Caffe diverges within 30 steps, without momentum it trains: `--momentum 0` for it.
 PAPER_MOMENTUM = 0.9
+# The official code saves a checkpoint every 1,000 iterations, evaluates each on the test set and reports the lowest
+# test error among them; the runs here record validation and test error at the same steps (4 checks with --quick).
+PAPER_CHECK_EVERY = 1_000
+# The official code initializes every weight by variance scaling (std 1/sqrt(fan_in)) and every bias at zero;
+# `--init vs` does so (models.variance_scaling_), the default keeps PyTorch's initialization.
+INITS = ("default", "vs")
 QUICK_CRITERIA = ["snip", "random"]
 CRITERIA = ["snip", "iterative_snip", "force", "grasp", "synflow", "magnitude", "random"]
 SPARSITIES = [0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
@@ -110,6 +117,55 @@ class Run:
     dense_tensors: list[str] | None = None  # candidates N:M left dense (their rows are not a multiple of M long)
     schedule: str = "short"  # "paper": the paper's optimizer and iteration schedule
     momentum: float | None = None  # the SGD momentum of a paper-schedule run (older results: 0.9)
+    init: str | None = None  # a paper-schedule run's initialization, "default" or "vs" (older results: "default")
+    # [step, validation error %, test error %] every PAPER_CHECK_EVERY steps of a paper-schedule run
+    checkpoints: list[list[float]] | None = None
+
+    def error_at_best_validation(self) -> float | None:
+        """Test error (%) at the checkpoint with the lowest validation error (the earliest of equals)."""
+        if not self.checkpoints:
+            return None
+        return min(self.checkpoints, key=lambda c: c[1])[2]
+
+    def best_checkpoint_error(self) -> float | None:
+        """The official code's figure: the lowest test error (%) over the checkpoints."""
+        return min(c[2] for c in self.checkpoints) if self.checkpoints else None
+
+
+def error_percent(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Classification error (%) of ``model`` over ``loader``, in eval mode without gradients; restores the mode."""
+    training = model.training
+    model.eval()
+    wrong = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            wrong += int((model(x).argmax(dim=1) != y).sum())
+            total += len(y)
+    model.train(training)
+    return 100.0 * wrong / total
+
+
+class CheckpointErrors(pl.Callback):
+    """Validation and test error every ``every`` optimizer steps, as the official code's checkpoints are evaluated.
+
+    Args:
+        data: The data module whose ``val_dataloader`` and ``test_dataloader`` are evaluated.
+        every: Steps between checks; a check at the last step too when it is a multiple.
+    """
+
+    def __init__(self, data: pl.LightningDataModule, every: int) -> None:
+        if every < 1:
+            raise ValueError(f"`every` must be a positive number of steps, got {every}.")
+        self.data, self.every = data, every
+        self.errors: list[list[float]] = []
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 and (not self.errors or self.errors[-1][0] != step):
+            val = error_percent(pl_module, self.data.val_dataloader())
+            self.errors.append([step, val, error_percent(pl_module, self.data.test_dataloader())])
 
 
 def train_and_test(
@@ -123,12 +179,15 @@ def train_and_test(
     iterations: int | None = None,
     paper_iterations: int | None = None,
     momentum: float = PAPER_MOMENTUM,
+    init: str = "default",
+    check_every: int | None = None,
 ) -> tuple[Run, dict[str, torch.Tensor]]:
     """One run: seed, build, (prune), train, test; returns the result and the masks (empty when dense).
 
     With ``paper_iterations``, the paper's schedule: that many SGD steps at learning rate 0.1, divided by 10 every
     quarter of them (every 25k of 100k), with ``momentum``, instead of ``epochs`` epochs with this script's short
-    schedule.
+    schedule. ``init="vs"`` initializes the network as the official code does (`models.variance_scaling_`);
+    ``check_every`` records validation and test error every that many steps (`CheckpointErrors`).
     """
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
@@ -149,6 +208,8 @@ def train_and_test(
             lr_milestones=[round(0.6 * epochs), round(0.85 * epochs)],
             weight_decay=5e-4,
         )
+    if init == "vs":
+        variance_scaling_(model.net)
     pruning = (
         SNIPPruning(
             sparsity=sparsity,
@@ -161,10 +222,11 @@ def train_and_test(
         if criterion != "dense"
         else None
     )
+    checks = CheckpointErrors(data, check_every) if check_every else None
     trainer = pl.Trainer(
         max_epochs=-1 if paper_iterations else epochs,
         max_steps=paper_iterations or -1,
-        callbacks=[pruning] if pruning else [],
+        callbacks=[c for c in (pruning, checks) if c is not None],  # the mask is enforced before a check
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -197,6 +259,8 @@ def train_and_test(
         unfit,
         "paper" if paper_iterations else "short",
         momentum if paper_iterations else None,
+        init if paper_iterations else None,
+        checks.errors if checks else None,
     )
     return run, masks
 
@@ -206,8 +270,11 @@ def _earlier_runs(path: Path) -> list[Run]:
     if not path.exists():
         return []
     entries = json.loads(path.read_text())
-    # paper-schedule runs written before --momentum existed trained with the paper's 0.9
-    return [Run(**{"momentum": PAPER_MOMENTUM if e.get("schedule") == "paper" else None, **e}) for e in entries]
+    # paper-schedule runs written before --momentum and --init existed trained with momentum 0.9 from PyTorch's init
+    return [
+        Run(**({"momentum": PAPER_MOMENTUM, "init": "default"} if e.get("schedule") == "paper" else {}) | e)
+        for e in entries
+    ]
 
 
 def _cell(errors: list[float]) -> str:
@@ -261,11 +328,31 @@ def markdown_table(
             momenta.setdefault(r.arch, set()).add(r.momentum)
     named = ", ".join(f"{ARCH_NAMES[a]} {' and '.join(f'{m:g}' for m in sorted(ms))}" for a, ms in momenta.items())
     momentum_note = f" The paper's schedule, SGD momentum: {named}." if momenta else ""
+    scaled = ", ".join(ARCH_NAMES[a] for a in dict.fromkeys(r.arch for r in runs if r.init == "vs"))
+    if scaled:
+        momentum_note += f" Variance-scaling initialization, biases at zero (the official code's): {scaled}."
     return (
         "\n".join(lines)
         + f"\n\nTest error in %, mean ± standard deviation over {seeds} seed(s). Data: {source}."
         + ' "collapsed": runs in which at least one layer was pruned entirely.'
         + momentum_note
+    )
+
+
+def checkpoint_tables(runs: list[Run], sparsities: list[float], criteria: list[str], source: str) -> str:
+    """Two more tables over the runs that recorded checkpoints: the test error at the lowest validation error, and the
+    lowest test error of any checkpoint (the official code's protocol); empty when no run has checkpoints."""
+    checked = [r for r in runs if r.checkpoints]
+    if not checked:
+        return ""
+    every = int(checked[0].checkpoints[0][0]) if checked[0].checkpoints else 0
+    at_val = [replace(r, test_error=cast(float, r.error_at_best_validation())) for r in checked]
+    best = [replace(r, test_error=cast(float, r.best_checkpoint_error())) for r in checked]
+    return (
+        f"Test error at the checkpoint (every {every:,} iterations) with the lowest validation error:\n\n"
+        + markdown_table(at_val, sparsities, criteria, source, paper=False)
+        + "\n\nThe official code's protocol, the lowest test error of any checkpoint (selected on the test set, so"
+        " optimistic):\n\n" + markdown_table(best, sparsities, criteria, source, paper=False)
     )
 
 
@@ -433,6 +520,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " default optimizer, which LeNet-5-Caffe needs at learning rate 0.1)",
     )
     parser.add_argument(
+        "--init",
+        choices=INITS,
+        help="initialization of the LeNets under --schedule paper: default (PyTorch's) or vs (the official code's"
+        " variance scaling, std 1/sqrt(fan_in), biases at zero)",
+    )
+    parser.add_argument(
         "--scope",
         default="global",
         choices=["global", "layerwise", "constant_fan_in"],
@@ -464,6 +557,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.momentum is not None and not 0.0 <= args.momentum < 1.0:
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}; the paper uses 0.9, the official code 0")
     args.momentum = PAPER_MOMENTUM if args.momentum is None else args.momentum
+    if args.init is not None and not paper:
+        parser.error(f"--init {args.init} applies to --schedule paper only; add --schedule paper or drop it")
+    if args.init == "vs" and set(args.archs or MNIST_ARCHS) - {"lenet300", "lenet5"}:
+        parser.error(
+            f"--init vs initializes the LeNets only, got --archs {' '.join(args.archs)}; the recurrent networks"
+            " choose theirs by name (lstm_s, gru_s: Glorot; gru_s_default: PyTorch's)"
+        )
+    args.init = args.init or "default"
+    args.check_every = (PAPER_QUICK_ITERATIONS // 4 if args.quick else PAPER_CHECK_EVERY) if paper else None
     base = "results/mnist" if args.dataset == "mnist" else "results/fashion-mnist"
     args.out = args.out or (f"{base}-quick" if args.quick else base)
     if args.dataset == "fashion-mnist":
@@ -522,6 +624,14 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
         for seed in range(args.seeds)
     ]
     runs = _earlier_runs(out / "results.json") if args.resume else []
+    if args.paper_iterations:
+        for r in runs:
+            if r.arch in args.archs and r.schedule == "paper" and (r.momentum, r.init) != (args.momentum, args.init):
+                raise SystemExit(
+                    f"{out / 'results.json'} holds {ARCH_NAMES[r.arch]} runs with momentum {r.momentum:g} and init"
+                    f" {r.init!r}, and this command asks for momentum {args.momentum:g} and init {args.init!r}: one"
+                    " table would mix them. Pass the same --momentum and --init, or another --out."
+                )
     done = {(r.arch, r.criterion, r.sparsity, r.seed) for r in runs}
     if done:
         print(f"Keeping {len(done)} runs from {out / 'results.json'}", flush=True)
@@ -542,6 +652,8 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
             iterations=args.iterations,
             paper_iterations=args.paper_iterations,
             momentum=args.momentum,
+            init=args.init,
+            check_every=args.check_every,
         )
         runs.append(run)
         (out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")  # for --resume
@@ -553,6 +665,12 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
         print(
             f"{progress_bar(i, len(plan))} [{i}/{len(plan)}] {ARCH_NAMES[arch]} {label} seed {seed}: test error"
             f" {run.test_error:.2f}%"
+            + (
+                f" (at the lowest validation error {run.error_at_best_validation():.2f}%, lowest of any checkpoint"
+                f" {run.best_checkpoint_error():.2f}%)"
+                if run.checkpoints
+                else ""
+            )
             + (f", collapsed: {', '.join(run.collapsed)}" if run.collapsed else "")
             + f" ({run.seconds:.1f}s; elapsed {elapsed / 60:.1f} min, about {elapsed / i * (len(plan) - i) / 60:.1f}"
             " min left)",
@@ -564,6 +682,8 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     sparsities = sorted({*args.sparsities, *(r.sparsity for r in pruned)})
     criteria = list(dict.fromkeys([*args.criteria, *(r.criterion for r in pruned)]))
     table = markdown_table(runs, sparsities, criteria, data.source.split(" (")[0], paper=args.dataset == "mnist")
+    more = checkpoint_tables(runs, sparsities, criteria, data.source.split(" (")[0])
+    table += f"\n\n{more}" if more else ""
     (out / "results.md").write_text(table + "\n")  # results.json is written after every run
     plot_errors(runs, sparsities, criteria, out / "error_vs_sparsity.png")
     print(

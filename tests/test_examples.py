@@ -459,6 +459,110 @@ def test_the_papers_schedule_quick_path(tmp_path):
     assert args.val_fraction == 0.1
     assert json.loads((out / "results.json").read_text())[0]["schedule"] == "paper"
     assert [r.momentum for r in runs] == [reproduce_mnist.PAPER_MOMENTUM] * 2
+    assert [r.init for r in runs] == ["default", "default"]
+    # validation and test error at 4 checkpoints; the last is the trained model's, which trainer.test reports
+    every = reproduce_mnist.PAPER_QUICK_ITERATIONS // 4
+    for run in runs:
+        assert run.checkpoints is not None
+        assert [step for step, _, _ in run.checkpoints] == [every, 2 * every, 3 * every, 4 * every]
+        assert run.checkpoints[-1][2] == pytest.approx(run.test_error, abs=1e-4)
+        assert all(0.0 <= val <= 100.0 and 0.0 <= test <= 100.0 for _, val, test in run.checkpoints)
+        assert run.best_checkpoint_error() == min(test for _, _, test in run.checkpoints)
+    text = (out / "results.md").read_text()
+    assert f"checkpoint (every {every:,} iterations) with the lowest validation error" in text
+    assert "the lowest test error of any checkpoint" in text
+    saved = json.loads((out / "results.json").read_text())
+    assert saved[1]["checkpoints"] == runs[1].checkpoints
+
+
+def test_checkpoint_figures_select_by_validation_and_by_test():
+    run = reproduce_mnist.Run("lenet300", "snip", 0.95, 0, 13.0, 0.95, [], 1.0, schedule="paper")
+    assert run.error_at_best_validation() is None
+    assert run.best_checkpoint_error() is None
+    run.checkpoints = [[1, 20.0, 15.0], [2, 10.0, 18.0], [3, 10.0, 12.0], [4, 12.0, 11.0]]
+    assert run.error_at_best_validation() == 18.0  # the earliest of the equal validation errors
+    assert run.best_checkpoint_error() == 11.0
+    dense = reproduce_mnist.Run("lenet300", "dense", 0.0, 0, 10.0, 0.0, [], 1.0, schedule="paper")
+    dense.checkpoints = [[1, 9.0, 10.5], [2, 9.5, 9.5]]
+    unchecked = reproduce_mnist.Run("lenet300", "snip", 0.98, 0, 30.0, 0.98, [], 1.0, schedule="paper")
+    tables = reproduce_mnist.checkpoint_tables([dense, run, unchecked], [0.95, 0.98], ["snip"], "digits")
+    at_validation, official = tables.split("The official code's protocol")
+    assert "| LeNet-300-100 | dense | 10.50 |" in at_validation
+    assert "| | snip | | 18.00 |  |" in at_validation
+    assert "| LeNet-300-100 | dense | 9.50 |" in official
+    assert "| | snip | | 11.00 |  |" in official
+    assert "30.00" not in tables  # a run without checkpoints has no figure in these tables
+    assert reproduce_mnist.checkpoint_tables([unchecked], [0.98], ["snip"], "digits") == ""
+
+
+def test_error_percent_counts_wrong_predictions_and_restores_the_mode():
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Dropout(0.5)).train()
+    x = torch.eye(4)  # predicts class i for row i
+    loader = [(x[:2], torch.tensor([0, 0])), (x[2:], torch.tensor([2, 3]))]
+    assert reproduce_mnist.error_percent(model, loader) == 25.0  # in eval mode: dropout off
+    assert model.training
+    with pytest.raises(ValueError, match="`every` must be a positive number of steps, got 0"):
+        reproduce_mnist.CheckpointErrors(MNISTDataModule(), 0)
+
+
+def test_variance_scaling_is_the_official_codes_initialization():
+    from models import TRUNCATED_STD, build, variance_scaling_
+
+    torch.manual_seed(0)
+    net = variance_scaling_(build("lenet5"))
+    for module in net.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            w = module.weight.detach()
+            fan_in = w[0].numel()
+            tolerance = 0.02 if w.numel() > 100_000 else 0.1
+            assert w.std().item() == pytest.approx(fan_in**-0.5, rel=tolerance)
+            assert w.abs().max().item() <= 2 * fan_in**-0.5 / TRUNCATED_STD  # truncated at two deviations
+            assert module.bias is not None
+            assert not module.bias.any()
+    # TensorFlow's constant: the standard deviation of a unit normal truncated to [-2, 2]
+    z = torch.distributions.Normal(0.0, 1.0)
+    mass = z.cdf(torch.tensor(2.0)) - z.cdf(torch.tensor(-2.0))
+    density = z.log_prob(torch.tensor(2.0)).exp()
+    assert pytest.approx(float((1 - 2 * 2 * density / mass) ** 0.5), rel=1e-6) == TRUNCATED_STD
+
+
+def test_the_papers_schedule_takes_the_official_codes_initialization(tmp_path, monkeypatch):
+    import models
+
+    scaled = []
+
+    def recording(net):
+        scaled.append(net)
+        return models.variance_scaling_(net)
+
+    monkeypatch.setattr(reproduce_mnist, "variance_scaling_", recording)
+    out = tmp_path / "paper-vs"
+    argv = ["--schedule", "paper", "--quick", "--archs", "lenet300", "--criteria", "snip", "--sparsities", "0.9"]
+    runs = reproduce_mnist.main([*argv, "--init", "vs", "--data-dir", str(tmp_path), "--out", str(out)])
+    assert len(scaled) == 2
+    assert [r.init for r in runs] == ["vs", "vs"]
+    assert (
+        "Variance-scaling initialization, biases at zero (the official code's): LeNet-300-100."
+        in (out / "results.md").read_text()
+    )
+    # resuming into the folder with another initialization would mix both in one table
+    mixed = r"with momentum 0\.9 and init 'vs'.*asks for momentum 0\.9 and init 'default'"
+    with pytest.raises(SystemExit, match=mixed):
+        reproduce_mnist.main([*argv, "--resume", "--data-dir", str(tmp_path), "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--init", "vs"], r"--init vs applies to --schedule paper only"),
+        (["--schedule", "paper", "--init", "vs", "--archs", "lenet5", "gru_s"], r"--init vs initializes the LeNets"),
+        (["--schedule", "paper", "--init", "glorot"], r"invalid choice: 'glorot'"),
+    ],
+)
+def test_init_is_refused_where_it_would_be_ignored(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        reproduce_mnist.parse_args(extra)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_the_papers_schedule_takes_the_official_codes_momentum(tmp_path, monkeypatch):
