@@ -133,11 +133,13 @@ class Run:
 
 
 def error_percent(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Classification error (%) of ``model`` over ``loader``, in eval mode without gradients; restores the mode."""
+    """Classification error (%) of ``model`` over ``loader``, in eval mode without gradients; restores the mode and
+    the random state (a DataLoader draws a seed from it for every pass), so that evaluating leaves training as it was.
+    """
     training = model.training
     model.eval()
     wrong = total = 0
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for x, y in loader:
             wrong += int((model(x).argmax(dim=1) != y).sum())
             total += len(y)

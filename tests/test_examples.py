@@ -495,6 +495,29 @@ def test_checkpoint_figures_select_by_validation_and_by_test():
     assert reproduce_mnist.checkpoint_tables([unchecked], [0.98], ["snip"], "digits") == ""
 
 
+def test_checkpoints_leave_the_training_as_it_was(tmp_path, monkeypatch):
+    built = []
+    real = reproduce_mnist.ImageClassifier
+
+    def recording(**kwargs):
+        built.append(real(**kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(reproduce_mnist, "ImageClassifier", recording)
+    data = MNISTDataModule(data_dir=str(tmp_path), val_fraction=0.1)
+    data.setup("fit")
+    common = {"arch": "lenet300", "criterion": "snip", "sparsity": 0.9, "seed": 0, "epochs": 1, "data": data}
+    common |= {"paper_iterations": 48}  # into a second pass over the 36 shuffled batches
+    checked, _ = reproduce_mnist.train_and_test(**common, check_every=16)
+    plain, _ = reproduce_mnist.train_and_test(**common)
+    assert checked.checkpoints is not None
+    assert [c[0] for c in checked.checkpoints] == [16, 32, 48]
+    assert plain.checkpoints is None
+    assert checked.test_error == plain.test_error
+    for (name, a), b in zip(built[0].state_dict().items(), built[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # the same batches in the same order: evaluating drew no random numbers
+
+
 def test_error_percent_counts_wrong_predictions_and_restores_the_mode():
     model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Dropout(0.5)).train()
     x = torch.eye(4)  # predicts class i for row i
