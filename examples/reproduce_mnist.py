@@ -75,8 +75,13 @@ PAPER_MOMENTUM = 0.9
 # test error among them; the runs here record validation and test error at the same steps (4 checks with --quick).
 PAPER_CHECK_EVERY = 1_000
 # The official code initializes every weight by variance scaling (std 1/sqrt(fan_in)) and every bias at zero;
-# `--init vs` does so (models.variance_scaling_), the default keeps PyTorch's initialization.
-INITS = ("default", "vs")
+# `--init vs` does so (models.variance_scaling_), the default keeps PyTorch's initialization. `--init official` follows
+# the rest of its protocol too: the masks are scored on one draw and training starts from a second, fresh draw (its
+# `weights_bp` and `weights_ap`), and the biases are candidates (at zero they score zero, so every one is pruned). A
+# dense run scores nothing and trains from the first draw: the same run as `--init vs`.
+INITS = ("default", "vs", "official")
+SCALED_INITS = ("vs", "official")
+OFFICIAL_CANDIDATES = ["net.*"]  # every weight and bias of the LeNets
 QUICK_CRITERIA = ["snip", "random"]
 CRITERIA = ["snip", "iterative_snip", "force", "grasp", "synflow", "magnitude", "random"]
 SPARSITIES = [0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
@@ -117,7 +122,7 @@ class Run:
     dense_tensors: list[str] | None = None  # candidates N:M left dense (their rows are not a multiple of M long)
     schedule: str = "short"  # "paper": the paper's optimizer and iteration schedule
     momentum: float | None = None  # the SGD momentum of a paper-schedule run (older results: 0.9)
-    init: str | None = None  # a paper-schedule run's initialization, "default" or "vs" (older results: "default")
+    init: str | None = None  # a paper-schedule run's initialization, one of INITS (older results: "default")
     # [step, validation error %, test error %] every PAPER_CHECK_EVERY steps of a paper-schedule run
     checkpoints: list[list[float]] | None = None
 
@@ -170,6 +175,29 @@ class CheckpointErrors(pl.Callback):
             self.errors.append([step, val, error_percent(pl_module, self.data.test_dataloader())])
 
 
+class FreshDraw(pl.Callback):
+    """The official code's second draw: once the masks are chosen, every weight is drawn again by variance scaling
+    (biases at zero) and masked, so training starts from weights the scoring never saw. Goes after ``pruning`` in the
+    trainer's callbacks.
+
+    Args:
+        pruning: The callback whose masks the fresh weights take.
+    """
+
+    def __init__(self, pruning: SNIPPruning) -> None:
+        self.pruning = pruning
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        masks = self.pruning.masks
+        if not masks:
+            raise RuntimeError("FreshDraw found no masks: put it after SNIPPruning in the trainer's callbacks.")
+        params = dict(pl_module.named_parameters())
+        with torch.no_grad():
+            variance_scaling_(cast(torch.nn.Module, pl_module.net))
+            for name, mask in masks.items():
+                params[name].mul_(mask.to(params[name].dtype))
+
+
 def train_and_test(
     arch: str,
     criterion: str,
@@ -189,7 +217,8 @@ def train_and_test(
     With ``paper_iterations``, the paper's schedule: that many SGD steps at learning rate 0.1, divided by 10 every
     quarter of them (every 25k of 100k), with ``momentum``, instead of ``epochs`` epochs with this script's short
     schedule. ``init="vs"`` initializes the network as the official code does (`models.variance_scaling_`);
-    ``check_every`` records validation and test error every that many steps (`CheckpointErrors`).
+    ``init="official"`` also prunes the biases and trains a fresh draw (`FreshDraw`); ``check_every`` records
+    validation and test error every that many steps (`CheckpointErrors`).
     """
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
@@ -210,7 +239,7 @@ def train_and_test(
             lr_milestones=[round(0.6 * epochs), round(0.85 * epochs)],
             weight_decay=5e-4,
         )
-    if init == "vs":
+    if init in SCALED_INITS:
         variance_scaling_(model.net)
     pruning = (
         SNIPPruning(
@@ -218,17 +247,19 @@ def train_and_test(
             criterion=cast(CriterionName, criterion),
             scope=scope,
             iterations=iterations if get_criterion(criterion).default_iterations else None,
+            include=OFFICIAL_CANDIDATES if init == "official" else None,
             log_per_layer=False,
             plot=False,
         )
         if criterion != "dense"
         else None
     )
+    redraw = FreshDraw(pruning) if pruning and init == "official" else None
     checks = CheckpointErrors(data, check_every) if check_every else None
     trainer = pl.Trainer(
         max_epochs=-1 if paper_iterations else epochs,
         max_steps=paper_iterations or -1,
-        callbacks=[c for c in (pruning, checks) if c is not None],  # the mask is enforced before a check
+        callbacks=[c for c in (pruning, redraw, checks) if c is not None],  # the mask is enforced before a check
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -333,6 +364,12 @@ def markdown_table(
     scaled = ", ".join(ARCH_NAMES[a] for a in dict.fromkeys(r.arch for r in runs if r.init == "vs"))
     if scaled:
         momentum_note += f" Variance-scaling initialization, biases at zero (the official code's): {scaled}."
+    official = ", ".join(ARCH_NAMES[a] for a in dict.fromkeys(r.arch for r in runs if r.init == "official"))
+    if official:
+        momentum_note += (
+            " The official code's protocol (variance scaling; masks scored on one draw, training from a fresh one;"
+            f" biases pruned with the weights): {official}."
+        )
     return (
         "\n".join(lines)
         + f"\n\nTest error in %, mean ± standard deviation over {seeds} seed(s). Data: {source}."
@@ -524,8 +561,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--init",
         choices=INITS,
-        help="initialization of the LeNets under --schedule paper: default (PyTorch's) or vs (the official code's"
-        " variance scaling, std 1/sqrt(fan_in), biases at zero)",
+        help="initialization of the LeNets under --schedule paper: default (PyTorch's), vs (the official code's"
+        " variance scaling, std 1/sqrt(fan_in), biases at zero) or official (vs, and also the official code's"
+        " protocol: masks scored on one draw, training from a fresh one, biases pruned with the weights)",
     )
     parser.add_argument(
         "--scope",
@@ -561,10 +599,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.momentum = PAPER_MOMENTUM if args.momentum is None else args.momentum
     if args.init is not None and not paper:
         parser.error(f"--init {args.init} applies to --schedule paper only; add --schedule paper or drop it")
-    if args.init == "vs" and set(args.archs or MNIST_ARCHS) - {"lenet300", "lenet5"}:
+    if args.init in SCALED_INITS and set(args.archs or MNIST_ARCHS) - {"lenet300", "lenet5"}:
         parser.error(
-            f"--init vs initializes the LeNets only, got --archs {' '.join(args.archs)}; the recurrent networks"
-            " choose theirs by name (lstm_s, gru_s: Glorot; gru_s_default: PyTorch's)"
+            f"--init {args.init} initializes the LeNets only, got --archs {' '.join(args.archs)}; the recurrent"
+            " networks choose theirs by name (lstm_s, gru_s: Glorot; gru_s_default: PyTorch's)"
         )
     args.init = args.init or "default"
     args.check_every = (PAPER_QUICK_ITERATIONS // 4 if args.quick else PAPER_CHECK_EVERY) if paper else None

@@ -574,11 +574,59 @@ def test_the_papers_schedule_takes_the_official_codes_initialization(tmp_path, m
         reproduce_mnist.main([*argv, "--resume", "--data-dir", str(tmp_path), "--out", str(out)])
 
 
+def test_the_official_protocol_prunes_the_biases_and_trains_a_fresh_draw(tmp_path, monkeypatch):
+    from models import TRUNCATED_STD
+
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    real = reproduce_mnist.FreshDraw.on_fit_start
+
+    def recording(self, trainer, pl_module):
+        seen["scored"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        real(self, trainer, pl_module)
+        seen["trained"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        seen["masks"] = {n: m.detach().clone().bool() for n, m in self.pruning.masks.items()}
+
+    monkeypatch.setattr(reproduce_mnist.FreshDraw, "on_fit_start", recording)
+    argv = ["--schedule", "paper", "--quick", "--archs", "lenet300", "--criteria", "snip", "--sparsities", "0.9"]
+    out = tmp_path / "paper-official"
+    runs = reproduce_mnist.main([*argv, "--init", "official", "--data-dir", str(tmp_path), "--out", str(out)])
+    assert [(r.criterion, r.init) for r in runs] == [("dense", "official"), ("snip", "official")]
+    masks, scored, trained = seen["masks"], seen["scored"], seen["trained"]
+    assert set(masks) == set(scored)  # the biases are candidates too
+    assert any(name.endswith("bias") for name in masks)
+    for name, mask in masks.items():
+        assert not trained[name][~mask].any()  # the fresh draw is masked
+        if name.endswith("bias"):
+            assert not scored[name].any()  # zero at initialization: they score zero and are pruned
+            assert not mask.any()
+            continue
+        kept_before, kept_after = scored[name][mask], trained[name][mask]
+        assert kept_before.abs().min() > 0
+        assert kept_after.abs().min() > 0
+        assert torch.isclose(kept_before, kept_after).float().mean() < 0.01  # weights the scoring never saw
+        bound = 2 * trained[name][0].numel() ** -0.5 / TRUNCATED_STD
+        assert kept_after.abs().max() <= bound  # drawn by variance scaling again
+    assert runs[1].achieved_sparsity == pytest.approx(0.9, abs=1e-3)
+    caption = "biases pruned with the weights): LeNet-300-100."
+    assert caption in (out / "results.md").read_text()
+    # a dense run scores nothing, so it trains from the first draw: the same run as --init vs
+    vs = reproduce_mnist.main([*argv, "--init", "vs", "--data-dir", str(tmp_path), "--out", str(tmp_path / "vs")])
+    assert vs[0].test_error == runs[0].test_error
+    assert vs[0].checkpoints == runs[0].checkpoints
+
+
+def test_fresh_draw_needs_the_masks_first():
+    pruning = SNIPPruning(sparsity=0.9)
+    with pytest.raises(RuntimeError, match="put it after SNIPPruning"):
+        reproduce_mnist.FreshDraw(pruning).on_fit_start(None, None)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--init", "vs"], r"--init vs applies to --schedule paper only"),
         (["--schedule", "paper", "--init", "vs", "--archs", "lenet5", "gru_s"], r"--init vs initializes the LeNets"),
+        (["--schedule", "paper", "--init", "official", "--archs", "lstm_s"], r"--init official initializes the LeNets"),
         (["--schedule", "paper", "--init", "glorot"], r"invalid choice: 'glorot'"),
     ],
 )
