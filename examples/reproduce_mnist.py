@@ -126,6 +126,11 @@ class Run:
     # [step, validation error %, test error %] every PAPER_CHECK_EVERY steps of a paper-schedule run
     checkpoints: list[list[float]] | None = None
 
+    def collapsed_layers(self) -> list[str]:
+        """The weight tensors pruned entirely: with ``--init official`` every bias is a candidate, scores zero and is
+        pruned by design, so a bias alone does not make a collapsed run."""
+        return [name for name in self.collapsed if not name.endswith("bias")]
+
     def error_at_best_validation(self) -> float | None:
         """Test error (%) at the checkpoint with the lowest validation error (the earliest of equals)."""
         if not self.checkpoints:
@@ -343,7 +348,7 @@ def markdown_table(
             for s in sparsities:
                 group = [r for r in runs if r.arch == arch and r.criterion == criterion and r.sparsity == s]
                 cell = _cell([r.test_error for r in group])
-                collapsed = sum(bool(r.collapsed) for r in group)
+                collapsed = sum(bool(r.collapsed_layers()) for r in group)
                 cells.append(cell + (f" ({collapsed}/{len(group)} collapsed)" if collapsed else ""))
             lines.append(f"| | {criterion} | | " + " | ".join(cells) + " |")
         if not paper or arch not in PAPER:

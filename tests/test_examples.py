@@ -608,7 +608,13 @@ def test_the_official_protocol_prunes_the_biases_and_trains_a_fresh_draw(tmp_pat
         assert kept_after.abs().max() <= bound  # drawn by variance scaling again
     assert runs[1].achieved_sparsity == pytest.approx(0.9, abs=1e-3)
     caption = "biases pruned with the weights): LeNet-300-100."
-    assert caption in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert caption in table
+    assert runs[1].collapsed == ["net.1.bias", "net.3.bias", "net.5.bias"]  # every bias pruned: the warning says so
+    assert "collapsed)" not in table  # the biases are pruned by design: no layer of weights is
+    collapsed_weights = reproduce_mnist.replace(runs[1], collapsed=["net.1.bias", "net.3.weight"])
+    assert collapsed_weights.collapsed_layers() == ["net.3.weight"]
+    assert "(1/1 collapsed)" in reproduce_mnist.markdown_table([collapsed_weights], [0.9], ["snip"], "digits")
     # a dense run scores nothing, so it trains from the first draw: the same run as --init vs
     vs = reproduce_mnist.main([*argv, "--init", "vs", "--data-dir", str(tmp_path), "--out", str(tmp_path / "vs")])
     assert vs[0].test_error == runs[0].test_error
