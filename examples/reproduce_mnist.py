@@ -43,7 +43,7 @@ from classifier import ImageClassifier
 from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule, MNISTDataModule
 from models import Arch, variance_scaling_
 
-from lightning_snip import SNIPPruning, get_criterion
+from lightning_snip import SNIPPruning, apply_masks_, get_criterion
 from lightning_snip.enforcement import count_zeros
 from lightning_snip.scoring import CriterionName
 
@@ -82,6 +82,11 @@ PAPER_CHECK_EVERY = 1_000
 INITS = ("default", "vs", "official")
 SCALED_INITS = ("vs", "official")
 OFFICIAL_CANDIDATES = ["net.*"]  # every weight and bias of the LeNets
+INIT_NOTES = {  # how a table's caption names the runs of each initialization other than PyTorch's
+    "vs": "Variance-scaling initialization, biases at zero (the official code's)",
+    "official": "The official code's protocol (variance scaling; masks scored on one draw, training from a fresh one;"
+    " biases pruned with the weights)",
+}
 QUICK_CRITERIA = ["snip", "random"]
 CRITERIA = ["snip", "iterative_snip", "force", "grasp", "synflow", "magnitude", "random"]
 SPARSITIES = [0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
@@ -199,8 +204,7 @@ class FreshDraw(pl.Callback):
         params = dict(pl_module.named_parameters())
         with torch.no_grad():
             variance_scaling_(cast(torch.nn.Module, pl_module.net))
-            for name, mask in masks.items():
-                params[name].mul_(mask.to(params[name].dtype))
+            apply_masks_((params[name] for name in masks), masks.values())
 
 
 def train_and_test(
@@ -366,15 +370,10 @@ def markdown_table(
             momenta.setdefault(r.arch, set()).add(r.momentum)
     named = ", ".join(f"{ARCH_NAMES[a]} {' and '.join(f'{m:g}' for m in sorted(ms))}" for a, ms in momenta.items())
     momentum_note = f" The paper's schedule, SGD momentum: {named}." if momenta else ""
-    scaled = ", ".join(ARCH_NAMES[a] for a in dict.fromkeys(r.arch for r in runs if r.init == "vs"))
-    if scaled:
-        momentum_note += f" Variance-scaling initialization, biases at zero (the official code's): {scaled}."
-    official = ", ".join(ARCH_NAMES[a] for a in dict.fromkeys(r.arch for r in runs if r.init == "official"))
-    if official:
-        momentum_note += (
-            " The official code's protocol (variance scaling; masks scored on one draw, training from a fresh one;"
-            f" biases pruned with the weights): {official}."
-        )
+    for init, note in INIT_NOTES.items():
+        named = ", ".join(ARCH_NAMES[a] for a in dict.fromkeys(r.arch for r in runs if r.init == init))
+        if named:
+            momentum_note += f" {note}: {named}."
     return (
         "\n".join(lines)
         + f"\n\nTest error in %, mean ± standard deviation over {seeds} seed(s). Data: {source}."
