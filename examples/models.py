@@ -25,6 +25,8 @@ Arch = Literal[
     "lstm_b",
     "gru_b",
     "gru_s_default",
+    "lstm_s_tf",
+    "gru_s_tf",
 ]
 
 
@@ -85,7 +87,8 @@ class RowRNN(nn.Module):
             (536k / 404k) are one layer of 170 and 350 units reading 28-pixel rows (``PAPER_SIZES``).
         num_classes: Number of classes.
         init: ``"glorot"``: variance scaling (Glorot uniform) for each gate's input and recurrent matrix on its
-            own, biases zero, as the paper trains every recurrent network ("VS-X"); ``"default"``: PyTorch's
+            own, biases zero, as the paper trains every recurrent network ("VS-X"); ``"tf"``: ``"glorot"`` with
+            the gate biases TensorFlow's cells start from (``tf_gate_biases_``); ``"default"``: PyTorch's
             uniform(-1/sqrt(h), 1/sqrt(h)) for all of them.
     """
 
@@ -94,14 +97,16 @@ class RowRNN(nn.Module):
         cell: Literal["lstm", "gru"],
         hidden_size: int = 128,
         num_classes: int = 10,
-        init: Literal["default", "glorot"] = "default",
+        init: Literal["default", "glorot", "tf"] = "default",
     ) -> None:
         super().__init__()
         layer = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
         self.rnn = layer(28, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, num_classes)
-        if init == "glorot":
+        if init in ("glorot", "tf"):
             glorot_gates_(self.rnn)
+        if init == "tf":
+            tf_gate_biases_(self.rnn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, _ = self.rnn(x.reshape(len(x), 28, 28))
@@ -122,6 +127,21 @@ def glorot_gates_(rnn: nn.LSTM | nn.GRU) -> None:
                 nn.init.xavier_uniform_(block)
         else:
             nn.init.zeros_(param)
+
+
+def tf_gate_biases_(rnn: nn.LSTM | nn.GRU) -> None:
+    """Start the gates as TensorFlow's cells do, the framework of the paper's experiments: an LSTM's forget gate
+    with a bias of 1 (``LSTMCell(forget_bias=1.0)``), a GRU's reset and update gates with biases of 1 (``GRUCell``'s
+    gate bias initializer); every other bias zero. PyTorch adds two bias vectors per gate; the 1 goes into the
+    input one, ``bias_ih``. PyTorch's gate order: LSTM input, forget, cell, output; GRU reset, update, new."""
+    hidden = rnn.hidden_size
+    gates = slice(hidden, 2 * hidden) if isinstance(rnn, nn.LSTM) else slice(0, 2 * hidden)
+    with torch.no_grad():
+        for name, param in rnn.named_parameters():
+            if name.startswith("bias"):
+                param.zero_()
+                if name.startswith("bias_ih"):
+                    param[gates] = 1.0
 
 
 _VGG_D: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -197,6 +217,8 @@ BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "lstm_b": lambda num_classes: RowRNN("lstm", PAPER_SIZES["b"], num_classes, init="glorot"),
     "gru_b": lambda num_classes: RowRNN("gru", PAPER_SIZES["b"], num_classes, init="glorot"),
     "gru_s_default": lambda num_classes: RowRNN("gru", PAPER_SIZES["s"], num_classes, init="default"),
+    "lstm_s_tf": lambda num_classes: RowRNN("lstm", PAPER_SIZES["s"], num_classes, init="tf"),
+    "gru_s_tf": lambda num_classes: RowRNN("gru", PAPER_SIZES["s"], num_classes, init="tf"),
 }
 
 

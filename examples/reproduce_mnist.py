@@ -57,8 +57,10 @@ ARCH_NAMES = {
     "lstm_b": "LSTM-b (350, Glorot)",
     "gru_b": "GRU-b (350, Glorot)",
     "gru_s_default": "GRU-s (170, PyTorch init)",
+    "lstm_s_tf": "LSTM-s (170, Glorot, forget bias 1)",
+    "gru_s_tf": "GRU-s (170, Glorot, gate biases 1)",
 }
-RECURRENT = ("lstm_s", "gru_s", "lstm_b", "gru_b", "gru_s_default")
+RECURRENT = ("lstm_s", "gru_s", "lstm_b", "gru_b", "gru_s_default", "lstm_s_tf", "gru_s_tf")
 # Test error (%) reported by Lee et al. (2019), Table 1 / Figure 1, on full MNIST.
 PAPER = {"lenet300": {"dense": 1.7, 0.95: 1.6, 0.98: 2.4}, "lenet5": {"dense": 0.9, 0.98: 0.8, 0.99: 1.1}}
 DEFAULT_EPOCHS = {"lenet300": 30, "lenet5": 15, "lstm": 20, "gru": 20, **dict.fromkeys(RECURRENT, 20)}
@@ -606,7 +608,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.init in SCALED_INITS and set(args.archs or MNIST_ARCHS) - {"lenet300", "lenet5"}:
         parser.error(
             f"--init {args.init} initializes the LeNets only, got --archs {' '.join(args.archs)}; the recurrent"
-            " networks choose theirs by name (lstm_s, gru_s: Glorot; gru_s_default: PyTorch's)"
+            " networks choose theirs by name (lstm_s, gru_s: Glorot; lstm_s_tf, gru_s_tf: Glorot and TensorFlow's gate"
+            " biases; gru_s_default: PyTorch's)"
         )
     args.init = args.init or "default"
     args.check_every = (PAPER_QUICK_ITERATIONS // 4 if args.quick else PAPER_CHECK_EVERY) if paper else None

@@ -447,6 +447,23 @@ def test_the_papers_recurrent_sizes_and_initialization(arch, paper):
     assert default.abs().max() > 0.9 / math.sqrt(170)
 
 
+@pytest.mark.parametrize(("arch", "ones"), [("lstm_s_tf", slice(170, 340)), ("gru_s_tf", slice(0, 340))])
+def test_tensorflows_gate_biases(arch, ones):
+    import math
+
+    from models import build
+
+    torch.manual_seed(0)
+    rnn = build(arch).rnn
+    expected = torch.zeros_like(rnn.bias_ih_l0)
+    expected[ones] = 1.0  # LSTM: the forget gate (PyTorch's second block); GRU: reset and update (the first two)
+    assert torch.equal(rnn.bias_ih_l0.detach(), expected)
+    assert not rnn.bias_hh_l0.any()  # the gate's bias is the sum of the two vectors: the 1 is counted once
+    gates = 4 if isinstance(rnn, torch.nn.LSTM) else 3
+    for block in rnn.weight_hh_l0.detach().chunk(gates):  # the weights are the Glorot networks' own
+        assert 0.9 * math.sqrt(6 / 340) < block.abs().max() <= math.sqrt(6 / 340)
+
+
 def test_the_papers_schedule_quick_path(tmp_path):
     import reproduce_mnist
 
@@ -749,3 +766,24 @@ def test_mask_connectivity_quick(tmp_path, capsys):
         first = layers[0]
         assert f"| {row['criterion']} | 99% | {first['kept']:,} / {first['effective']:,} " in table
     assert "Wrote" in capsys.readouterr().out
+
+
+def test_recurrent_gate_densities_count_every_kept_weight():
+    import recurrent_gates
+    from classifier import ImageClassifier
+
+    torch.manual_seed(0)
+    model = ImageClassifier(arch="gru_s")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    rows = recurrent_gates.gate_densities(model, x, y, sparsity=0.95)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # scored, not pruned
+    assert all(p.grad is None for p in model.parameters())
+    assert set(rows["net.rnn.weight_hh_l0"]) == {"reset", "update", "new"}
+    assert set(rows["net.head.weight"]) == {"all"}
+    sizes = {"net.rnn.weight_ih_l0": 170 * 28, "net.rnn.weight_hh_l0": 170 * 170, "net.head.weight": 10 * 170}
+    kept = sum(sizes[name] * share for name, gates in rows.items() for share in gates.values())
+    total = 3 * (170 * 28 + 170 * 170) + 10 * 170
+    assert round(kept) == round(0.05 * total)  # every gate block counted once, at the global sparsity
+    table = recurrent_gates.markdown({"gru_s": rows}, 0.95)
+    assert "| GRU-s (170, Glorot) | `net.rnn.weight_hh_l0` | reset " in table
