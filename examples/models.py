@@ -117,10 +117,14 @@ PAPER_SIZES = {"s": 170, "b": 350}
 """Hidden units of the paper's small and big recurrent networks, from their parameter counts (see ``RowRNN``)."""
 
 
+GATES = {nn.LSTM: ("input", "forget", "cell", "output"), nn.GRU: ("reset", "update", "new")}
+"""Each cell's gates in the order PyTorch stacks their blocks in every weight matrix and bias."""
+
+
 def glorot_gates_(rnn: nn.LSTM | nn.GRU) -> None:
     """Glorot-uniform each gate's block of every input-to-hidden and hidden-to-hidden matrix (fan-in and fan-out of
     that gate alone), and zero the biases."""
-    gates = 4 if isinstance(rnn, nn.LSTM) else 3
+    gates = len(GATES[type(rnn)])
     for name, param in rnn.named_parameters():
         if name.startswith("weight"):
             for block in param.data.chunk(gates, dim=0):
@@ -130,18 +134,16 @@ def glorot_gates_(rnn: nn.LSTM | nn.GRU) -> None:
 
 
 def tf_gate_biases_(rnn: nn.LSTM | nn.GRU) -> None:
-    """Start the gates as TensorFlow's cells do, the framework of the paper's experiments: an LSTM's forget gate
-    with a bias of 1 (``LSTMCell(forget_bias=1.0)``), a GRU's reset and update gates with biases of 1 (``GRUCell``'s
-    gate bias initializer); every other bias zero. PyTorch adds two bias vectors per gate; the 1 goes into the
-    input one, ``bias_ih``. PyTorch's gate order: LSTM input, forget, cell, output; GRU reset, update, new."""
+    """On zeroed biases (``glorot_gates_``), start the gates as TensorFlow's cells do, the framework of the paper's
+    experiments: an LSTM's forget gate with a bias of 1 (``LSTMCell(forget_bias=1.0)``), a GRU's reset and update
+    gates with biases of 1 (``GRUCell``'s gate bias initializer). PyTorch adds two bias vectors per gate; the 1 goes
+    into the input one, ``bias_ih``, in the blocks ``GATES`` names."""
     hidden = rnn.hidden_size
     gates = slice(hidden, 2 * hidden) if isinstance(rnn, nn.LSTM) else slice(0, 2 * hidden)
     with torch.no_grad():
         for name, param in rnn.named_parameters():
-            if name.startswith("bias"):
-                param.zero_()
-                if name.startswith("bias_ih"):
-                    param[gates] = 1.0
+            if name.startswith("bias_ih"):
+                param[gates] = 1.0
 
 
 _VGG_D: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]

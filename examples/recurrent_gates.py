@@ -21,13 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from classifier import ImageClassifier
 from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule
-from models import Arch
+from models import GATES, Arch
 from reproduce_mnist import ARCH_NAMES
 from torch import nn
 
 from lightning_snip import ScoringContext, find_candidates, get_criterion, select_masks
 
-GATES = {"lstm": ["input", "forget", "cell", "output"], "gru": ["reset", "update", "new"]}
 ARCHS = ["lstm_s", "gru_s", "lstm_s_tf", "gru_s_tf"]
 
 
@@ -39,8 +38,7 @@ def gate_densities(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sparsity:
     context = ScoringContext(weights=weights, loss_fn=lambda _: nn.functional.cross_entropy(model(x), y))
     masks = select_masks(get_criterion("snip").score(context), sparsity)
     model.zero_grad(set_to_none=True)
-    rnn = next(m for m in model.modules() if isinstance(m, nn.LSTM | nn.GRU))
-    names = GATES["lstm" if isinstance(rnn, nn.LSTM) else "gru"]
+    names = next(GATES[type(m)] for m in model.modules() if type(m) in GATES)
     out: dict[str, dict[str, float]] = {}
     for name, mask in masks.items():
         if name.endswith(("weight_ih_l0", "weight_hh_l0")):
@@ -55,7 +53,7 @@ def markdown(rows: dict[str, dict[str, dict[str, float]]], sparsity: float) -> s
     lines = [
         f"SNIP at {sparsity:.0%} (global), one training batch of 100 images: the share of each gate's weights kept.",
         "",
-        "| network | matrix | " + " | ".join(["gate 1", "gate 2", "gate 3", "gate 4"]) + " | whole matrix |",
+        "| network | matrix | gate 1 | gate 2 | gate 3 | gate 4 | whole matrix |",
         "|---|---|---|---|---|---|---|",
     ]
     for arch, tensors in rows.items():
@@ -80,14 +78,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
         parser.error(f"--sparsity must be in (0, 1), got {args.sparsity}; e.g. --sparsity 0.95")
     data = FashionMNISTDataModule(data_dir=args.data_dir, system_dir=args.system_dir, val_size=500)
     data.setup("fit")
+    generator = torch.Generator().manual_seed(args.seed)
+    x, y = next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=100, shuffle=True, generator=generator)))
     rows = {}
-    for arch in args.archs:
+    for arch in args.archs:  # every network is scored on the same batch
         torch.manual_seed(args.seed)
-        model = ImageClassifier(arch=cast(Arch, arch))
-        generator = torch.Generator().manual_seed(args.seed)
-        loader = torch.utils.data.DataLoader(data.train_set, batch_size=100, shuffle=True, generator=generator)
-        x, y = next(iter(loader))
-        rows[arch] = gate_densities(model, x, y, args.sparsity)
+        rows[arch] = gate_densities(ImageClassifier(arch=cast(Arch, arch)), x, y, args.sparsity)
     table = markdown(rows, args.sparsity)
     print(f"Data: {data.source}\n\n{table}")
     if args.out is not None:

@@ -373,9 +373,9 @@ def markdown_table(
     named = ", ".join(f"{ARCH_NAMES[a]} {' and '.join(f'{m:g}' for m in sorted(ms))}" for a, ms in momenta.items())
     momentum_note = f" The paper's schedule, SGD momentum: {named}." if momenta else ""
     for init, note in INIT_NOTES.items():
-        named = ", ".join(ARCH_NAMES[a] for a in dict.fromkeys(r.arch for r in runs if r.init == init))
-        if named:
-            momentum_note += f" {note}: {named}."
+        archs = ", ".join(ARCH_NAMES[a] for a in dict.fromkeys(r.arch for r in runs if r.init == init))
+        if archs:
+            momentum_note += f" {note}: {archs}."
     return (
         "\n".join(lines)
         + f"\n\nTest error in %, mean ± standard deviation over {seeds} seed(s). Data: {source}."
