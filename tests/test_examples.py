@@ -1,5 +1,6 @@
 """The examples: every YAML config runs, the MNIST datamodule's two sources, the reproduction script, the plots."""
 
+import gzip
 import json
 import logging
 import pickle
@@ -147,6 +148,71 @@ def test_mnist_uses_torchvision_files_when_present(tmp_path):
     data.setup("fit")
     assert data.source.startswith("full MNIST from torchvision files")
     assert [len(d) for d in (data.train_set, data.val_set, data.test_set)] == [25, 5, 10]
+
+
+def _write_mnist_pickle(path: Path, sizes: tuple[int, int, int] = (20, 6, 10)) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A small file in the classic mnist.pkl.gz layout; returns its (pixels as uint8, labels) pairs."""
+    rng = np.random.default_rng(1)
+    parts = [(rng.integers(0, 256, (n, 784)), rng.integers(0, 10, n)) for n in sizes]
+    with gzip.open(path, "wb") as handle:
+        pickle.dump(tuple((p.astype(np.float32) / 256, y.astype(np.int64)) for p, y in parts), handle, protocol=2)
+    return [(p.astype(np.uint8), y) for p, y in parts]
+
+
+def test_mnist_uses_the_classic_pickle_when_present(tmp_path):
+    (train, train_y), (valid, valid_y), (test, test_y) = _write_mnist_pickle(tmp_path / "mnist.pkl.gz")
+    data = MNISTDataModule(data_dir=str(tmp_path), val_size=5)
+    data.setup("fit")
+    assert data.source == f"full MNIST from {(tmp_path / 'mnist.pkl.gz').resolve()}"
+    assert [len(d) for d in (data.train_set, data.val_set, data.test_set)] == [21, 5, 10]  # 20 + 6 training rows
+    expected = (torch.as_tensor(test).float() / 255 - 0.1307) / 0.3081
+    assert torch.allclose(data.test_set.tensors[0], expected.reshape(-1, 1, 28, 28))
+    assert torch.equal(data.test_set.tensors[1], torch.as_tensor(test_y))
+    from datamodules import read_mnist_pickle
+
+    images, labels, _, _ = read_mnist_pickle(tmp_path / "mnist.pkl.gz")  # training and validation parts, in order
+    assert images.dtype == torch.uint8
+    assert torch.equal(images.reshape(-1, 784), torch.as_tensor(np.concatenate([train, valid])))
+    assert torch.equal(labels, torch.as_tensor(np.concatenate([train_y, valid_y])))
+
+
+def test_torchvision_files_come_before_the_pickle(tmp_path):
+    _write_fake_mnist(tmp_path)
+    _write_mnist_pickle(tmp_path / "mnist.pkl.gz")
+    data = MNISTDataModule(data_dir=str(tmp_path), val_size=5)
+    data.setup("fit")
+    assert data.source.startswith("full MNIST from torchvision files")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_pickle_that_would_run_code_is_refused_naming_the_file(tmp_path):
+    from datamodules import read_mnist_pickle
+
+    payload = _RunsCode()
+    payload.marker = str(tmp_path / "ran")
+    with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as handle:
+        pickle.dump(payload, handle, protocol=2)
+    with pytest.raises(ValueError, match=r"mnist\.pkl\.gz: refused to load \S+: only numpy arrays"):
+        read_mnist_pickle(tmp_path / "mnist.pkl.gz")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_pickle_of_other_arrays_is_an_error_naming_it(tmp_path):
+    from datamodules import read_mnist_pickle
+
+    rows = np.full((4, 784), 0.3, dtype=np.float32)  # not a multiple of 1/256: not pixels of this file's kind
+    with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as handle:
+        pickle.dump(((rows, np.zeros(4, np.int64)),) * 3, handle, protocol=2)
+    with pytest.raises(ValueError, match=r"mnist\.pkl\.gz: expected rows of 784 pixels in multiples of 1/256"):
+        read_mnist_pickle(tmp_path / "mnist.pkl.gz")
+    with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as handle:
+        pickle.dump(((rows, np.zeros(4, np.int64)),) * 2, handle, protocol=2)
+    with pytest.raises(ValueError, match=r"does not hold the three \(images, labels\) pairs"):
+        read_mnist_pickle(tmp_path / "mnist.pkl.gz")
 
 
 def test_reproduction_quick_path(tmp_path, capsys):
