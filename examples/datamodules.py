@@ -167,7 +167,7 @@ class MNISTDataModule(_InMemoryDigits):
             if not pickled.is_file():
                 return None
             train_x, train_y, test_x, test_y = read_mnist_pickle(pickled)
-            source = f"full MNIST from {pickled.resolve()}"
+            source = f"full MNIST from {pickled}"
         x, y = _normalize_mnist(train_x), train_y
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(h.seed))
         held = round(h.val_fraction * len(y)) if h.val_fraction else h.val_size

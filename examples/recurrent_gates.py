@@ -3,9 +3,11 @@
 SNIP ranks ``|dL/dw * w|`` over the whole network. In an LSTM or GRU each weight matrix stacks one block per gate; the
 sigmoid gates pass a quarter of the gradient a tanh candidate passes at zero (``sigmoid'(0) = 1/4``, ``tanh'(0) = 1``),
 so at high sparsity the candidate's weights outrank the gates'. This prints, per network, the share of each gate's
-input-to-hidden and hidden-to-hidden weights that SNIP keeps on one training batch of Fashion-MNIST.
+input-to-hidden and hidden-to-hidden weights that SNIP keeps on one training batch of Fashion-MNIST (or of MNIST with
+``--dataset mnist``).
 
     python examples/recurrent_gates.py                       # LSTM-s and GRU-s at 95%, both initializations
+    python examples/recurrent_gates.py --dataset mnist       # sequential MNIST, full when data/ holds it
     python examples/recurrent_gates.py --sparsity 0.9 --out examples/results/rnn-gates.md
 """
 
@@ -20,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from classifier import ImageClassifier
-from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule
+from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule, MNISTDataModule
 from models import GATES, Arch
 from reproduce_mnist import ARCH_NAMES
 from torch import nn
@@ -71,12 +73,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     parser.add_argument("--sparsity", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
-    parser.add_argument("--data-dir", default="data", help="where torchvision's FashionMNIST/raw files are")
+    parser.add_argument(
+        "--dataset",
+        choices=["fashion-mnist", "mnist"],
+        default="fashion-mnist",
+        help="full Fashion-MNIST, or MNIST (full when torchvision's files or mnist.pkl.gz are in --data-dir)",
+    )
+    parser.add_argument("--data-dir", default="data", help="where torchvision's files (or mnist.pkl.gz) are")
     parser.add_argument("--system-dir", default=SYSTEM_FASHION_DIR, help="where Debian's package puts the files")
     args = parser.parse_args(argv)
     if not 0.0 < args.sparsity < 1.0:
         parser.error(f"--sparsity must be in (0, 1), got {args.sparsity}; e.g. --sparsity 0.95")
-    data = FashionMNISTDataModule(data_dir=args.data_dir, system_dir=args.system_dir, val_size=500)
+    data: MNISTDataModule | FashionMNISTDataModule = (
+        MNISTDataModule(data_dir=args.data_dir, val_size=500)
+        if args.dataset == "mnist"
+        else FashionMNISTDataModule(data_dir=args.data_dir, system_dir=args.system_dir, val_size=500)
+    )
     data.setup("fit")
     generator = torch.Generator().manual_seed(args.seed)
     x, y = next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=100, shuffle=True, generator=generator)))
