@@ -258,6 +258,19 @@ def test_reproduction_quick_path(tmp_path, capsys):
     assert "[1/6] LeNet-300-100 dense seed 0" in printed
 
 
+def test_the_mnist_table_prints_the_papers_recurrent_figures():
+    runs = [
+        reproduce_mnist.Run(arch, criterion, sparsity, 0, error, sparsity, [], 1.0)
+        for arch in ("lstm_s_tf", "gru_s_default")
+        for criterion, sparsity, error in (("dense", 0.0, 1.0), ("snip", 0.95, 2.0))
+    ]
+    table = reproduce_mnist.markdown_table(runs, [0.95], ["snip"], "full MNIST")
+    lstm, default_init = table.split("| GRU-s")
+    assert "| | *paper (SNIP, full MNIST)* | 1.88 | 1.57 |" in lstm  # the paper's LSTM-s: variance scaling
+    assert "paper" not in default_init  # PyTorch's initialization: the paper has no such row
+    assert "paper" not in reproduce_mnist.markdown_table(runs, [0.95], ["snip"], "Fashion-MNIST", paper=False)
+
+
 def test_reproduction_recurrent_rows_and_resume(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--archs", "lstm", "gru", "--criteria", "snip", "--sparsities", "0.8", "--epochs", "1", "--seeds", "1"]
