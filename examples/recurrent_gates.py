@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from classifier import ImageClassifier
-from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule, MNISTDataModule
+from datamodules import SYSTEM_FASHION_DIR, digits_datamodule
 from models import GATES, Arch
 from reproduce_mnist import ARCH_NAMES
 from torch import nn
@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     args = parser.parse_args(argv)
     if not 0.0 < args.sparsity < 1.0:
         parser.error(f"--sparsity must be in (0, 1), got {args.sparsity}; e.g. --sparsity 0.95")
-    data: MNISTDataModule | FashionMNISTDataModule = (
-        MNISTDataModule(data_dir=args.data_dir, val_size=500)
-        if args.dataset == "mnist"
-        else FashionMNISTDataModule(data_dir=args.data_dir, system_dir=args.system_dir, val_size=500)
-    )
+    data = digits_datamodule(args.dataset, args.data_dir, args.system_dir)
     data.setup("fit")
     generator = torch.Generator().manual_seed(args.seed)
     x, y = next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=100, shuffle=True, generator=generator)))

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning.pytorch as pl
 import torch
 from classifier import ImageClassifier
-from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule, MNISTDataModule
+from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule, MNISTDataModule, digits_datamodule
 from models import Arch, variance_scaling_
 
 from lightning_snip import SNIPPruning, apply_masks_, get_criterion
@@ -661,13 +661,7 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())  # every run uses the same thread count
 
-    data: MNISTDataModule | FashionMNISTDataModule = (
-        MNISTDataModule(data_dir=args.data_dir, val_fraction=args.val_fraction)
-        if args.dataset == "mnist"
-        else FashionMNISTDataModule(
-            data_dir=args.data_dir, system_dir=args.system_dir, val_size=6000 if args.val_fraction else 500
-        )
-    )
+    data = digits_datamodule(args.dataset, args.data_dir, args.system_dir, hold_out_tenth=bool(args.val_fraction))
     data.setup("fit")
     print(f"Data: {data.source}", flush=True)
     if args.n_m:
