@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import sys
 import time
@@ -48,6 +49,20 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what `platform` knows).
+
+    Wall times compare only on one CPU, so every run records it.
+    """
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def _run(
     arch: str, seed: int, epochs: int, limit: int | None, pruning: SNIPPruning | None, data_args: dict[str, Any]
 ) -> dict[str, Any]:
@@ -72,7 +87,7 @@ def _run(
     kept = sum(p.numel() for p in model.parameters())
     if pruning is not None and pruning.structure == "weight":
         kept -= sum(int((~m).sum()) for m in pruning.masks.values())
-    return {"error": error, "params": kept, "train_s": seconds, "source": data.source}
+    return {"error": error, "params": kept, "train_s": seconds, "source": data.source, "cpu": cpu_model()}
 
 
 def _arms(arch: str) -> list[str]:
@@ -178,6 +193,18 @@ def markdown(rows: list[dict[str, Any]], source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def machines(results: dict[str, Any]) -> str:
+    """Which CPU each network's runs trained on: wall times and their ratios compare only within one CPU, so a network
+    whose runs came from more than one is flagged."""
+    lines = []
+    for arch, name in ARCHS.items():
+        cpus = sorted({r.get("cpu", "not recorded") for r in results["runs"] if r["arch"] == arch})
+        if cpus:
+            mixed = " (mixed: its wall times do not compare)" if len(cpus) > 1 else ""
+            lines.append(f"- {name}: {', '.join(cpus)}{mixed}")
+    return "CPU of every run, per network:\n\n" + "\n".join(lines) + "\n"
+
+
 def paired(results: dict[str, Any], against: str = "channel-random", arm: str = "channel-snip") -> str:
     """Seed by seed, ``against``'s test error minus ``arm``'s, in points: every arm of a seed starts from the same
     initialization, so the pair differs only in the channels kept (positive: ``arm`` is better). Seeds where either
@@ -252,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = run_study(args)
     rows = summarize(results)
     source = results["runs"][0]["source"] if results["runs"] else ""
-    table = markdown(rows, source) + "\n" + paired(results)
+    table = markdown(rows, source) + "\n" + machines(results) + "\n" + paired(results)
     (args.out / "results.md").write_text(table)
     plot(rows, args.out / "error_vs_time.png")
     print(table)

@@ -866,3 +866,19 @@ def test_recurrent_gate_densities_count_every_kept_weight():
     assert round(kept) == round(0.05 * total)  # every gate block counted once, at the global sparsity
     table = recurrent_gates.markdown({"gru_s": rows}, 0.95)
     assert "| GRU-s (170, Glorot) | `net.rnn.weight_hh_l0` | reset " in table
+
+
+def test_structured_study_names_each_networks_cpu_and_flags_a_mix():
+    import structured_study
+
+    runs = [
+        {"arch": "lenet5", "arm": "dense", "seed": 0, "cpu": "AMD EPYC"},
+        {"arch": "lenet5", "arm": "channel-snip", "seed": 0, "cpu": "AMD EPYC"},
+        {"arch": "resnet8", "arm": "dense", "seed": 0},  # a run from before the CPU was recorded
+        {"arch": "resnet8", "arm": "dense", "seed": 1, "cpu": "Intel Xeon"},
+    ]
+    text = structured_study.machines({"runs": runs})
+    assert "- LeNet-5-Caffe: AMD EPYC\n" in text
+    assert "- ResNet-8: Intel Xeon, not recorded (mixed: its wall times do not compare)" in text
+    assert "2x wide" not in text  # no runs, no line
+    assert structured_study.cpu_model()  # never empty
