@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 import time
@@ -80,6 +81,9 @@ PAPER_QUICK_ITERATIONS = 200
 # The paper's text gives momentum 0.9; the official code's default optimizer (`--optimizer sgd`) has none. At 0.1 with
 # momentum 0.9 LeNet-5-Caffe diverges within 30 steps, without momentum it trains: `--momentum 0` for it.
 PAPER_MOMENTUM = 0.9
+# The paper's initial learning rate. On full MNIST, dense LeNet-5-Caffe with the official code's initialization diverges
+# at it within 10 steps, without momentum too (its first gradients have a norm near 10); `--lr` sets another.
+PAPER_LR = 0.1
 # The official code saves a checkpoint every 1,000 iterations, evaluates each on the test set and reports the lowest
 # test error among them; the runs here record validation and test error at the same steps (4 checks with --quick).
 PAPER_CHECK_EVERY = 1_000
@@ -139,6 +143,9 @@ class Run:
     init: str | None = None  # a paper-schedule run's initialization, one of INITS (older results: "default")
     # [step, validation error %, test error %] every PAPER_CHECK_EVERY steps of a paper-schedule run
     checkpoints: list[list[float]] | None = None
+    # the step (counted from 1) whose training loss was first not finite; the run stopped there (`Divergence`)
+    diverged_at: int | None = None
+    lr: float | None = None  # the initial learning rate of a paper-schedule run (older results: PAPER_LR)
 
     def collapsed_layers(self) -> list[str]:
         """The weight tensors pruned entirely: with ``--init official`` every bias is a candidate, scores zero and is
@@ -194,6 +201,26 @@ class CheckpointErrors(pl.Callback):
             self.errors.append([step, val, error_percent(pl_module, self.data.test_dataloader())])
 
 
+class Divergence(pl.Callback):
+    """Stops a run whose training loss is no longer finite, and records the step.
+
+    Once the loss is ``nan`` or infinite, so are the gradients and, after the optimizer step, the weights: plain SGD
+    cannot recover from there, and the remaining steps would only cost time (a diverged LeNet-5-Caffe under the
+    paper's schedule trains on for 70 minutes at chance). The run is tested as it stands, at chance.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if self.step is None and isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+            self.step = trainer.global_step
+            trainer.should_stop = True
+
+
 class FreshDraw(pl.Callback):
     """The official code's second draw: once the masks are chosen, every weight is drawn again by variance scaling
     (biases at zero) and masked, so training starts from weights the scoring never saw. Goes after ``pruning`` in the
@@ -228,15 +255,17 @@ def train_and_test(
     paper_iterations: int | None = None,
     momentum: float = PAPER_MOMENTUM,
     init: str = "default",
+    lr: float = PAPER_LR,
     check_every: int | None = None,
 ) -> tuple[Run, dict[str, torch.Tensor]]:
     """One run: seed, build, (prune), train, test; returns the result and the masks (empty when dense).
 
-    With ``paper_iterations``, the paper's schedule: that many SGD steps at learning rate 0.1, divided by 10 every
-    quarter of them (every 25k of 100k), with ``momentum``, instead of ``epochs`` epochs with this script's short
-    schedule. ``init="vs"`` initializes the network as the official code does (`models.variance_scaling_`);
-    ``init="official"`` also prunes the biases and trains a fresh draw (`FreshDraw`); ``check_every`` records
-    validation and test error every that many steps (`CheckpointErrors`).
+    With ``paper_iterations``, the paper's schedule: that many SGD steps at learning rate ``lr`` (the paper's 0.1),
+    divided by 10 every quarter of them (every 25k of 100k), with ``momentum``, instead of ``epochs`` epochs with
+    this script's short schedule. ``init="vs"`` initializes the network as the official code does
+    (`models.variance_scaling_`); ``init="official"`` also prunes the biases and trains a fresh draw (`FreshDraw`);
+    ``check_every`` records validation and test error every that many steps (`CheckpointErrors`). A run whose
+    training loss is no longer finite stops there (`Divergence`).
     """
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
@@ -244,7 +273,7 @@ def train_and_test(
         decay = paper_iterations * PAPER_DECAY_EVERY // PAPER_ITERATIONS
         model = ImageClassifier(
             arch=cast(Arch, arch),
-            lr=0.1,
+            lr=lr,
             momentum=momentum,
             weight_decay=5e-4,
             lr_milestones=list(range(decay, paper_iterations, decay)),
@@ -274,10 +303,12 @@ def train_and_test(
     )
     redraw = FreshDraw(pruning) if pruning and init == "official" else None
     checks = CheckpointErrors(data, check_every) if check_every else None
+    divergence = Divergence()
     trainer = pl.Trainer(
         max_epochs=-1 if paper_iterations else epochs,
         max_steps=paper_iterations or -1,
-        callbacks=[c for c in (pruning, redraw, checks) if c is not None],  # the mask is enforced before a check
+        # the mask is enforced before a check
+        callbacks=[c for c in (pruning, redraw, checks, divergence) if c is not None],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -312,6 +343,8 @@ def train_and_test(
         momentum if paper_iterations else None,
         init if paper_iterations else None,
         checks.errors if checks else None,
+        divergence.step,
+        lr if paper_iterations else None,
     )
     return run, masks
 
@@ -321,11 +354,10 @@ def _earlier_runs(path: Path) -> list[Run]:
     if not path.exists():
         return []
     entries = json.loads(path.read_text())
-    # paper-schedule runs written before --momentum and --init existed trained with momentum 0.9 from PyTorch's init
-    return [
-        Run(**({"momentum": PAPER_MOMENTUM, "init": "default"} if e.get("schedule") == "paper" else {}) | e)
-        for e in entries
-    ]
+    # paper-schedule runs written before --momentum, --init and --lr existed trained with momentum 0.9 from PyTorch's
+    # init at the paper's learning rate
+    paper = {"momentum": PAPER_MOMENTUM, "init": "default", "lr": PAPER_LR}
+    return [Run(**(paper if e.get("schedule") == "paper" else {}) | e) for e in entries]
 
 
 def _cell(errors: list[float]) -> str:
@@ -379,10 +411,25 @@ def markdown_table(
             momenta.setdefault(r.arch, set()).add(r.momentum)
     named = ", ".join(f"{ARCH_NAMES[a]} {' and '.join(f'{m:g}' for m in sorted(ms))}" for a, ms in momenta.items())
     momentum_note = f" The paper's schedule, SGD momentum: {named}." if momenta else ""
+    rates = {(r.arch, r.lr) for r in runs if r.lr is not None and r.lr != PAPER_LR}
+    if rates:
+        named = ", ".join(f"{ARCH_NAMES[a]} {lr:g}" for a, lr in sorted(rates))
+        momentum_note += f" Initial learning rate other than the paper's {PAPER_LR:g}: {named}."
     for init, note in INIT_NOTES.items():
         archs = ", ".join(ARCH_NAMES[a] for a in dict.fromkeys(r.arch for r in runs if r.init == init))
         if archs:
             momentum_note += f" {note}: {archs}."
+    diverged = [r for r in runs if r.diverged_at is not None]
+    if diverged:
+        named = ", ".join(
+            f"{ARCH_NAMES[r.arch]} {'dense' if r.criterion == 'dense' else f'{r.criterion} {pct(r.sparsity)}'}"
+            f" seed {r.seed} (step {r.diverged_at})"
+            for r in diverged
+        )
+        momentum_note += (
+            " Diverged (the training loss was nan or infinite at the step named, counted from 1, and the run stopped"
+            f" there, at chance): {named}."
+        )
     return (
         "\n".join(lines)
         + f"\n\nTest error in %, mean ± standard deviation over {seeds} seed(s). Data: {source}."
@@ -572,6 +619,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " default optimizer, which LeNet-5-Caffe needs at learning rate 0.1)",
     )
     parser.add_argument(
+        "--lr",
+        type=float,
+        help=f"initial learning rate of --schedule paper (default {PAPER_LR}, the paper's; divided by 10 at the same"
+        " steps)",
+    )
+    parser.add_argument(
         "--init",
         choices=INITS,
         help="initialization of the LeNets under --schedule paper: default (PyTorch's), vs (the official code's"
@@ -613,6 +666,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.momentum is not None and not 0.0 <= args.momentum < 1.0:
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}; the paper uses 0.9, the official code 0")
     args.momentum = PAPER_MOMENTUM if args.momentum is None else args.momentum
+    if args.lr is not None and not paper:
+        parser.error(f"--lr {args.lr} applies to --schedule paper only; add --schedule paper or drop it")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a positive learning rate, got {args.lr}; the paper uses {PAPER_LR}")
+    args.lr = PAPER_LR if args.lr is None else args.lr
     if args.init is not None and not paper:
         parser.error(f"--init {args.init} applies to --schedule paper only; add --schedule paper or drop it")
     if args.init in SCALED_INITS and set(args.archs or MNIST_ARCHS) - {"lenet300", "lenet5"}:
@@ -677,11 +735,13 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     runs = _earlier_runs(out / "results.json") if args.resume else []
     if args.paper_iterations:
         for r in runs:
-            if r.arch in args.archs and r.schedule == "paper" and (r.momentum, r.init) != (args.momentum, args.init):
+            mine = (args.momentum, args.init, args.lr)
+            if r.arch in args.archs and r.schedule == "paper" and (r.momentum, r.init, r.lr) != mine:
                 raise SystemExit(
-                    f"{out / 'results.json'} holds {ARCH_NAMES[r.arch]} runs with momentum {r.momentum:g} and init"
-                    f" {r.init!r}, and this command asks for momentum {args.momentum:g} and init {args.init!r}: one"
-                    " table would mix them. Pass the same --momentum and --init, or another --out."
+                    f"{out / 'results.json'} holds {ARCH_NAMES[r.arch]} runs with momentum {r.momentum:g}, init"
+                    f" {r.init!r} and learning rate {r.lr:g}, and this command asks for momentum {args.momentum:g},"
+                    f" init {args.init!r} and learning rate {args.lr:g}: one table would mix them. Pass the same"
+                    " --momentum, --init and --lr, or another --out."
                 )
     done = {(r.arch, r.criterion, r.sparsity, r.seed) for r in runs}
     if done:
@@ -704,6 +764,7 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
             paper_iterations=args.paper_iterations,
             momentum=args.momentum,
             init=args.init,
+            lr=args.lr,
             check_every=args.check_every,
         )
         runs.append(run)

@@ -614,6 +614,28 @@ def test_checkpoints_leave_the_training_as_it_was(tmp_path, monkeypatch):
         assert torch.equal(a, b), name  # the same batches in the same order: evaluating drew no random numbers
 
 
+def test_a_run_whose_loss_is_no_longer_finite_stops_and_says_so(tmp_path, monkeypatch):
+    class Diverging(reproduce_mnist.ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("inf") if self.global_step >= 2 else loss  # the third step's loss is infinite
+
+    monkeypatch.setattr(reproduce_mnist, "ImageClassifier", Diverging)
+    data = MNISTDataModule(data_dir=str(tmp_path), val_fraction=0.1)
+    data.setup("fit")
+    common = {"arch": "lenet300", "sparsity": 0.0, "seed": 0, "epochs": 1, "data": data, "paper_iterations": 48}
+    run, _ = reproduce_mnist.train_and_test(criterion="dense", **common, check_every=1)
+    assert run.diverged_at == 3
+    assert run.checkpoints is not None
+    assert [c[0] for c in run.checkpoints] == [1, 2, 3]  # stopped right after the step: no step 4 of 48
+    table = reproduce_mnist.markdown_table([run], [0.9], ["snip"], "digits")
+    assert "Diverged (the training loss was nan or infinite at the step named" in table
+    assert "LeNet-300-100 dense seed 0 (step 3)." in table
+    finite = reproduce_mnist.Run("lenet300", "snip", 0.9, 0, 12.0, 0.9, [], 1.0)
+    assert finite.diverged_at is None
+    assert "Diverged" not in reproduce_mnist.markdown_table([finite], [0.9], ["snip"], "digits")
+
+
 def test_error_percent_counts_wrong_predictions_and_restores_the_mode():
     model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Dropout(0.5)).train()
     x = torch.eye(4)  # predicts class i for row i
@@ -784,6 +806,58 @@ def test_results_written_before_the_momentum_option_load_with_the_papers(tmp_pat
     ],
 )
 def test_momentum_is_refused_where_it_would_be_ignored_or_invalid(extra, message, capsys):
+    import reproduce_mnist
+
+    with pytest.raises(SystemExit):
+        reproduce_mnist.parse_args(extra)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_papers_schedule_takes_another_learning_rate_and_keeps_tables_apart(tmp_path, monkeypatch, capsys):
+    import reproduce_mnist
+
+    built = []
+    real = reproduce_mnist.ImageClassifier
+
+    def recording(**kwargs):
+        built.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(reproduce_mnist, "ImageClassifier", recording)
+    out = tmp_path / "paper"
+    argv = ["--schedule", "paper", "--quick", "--archs", "lenet300", "--criteria", "snip", "--sparsities", "0.9"]
+    argv += ["--data-dir", str(tmp_path), "--out", str(out)]
+    runs = reproduce_mnist.main([*argv, "--lr", "0.05"])
+    assert [kwargs["lr"] for kwargs in built] == [0.05, 0.05]
+    assert [r.lr for r in runs] == [0.05, 0.05]
+    assert "Initial learning rate other than the paper's 0.1: LeNet-300-100 0.05." in (out / "results.md").read_text()
+    with pytest.raises(SystemExit, match=r"learning rate 0\.05, and this command asks for .* learning rate 0\.1"):
+        reproduce_mnist.main([*argv, "--resume"])  # the paper's rate would land in the same table
+    assert len(built) == 2  # refused before training anything
+
+
+def test_results_written_before_the_lr_option_load_with_the_papers_rate(tmp_path):
+    import reproduce_mnist
+
+    old = {"arch": "lenet300", "criterion": "snip", "sparsity": 0.95, "seed": 0, "test_error": 11.0}
+    old |= {"achieved_sparsity": 0.95, "collapsed": [], "seconds": 1.0, "schedule": "paper"}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([old, old | {"schedule": "short"}]))
+    runs = reproduce_mnist._earlier_runs(path)
+    assert [r.lr for r in runs] == [0.1, None]
+    assert [r.diverged_at for r in runs] == [None, None]
+    assert "learning rate" not in reproduce_mnist.markdown_table(runs, [0.95], ["snip"], "somewhere", paper=False)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lr", "0.05"], r"--lr 0.05 applies to --schedule paper only"),
+        (["--schedule", "paper", "--lr", "0"], r"--lr must be a positive learning rate, got 0.0"),
+        (["--schedule", "paper", "--lr", "nan"], r"--lr must be a positive learning rate, got nan"),
+    ],
+)
+def test_lr_is_refused_where_it_would_be_ignored_or_invalid(extra, message, capsys):
     import reproduce_mnist
 
     with pytest.raises(SystemExit):
