@@ -687,7 +687,7 @@ def test_the_papers_schedule_takes_the_official_codes_initialization(tmp_path, m
         in (out / "results.md").read_text()
     )
     # resuming into the folder with another initialization would mix both in one table
-    mixed = r"with momentum 0\.9 and init 'vs'.*asks for momentum 0\.9 and init 'default'"
+    mixed = r"with momentum 0\.9, init 'vs'.*asks for momentum 0\.9, init 'default'"
     with pytest.raises(SystemExit, match=mixed):
         reproduce_mnist.main([*argv, "--resume", "--data-dir", str(tmp_path), "--out", str(out)])
 
