@@ -734,8 +734,8 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     ]
     runs = _earlier_runs(out / "results.json") if args.resume else []
     if args.paper_iterations:
+        mine = (args.momentum, args.init, args.lr)
         for r in runs:
-            mine = (args.momentum, args.init, args.lr)
             if r.arch in args.archs and r.schedule == "paper" and (r.momentum, r.init, r.lr) != mine:
                 raise SystemExit(
                     f"{out / 'results.json'} holds {ARCH_NAMES[r.arch]} runs with momentum {r.momentum:g}, init"

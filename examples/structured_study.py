@@ -20,6 +20,7 @@ included) as the user's clock sees it. Writes `results.json`, `results.md` and `
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -49,6 +50,7 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
 
 
+@functools.cache
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, else what `platform` knows).
 

@@ -760,17 +760,25 @@ def test_init_is_refused_where_it_would_be_ignored(extra, message, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_the_papers_schedule_takes_the_official_codes_momentum(tmp_path, monkeypatch):
+@pytest.fixture
+def built(monkeypatch):
+    """The keyword arguments of every `ImageClassifier` the reproduction script builds, in order."""
     import reproduce_mnist
 
-    built = []
+    kwargs_seen = []
     real = reproduce_mnist.ImageClassifier
 
     def recording(**kwargs):
-        built.append(kwargs)
+        kwargs_seen.append(kwargs)
         return real(**kwargs)
 
     monkeypatch.setattr(reproduce_mnist, "ImageClassifier", recording)
+    return kwargs_seen
+
+
+def test_the_papers_schedule_takes_the_official_codes_momentum(tmp_path, built):
+    import reproduce_mnist
+
     out = tmp_path / "paper"
     argv = ["--schedule", "paper", "--quick", "--archs", "lenet300", "--criteria", "snip", "--sparsities", "0.9"]
     runs = reproduce_mnist.main([*argv, "--momentum", "0", "--data-dir", str(tmp_path), "--out", str(out)])
@@ -782,7 +790,7 @@ def test_the_papers_schedule_takes_the_official_codes_momentum(tmp_path, monkeyp
     assert [(r.criterion, r.sparsity) for r in more] == [("snip", 0.95)]
 
 
-def test_results_written_before_the_momentum_option_load_with_the_papers(tmp_path):
+def test_results_written_before_the_momentum_and_lr_options_load_with_the_papers(tmp_path):
     import reproduce_mnist
 
     old = {"arch": "lenet300", "criterion": "snip", "sparsity": 0.95, "seed": 0, "test_error": 11.0}
@@ -792,6 +800,9 @@ def test_results_written_before_the_momentum_option_load_with_the_papers(tmp_pat
     path.write_text(json.dumps([old, short]))
     runs = reproduce_mnist._earlier_runs(path)
     assert [r.momentum for r in runs] == [0.9, None]
+    assert [r.lr for r in runs] == [0.1, None]
+    assert [r.diverged_at for r in runs] == [None, None]
+    assert "learning rate" not in reproduce_mnist.markdown_table(runs, [0.95], ["snip"], "somewhere", paper=False)
     mixed = [*runs, reproduce_mnist.Run(**(old | {"arch": "lenet5", "momentum": 0.0}))]
     table = reproduce_mnist.markdown_table(mixed, [0.95], ["snip"], "somewhere", paper=False)
     assert "SGD momentum: LeNet-300-100 0.9, LeNet-5-Caffe 0." in table
@@ -803,9 +814,12 @@ def test_results_written_before_the_momentum_option_load_with_the_papers(tmp_pat
         (["--momentum", "0"], r"--momentum 0.0 applies to --schedule paper only"),
         (["--schedule", "paper", "--momentum", "1"], r"--momentum must be in \[0, 1\), got 1.0"),
         (["--schedule", "paper", "--momentum", "-0.5"], r"--momentum must be in \[0, 1\), got -0.5"),
+        (["--lr", "0.05"], r"--lr 0.05 applies to --schedule paper only"),
+        (["--schedule", "paper", "--lr", "0"], r"--lr must be a positive learning rate, got 0.0"),
+        (["--schedule", "paper", "--lr", "nan"], r"--lr must be a positive learning rate, got nan"),
     ],
 )
-def test_momentum_is_refused_where_it_would_be_ignored_or_invalid(extra, message, capsys):
+def test_momentum_and_lr_are_refused_where_they_would_be_ignored_or_invalid(extra, message, capsys):
     import reproduce_mnist
 
     with pytest.raises(SystemExit):
@@ -813,17 +827,9 @@ def test_momentum_is_refused_where_it_would_be_ignored_or_invalid(extra, message
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_the_papers_schedule_takes_another_learning_rate_and_keeps_tables_apart(tmp_path, monkeypatch, capsys):
+def test_the_papers_schedule_takes_another_learning_rate_and_keeps_tables_apart(tmp_path, built):
     import reproduce_mnist
 
-    built = []
-    real = reproduce_mnist.ImageClassifier
-
-    def recording(**kwargs):
-        built.append(kwargs)
-        return real(**kwargs)
-
-    monkeypatch.setattr(reproduce_mnist, "ImageClassifier", recording)
     out = tmp_path / "paper"
     argv = ["--schedule", "paper", "--quick", "--archs", "lenet300", "--criteria", "snip", "--sparsities", "0.9"]
     argv += ["--data-dir", str(tmp_path), "--out", str(out)]
@@ -834,35 +840,6 @@ def test_the_papers_schedule_takes_another_learning_rate_and_keeps_tables_apart(
     with pytest.raises(SystemExit, match=r"learning rate 0\.05, and this command asks for .* learning rate 0\.1"):
         reproduce_mnist.main([*argv, "--resume"])  # the paper's rate would land in the same table
     assert len(built) == 2  # refused before training anything
-
-
-def test_results_written_before_the_lr_option_load_with_the_papers_rate(tmp_path):
-    import reproduce_mnist
-
-    old = {"arch": "lenet300", "criterion": "snip", "sparsity": 0.95, "seed": 0, "test_error": 11.0}
-    old |= {"achieved_sparsity": 0.95, "collapsed": [], "seconds": 1.0, "schedule": "paper"}
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps([old, old | {"schedule": "short"}]))
-    runs = reproduce_mnist._earlier_runs(path)
-    assert [r.lr for r in runs] == [0.1, None]
-    assert [r.diverged_at for r in runs] == [None, None]
-    assert "learning rate" not in reproduce_mnist.markdown_table(runs, [0.95], ["snip"], "somewhere", paper=False)
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--lr", "0.05"], r"--lr 0.05 applies to --schedule paper only"),
-        (["--schedule", "paper", "--lr", "0"], r"--lr must be a positive learning rate, got 0.0"),
-        (["--schedule", "paper", "--lr", "nan"], r"--lr must be a positive learning rate, got nan"),
-    ],
-)
-def test_lr_is_refused_where_it_would_be_ignored_or_invalid(extra, message, capsys):
-    import reproduce_mnist
-
-    with pytest.raises(SystemExit):
-        reproduce_mnist.parse_args(extra)
-    assert re.search(message, capsys.readouterr().err)
 
 
 def test_the_step_schedule_decays_at_steps():
