@@ -9,12 +9,18 @@ For each network (LeNet-5-Caffe and a small ResNet, `resnet8`) and seed, from th
 - unstructured SNIP (`structure="weight"`) at the sparsity that leaves the same number of parameters as the
   channel runs (the parameters the channel runs remove, as a fraction of the candidate weights).
 
+With `--arms`, the widths study instead: what a channel criterion decides when the widths are its own.
+`channel-snip-global` and `channel-synflow-global` rank channels across the network (`scope="global"`) and remove them
+until no more parameters are left than the layerwise `channel-snip` run trains (`sparsity_of="parameters"`), so
+they compare with uniform widths at equal size.
+
 Each run records the test error, the parameters it trains, and the wall time of `trainer.fit` (scoring and shrinking
 included) as the user's clock sees it. Writes `results.json`, `results.md` and `error_vs_time.png` to `--out`.
 
     python examples/structured_study.py --quick           # a smoke run: 20 batches an epoch, 1 epoch
     python examples/structured_study.py --out examples/results/structured-fashion-mnist   # the committed table
     python examples/structured_study.py --out examples/results/structured-fashion-mnist --resume
+    python examples/structured_study.py --arms dense channel-snip channel-snip-global --out results/widths
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import lightning.pytorch as pl
 from classifier import ImageClassifier
 from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule
 from models import Arch
+from torch import nn
 
 from lightning_snip import SNIPPruning, find_candidates
 from lightning_snip.scoring import CriterionName
@@ -45,6 +52,8 @@ EPOCHS = {"lenet5": 4, "resnet8": 4, "resnet8w2": 4}
 LR = {"lenet5": 0.05, "resnet8": 0.05, "resnet8w2": 0.05}
 CHANNEL_CRITERIA = ["snip", "synflow", "magnitude", "random"]
 CHANNEL_SPARSITY = 0.5
+ARMS = ["dense", *[f"channel-{c}" for c in CHANNEL_CRITERIA], "weight-snip"]
+GLOBAL_ARMS = ["channel-snip-global", "channel-synflow-global"]  # own widths, the parameters of `channel-snip`
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
@@ -89,11 +98,55 @@ def _run(
     kept = sum(p.numel() for p in model.parameters())
     if pruning is not None and pruning.structure == "weight":
         kept -= sum(int((~m).sum()) for m in pruning.masks.values())
-    return {"error": error, "params": kept, "train_s": seconds, "source": data.source, "cpu": cpu_model()}
+    widths = [m.weight.shape[0] for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return {
+        "error": error,
+        "params": kept,
+        "train_s": seconds,
+        "source": data.source,
+        "cpu": cpu_model(),
+        "widths": widths,
+    }
 
 
-def _arms(arch: str) -> list[str]:
-    return ["dense", *[f"channel-{c}" for c in CHANNEL_CRITERIA], "weight-snip"]
+def _matched(results: dict[str, Any], arch: str, arm: str) -> int:
+    """The parameters the layerwise `channel-snip` run of ``arch`` trains: what ``arm`` is matched to."""
+    channel = [r for r in results["runs"] if r["arch"] == arch and r["arm"] == "channel-snip"]
+    if not channel:
+        raise SystemExit(
+            f"`{arm}` is matched to the parameters of `channel-snip`: put `channel-snip` before it in --arms."
+        )
+    return int(channel[-1]["params"])
+
+
+def _pruning(arm: str, results: dict[str, Any], arch: str) -> SNIPPruning | None:
+    """The callback an arm trains with (``None``: dense)."""
+    dense_params = sum(p.numel() for p in ImageClassifier(arch=cast(Arch, arch)).parameters())
+    if arm in GLOBAL_ARMS:  # the criterion's own widths, at most the parameters of the layerwise channel run
+        criterion = arm.removeprefix("channel-").removesuffix("-global")
+        return SNIPPruning(
+            sparsity=1.0 - _matched(results, arch, arm) / dense_params,
+            structure="channel",
+            scope="global",
+            sparsity_of="parameters",
+            criterion=cast(CriterionName, criterion),
+            plot=False,
+            log_per_layer=False,
+        )
+    if arm.startswith("channel-"):
+        return SNIPPruning(
+            sparsity=CHANNEL_SPARSITY,
+            structure="channel",
+            scope="layerwise",
+            criterion=cast(CriterionName, arm.removeprefix("channel-")),
+            plot=False,
+            log_per_layer=False,
+        )
+    if arm == "weight-snip":  # the parameters the channel runs train, as a share of the candidates
+        candidates = sum(p.numel() for p in find_candidates(ImageClassifier(arch=cast(Arch, arch))).values())
+        removed = dense_params - _matched(results, arch, arm)
+        return SNIPPruning(sparsity=removed / candidates, plot=False, log_per_layer=False)
+    return None
 
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,27 +156,11 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     for arch in args.archs:
         epochs = 1 if args.quick else EPOCHS[arch]
         limit = 20 if args.quick else None
-        dense_params = sum(p.numel() for p in ImageClassifier(arch=arch).parameters())
-        candidates = sum(p.numel() for p in find_candidates(ImageClassifier(arch=arch)).values())
         for seed in range(args.seeds):
-            for arm in _arms(arch):
+            for arm in args.arms:
                 if (arch, arm, seed) in done:
                     continue
-                pruning: SNIPPruning | None = None
-                if arm.startswith("channel-"):
-                    criterion = arm.removeprefix("channel-")
-                    pruning = SNIPPruning(
-                        sparsity=CHANNEL_SPARSITY,
-                        structure="channel",
-                        scope="layerwise",
-                        criterion=cast(CriterionName, criterion),
-                        plot=False,
-                        log_per_layer=False,
-                    )
-                elif arm == "weight-snip":  # the parameters the channel runs train, as a share of the candidates
-                    channel = [r for r in results["runs"] if r["arch"] == arch and r["arm"] == "channel-snip"]
-                    removed = dense_params - channel[-1]["params"]
-                    pruning = SNIPPruning(sparsity=removed / candidates, plot=False, log_per_layer=False)
+                pruning = _pruning(arm, results, arch)
                 data_args = {"data_dir": args.data_dir, "system_dir": args.system_dir, "val_size": args.val_size}
                 run = _run(arch, seed, epochs, limit, pruning, data_args)
                 run.update(arch=arch, arm=arm, seed=seed, epochs=epochs)
@@ -152,7 +189,7 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
         dense_s = statistics.mean(r["train_s"] for r in runs if r["arm"] == "dense")
         dense_errors = [r["error"] for r in runs if r["arm"] == "dense" and r["error"] < DIVERGED]
         dense_error = statistics.mean(dense_errors) if dense_errors else float("nan")
-        for arm in _arms(arch):
+        for arm in [*ARMS, *GLOBAL_ARMS]:
             mine = [r for r in runs if r["arm"] == arm]
             if not mine:
                 continue
@@ -207,13 +244,14 @@ def machines(results: dict[str, Any]) -> str:
     return "CPU of every run, per network:\n\n" + "\n".join(lines) + "\n"
 
 
-def paired(results: dict[str, Any], against: str = "channel-random", arm: str = "channel-snip") -> str:
+def paired(
+    results: dict[str, Any], against: str = "channel-random", arm: str = "channel-snip", at: str = "at the same widths"
+) -> str:
     """Seed by seed, ``against``'s test error minus ``arm``'s, in points: every arm of a seed starts from the same
     initialization, so the pair differs only in the channels kept (positive: ``arm`` is better). Seeds where either
-    run diverged are left out."""
+    run diverged are left out; an empty string where no seed has both."""
     lines = [
-        f"Paired by seed, at the same widths: {against}'s test error minus {arm}'s, in points (positive: {arm} is"
-        " better).",
+        f"Paired by seed, {at}: {against}'s test error minus {arm}'s, in points (positive: {arm} is better).",
         "",
         f"| network | seeds | per seed | mean | {arm} better in |",
         "|---|---|---|---|---|",
@@ -233,7 +271,27 @@ def paired(results: dict[str, Any], against: str = "channel-random", arm: str = 
             f"| {ARCHS[arch]} | {len(seeds)} | {per_seed} | {statistics.mean(diffs):+.2f} |"
             f" {sum(d > 0 for d in diffs)} of {len(seeds)} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if len(lines) > 4 else ""
+
+
+def widths(results: dict[str, Any]) -> str:
+    """Each convolution's and linear layer's output width, in forward order, for every channel arm of seed 0 whose
+    widths were recorded (the dense widths first); an empty string where none were."""
+    lines = []
+    for arch, name in ARCHS.items():
+        runs = {
+            r["arm"]: r["widths"] for r in results["runs"] if r["arch"] == arch and r["seed"] == 0 and "widths" in r
+        }
+        for arm in [a for a in [*ARMS, *GLOBAL_ARMS] if a in runs and (a == "dense" or a.startswith("channel-"))]:
+            lines.append(f"| {name} | {arm} | {', '.join(str(w) for w in runs[arm])} |")
+    if not lines:
+        return ""
+    header = [
+        "Output widths of the convolutions and linear layers, in order (seed 0):",
+        "",
+        "| network | run | widths |",
+    ]
+    return "\n".join([*header, "|---|---|---|", *lines]) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -269,6 +327,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=ARMS,
+        choices=[*ARMS, *GLOBAL_ARMS],
+        help="runs per network and seed, in this order (default: the main table's)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="20 batches of one epoch per run: a smoke run")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --out's results.json")
@@ -281,7 +346,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = run_study(args)
     rows = summarize(results)
     source = results["runs"][0]["source"] if results["runs"] else ""
-    table = markdown(rows, source) + "\n" + machines(results) + "\n" + paired(results)
+    pairs = [
+        paired(results),
+        *(
+            paired(results, "channel-snip", arm, "at equal parameters, uniform widths against the criterion's own")
+            for arm in GLOBAL_ARMS
+        ),
+    ]
+    sections = [machines(results), *pairs, widths(results)]
+    table = markdown(rows, source) + "".join(f"\n{section}" for section in sections if section)
     (args.out / "results.md").write_text(table)
     plot(rows, args.out / "error_vs_time.png")
     print(table)

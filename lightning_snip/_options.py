@@ -35,6 +35,7 @@ def validate_options(
     width_multiple: object = 1,
     temperature: object = None,
     linear_reinit: object = None,
+    sparsity_of: object = "channels",
 ) -> None:
     """Raise ``TypeError``/``ValueError`` for the first argument that is wrong; ``flags`` are the booleans by name."""
     sparsity = check_sparsity(sparsity)
@@ -88,7 +89,17 @@ def validate_options(
             )
     if isinstance(width_multiple, bool) or not isinstance(width_multiple, int) or width_multiple < 1:
         raise ValueError(f"`width_multiple` must be an integer >= 1, got {width_multiple!r}. Use e.g. 8.")
+    if sparsity_of not in ("channels", "parameters"):
+        raise ValueError(
+            f"`sparsity_of` must be 'channels' or 'parameters', got {sparsity_of!r}. Use 'parameters' to remove"
+            " channels until `sparsity` of the model's parameters are gone."
+        )
     if structure == "weight":
+        if sparsity_of != "channels":
+            raise ValueError(
+                f"`sparsity_of={sparsity_of!r}` says what `sparsity` counts when whole channels are removed, so it"
+                " needs `structure='channel'` (with single weights `sparsity` is the fraction of candidate weights)."
+            )
         if width_multiple != 1:
             raise ValueError(
                 f"`width_multiple={width_multiple}` rounds kept channel counts, so it needs `structure='channel'`."

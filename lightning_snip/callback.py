@@ -40,7 +40,7 @@ from typing_extensions import override
 from lightning_snip import _lightning as lightning
 from lightning_snip import guards, reporting
 from lightning_snip._options import check_patterns, validate_options
-from lightning_snip._types import PositiveInt, ScopeName, Sparsity, Structure
+from lightning_snip._types import PositiveInt, ScopeName, Sparsity, SparsityOf, Structure
 from lightning_snip.candidates import (
     canonical_parameters,
     parameter_aliases,
@@ -143,6 +143,12 @@ class SNIPPruning(_Callback):
             fraction of prunable channels removed, and nothing is masked during training. Defaults to ``"weight"``.
         width_multiple: With ``structure="channel"``, each layer's kept width is rounded up to a multiple of this.
             Defaults to ``1``.
+        sparsity_of: With ``structure="channel"``, what ``sparsity`` counts: ``"channels"`` (the fraction of
+            prunable channels removed) or ``"parameters"`` (channels are removed, in the order ``scope`` ranks them,
+            until at most ``floor((1 - sparsity) * P)`` of the model's ``P`` parameters are left, the fewest channels
+            that get there; biases and normalization parameters count). ``"parameters"`` makes global and layerwise
+            widths, or a channel run and an unstructured one, comparable at equal size. With ``structure="weight"``
+            only ``"channels"`` (``sparsity`` is then the fraction of candidate weights). Defaults to ``"channels"``.
         temperature: What the LightningModule's output (the logits) is divided by while a criterion that takes a
             temperature scores: GraSP, through a forward hook removed after scoring, so ``training_step`` must get its
             logits from ``self(x)``. ``None`` takes the criterion's default (GraSP: the official 200); ``1.0``
@@ -193,6 +199,7 @@ class SNIPPruning(_Callback):
         width_multiple: PositiveInt = 1,
         temperature: float | None = None,
         linear_reinit: bool | None = None,
+        sparsity_of: SparsityOf = "channels",
     ) -> None:
         super().__init__()
         validate_options(
@@ -214,6 +221,7 @@ class SNIPPruning(_Callback):
             width_multiple=width_multiple,
             temperature=temperature,
             linear_reinit=linear_reinit,
+            sparsity_of=sparsity_of,
         )
         self.sparsity = float(sparsity)
         self.num_batches = num_batches
@@ -233,6 +241,7 @@ class SNIPPruning(_Callback):
         self.width_multiple = width_multiple
         self.temperature = None if temperature is None else float(temperature)
         self.linear_reinit = linear_reinit
+        self.sparsity_of: SparsityOf = sparsity_of
         self._init_state()
 
     def _init_state(self) -> None:

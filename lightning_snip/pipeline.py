@@ -6,6 +6,7 @@ nothing here changes the model: the pruned weights are zeroed by the caller, so 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -56,6 +57,7 @@ class Options:
     width_multiple: int = 1
     temperature: float | None = None
     linear_reinit: bool | None = None
+    sparsity_of: str = "channels"
 
     def config(self) -> dict[str, Any]:
         """The options as the checkpoint state and ``state_key`` hold them.
@@ -79,6 +81,7 @@ _DEFAULTS: dict[str, Any] = {
     "width_multiple": 1,
     "temperature": None,
     "linear_reinit": None,
+    "sparsity_of": "channels",
 }
 OPTION_NAMES = frozenset(f.name for f in fields(Options))
 
@@ -319,14 +322,36 @@ def prune_channels(trainer: Trainer, pl_module: LightningModule, options: Option
     scores, _ = _scores(trainer, pl_module, options, candidates, local, None)
     channel_scores = structured.group_scores(groups, scores)
     del scores
-    kept = structured.select_channels(
-        channel_scores, options.sparsity, options.scope, options.min_density, options.width_multiple
-    )
-    before = (structured.count_parameters(pl_module), structured.count_macs(pl_module, example))
+    dense_parameters = structured.count_parameters(pl_module)
+    if options.sparsity_of == "parameters":
+        kept = structured.select_channels_within(
+            channel_scores,
+            parameter_budget(dense_parameters, options.sparsity),
+            structured.ParameterCounter(pl_module, graph, groups),
+            options.scope,
+            options.min_density,
+            options.width_multiple,
+        )
+    else:
+        kept = structured.select_channels(
+            channel_scores, options.sparsity, options.scope, options.min_density, options.width_multiple
+        )
+    before = (dense_parameters, structured.count_macs(pl_module, example))
     record = structured.shrink(pl_module, graph, kept)
     after = (structured.count_parameters(pl_module), structured.count_macs(pl_module, example))
     widths = {group.name: (group.size, int(kept[group.name].sum())) for group in groups}
     return Shrunk(record, widths, before, after, time.perf_counter() - start)
+
+
+def parameter_budget(dense: int, sparsity: float) -> int:
+    """The most parameters ``sparsity_of='parameters'`` leaves of ``dense``: ``floor((1 - sparsity) * dense)``.
+
+    Example::
+
+        >>> parameter_budget(1000, 0.75)
+        250
+    """
+    return math.floor((1.0 - sparsity) * dense + 1e-9)
 
 
 def _broadcast_weights(module: nn.Module) -> None:

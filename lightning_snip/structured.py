@@ -13,9 +13,11 @@ a record), and :func:`replay` of a record on a freshly built model (a resumed ru
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,6 +340,119 @@ def select_channels(
         mask = torch.zeros(sizes[name], dtype=torch.bool)
         mask[order[name][:count]] = True
         kept[name] = mask
+    return kept
+
+
+class ParameterCounter:
+    """How many parameters ``model`` would have after :func:`shrink` with given kept channels, without changing it.
+
+    Each group's layers (and how many of their slices one channel stands for: a convolution's channel is ``H * W``
+    inputs of a linear layer after ``flatten``) are read from the dependency graph once; each touched layer is then
+    shrunk as a copy on the ``meta`` device (shapes only, no memory), cached by how many slices it loses.
+    """
+
+    def __init__(self, model: nn.Module, graph: Any, groups: Sequence[ChannelGroup]) -> None:
+        modules = dict(model.named_modules())
+        names = {id(m): n for n, m in modules.items()}
+        self._modules = modules
+        self._total = count_parameters(model)
+        self._touches: dict[str, list[tuple[str, str, int]]] = {}  # group -> (module, handler, slices per channel)
+        for group in groups:
+            root = modules[group.name]
+            tp_group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=[0])
+            touches: dict[tuple[str, str], int] = {}
+            for item in tp_group:
+                name = names.get(id(item.dep.target.module))
+                if name is not None:
+                    handler = getattr(item.dep.handler, "__name__", str(item.dep.handler))
+                    touches.setdefault((name, handler), len(item.idxs))
+            self._touches[group.name] = [(m, h, n) for (m, h), n in touches.items()]
+        self._cache: dict[tuple[str, tuple[tuple[str, int], ...]], int] = {}
+
+    def __call__(self, kept: Mapping[str, Tensor]) -> int:
+        """The parameter count after removing every group's unkept channels (tied parameters once)."""
+        lost: dict[str, dict[str, int]] = {}
+        for group_name, mask in kept.items():
+            removed = int((~mask).sum())
+            if removed:
+                for module, handler, slices in self._touches[group_name]:
+                    per_module = lost.setdefault(module, {})
+                    per_module[handler] = per_module.get(handler, 0) + removed * slices
+        total = self._total
+        for module, handlers in lost.items():
+            key = (module, tuple(sorted(handlers.items())))
+            if key not in self._cache:
+                self._cache[key] = self._shrunk_size(self._modules[module], handlers)
+            dense = sum(p.numel() for p in self._modules[module].parameters(recurse=False))
+            total += self._cache[key] - dense
+        return total
+
+    @staticmethod
+    def _shrunk_size(module: nn.Module, handlers: Mapping[str, int]) -> int:
+        replica = copy.copy(module)  # a new object with its own attribute dict; shapes on `meta`, no data
+        replica._parameters = {
+            name: None if p is None else nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+            for name, p in module._parameters.items()
+        }
+        replica._buffers = {
+            name: None if b is None else torch.empty_like(b, device="meta") for name, b in module._buffers.items()
+        }
+        replica._modules = {}  # only this layer's own tensors are sliced and counted
+        pruner = torch_pruning().DependencyGraph().get_pruner_of_module(replica)
+        for handler, count in handlers.items():
+            getattr(pruner, handler)(replica, list(range(count)))
+        return sum(p.numel() for p in replica.parameters(recurse=False))
+
+
+def select_channels_within(
+    scores: Mapping[str, Tensor],
+    max_parameters: int,
+    count: Callable[[Mapping[str, Tensor]], int],
+    scope: str,
+    min_density: float = 0.0,
+    multiple: int = 1,
+) -> dict[str, Tensor]:
+    """The fewest channels removed, in :func:`select_channels`'s order, that leave at most ``max_parameters``.
+
+    ``count`` maps kept channels to the parameters left (a :class:`ParameterCounter`). ``"global"`` removes the
+    lowest-scored channels across the network one by one; ``"layerwise"`` raises the fraction every group loses. Both
+    are searched by bisection: the parameters left never grow as more channels go.
+
+    Raises:
+        ValueError: If even removing every channel the floors allow (one per layer, ``min_density``) leaves more.
+    """
+    sizes = {name: s.numel() for name, s in scores.items()}
+    total = sum(sizes.values())
+    if scope == "global":  # remove 0, 1, ... channels, down to the floors
+        floors = sum(_floor(size, min_density) for size in sizes.values())
+        fractions = [removed / total for removed in range(total - floors + 1)]
+    else:  # one fraction between each two consecutive points where a group's rounded count changes
+        steps = sorted({(i + 0.5) / size for size in set(sizes.values()) for i in range(size)})
+        fractions = [0.0, *((a + b) / 2 for a, b in itertools.pairwise(steps)), (steps[-1] + 1.0) / 2]
+
+    def left(index: int) -> tuple[dict[str, Tensor], int]:
+        kept = select_channels(scores, fractions[index], scope, min_density, multiple)
+        return kept, count(kept)
+
+    low, high = 0, len(fractions) - 1
+    kept, parameters = left(high)
+    if parameters > max_parameters:
+        raise ValueError(
+            f"Removing every channel that `min_density` and the one-channel-per-layer floor allow still leaves"
+            f" {parameters:,} parameters, more than the {max_parameters:,} that `sparsity` allows with"
+            f" `sparsity_of='parameters'` (the output layer, `exclude`d layers and parameters outside channel groups"
+            f" stay). Lower `sparsity` or `min_density`."
+        )
+    first, parameters = left(low)
+    if parameters <= max_parameters:
+        return first
+    while high - low > 1:  # removing fractions[low] leaves too many, fractions[high] is enough
+        middle = (low + high) // 2
+        candidate, parameters = left(middle)
+        if parameters <= max_parameters:
+            high, kept = middle, candidate
+        else:
+            low = middle
     return kept
 
 

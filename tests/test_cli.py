@@ -62,9 +62,11 @@ OUT_OF_RANGE = {
     "scope-two:four": ("scope=two:four", SNIP + r"`scope` must be .*got 'two:four'"),
     "structure-channels": ("structure=channels", SNIP + r"`structure`: Expected a typing\.Literal\['weight', 'chan"),
     "width_multiple-0": ("width_multiple=0", SNIP + r"`width_multiple`: Not of type PositiveInt"),
+    "sparsity_of-weights": ("sparsity_of=weights", SNIP + r"`sparsity_of`: Expected a typing\.Literal\['channels', 'p"),
     # combinations only `__init__` can judge: checked after parsing, before anything is built
     "scope-2:3": ("scope=2:3", SNIP + r"`scope='2:3'` keeps 2 of every 3 .* must be 1 - 2/3 = 0\.333; got 0\.98\.$"),
     "channel-n:m": ("structure=channel", SNIP + r"`structure='channel'` ranks whole channels, so `scope` must be"),
+    "parameters-weight": ("sparsity_of=parameters", SNIP + r"`sparsity_of='parameters'` says what `sparsity` counts"),
 }
 
 

@@ -466,6 +466,32 @@ def test_structured_study_quick_path_on_fake_fashion(tmp_path):
     assert again["runs"] == results["runs"]  # nothing re-run
 
 
+def test_structured_study_global_arms_match_the_layerwise_parameters(tmp_path):
+    import structured_study
+
+    _write_fake_fashion(tmp_path / "system", gz=True, train_n=400, test_n=50)
+    out = tmp_path / "out"
+    argv = ["--quick", "--system-dir", str(tmp_path / "system"), "--data-dir", str(tmp_path), "--val-size", "50"]
+    with pytest.raises(SystemExit, match=r"put `channel-snip` before it in --arms"):
+        structured_study.main([*argv, "--archs", "lenet5", "--arms", "channel-snip-global", "--out", str(out)])
+    arms = ["dense", "channel-snip", "channel-snip-global", "channel-synflow-global"]
+    results = structured_study.main([*argv, "--archs", "lenet5", "--arms", *arms, "--out", str(out)])
+    runs = {r["arm"]: r for r in results["runs"]}
+    assert list(runs) == arms
+    layerwise = runs["channel-snip"]["params"]
+    for arm in structured_study.GLOBAL_ARMS:
+        assert 0.97 * layerwise < runs[arm]["params"] <= layerwise  # at most the layerwise run's, and close to it
+    assert runs["channel-snip"]["widths"] == [10, 25, 250, 10]  # half of 20, 50 and 500; the classifier's 10 kept
+    assert runs["dense"]["widths"] == [20, 50, 500, 10]
+    table = (out / "results.md").read_text()
+    assert "| LeNet-5-Caffe | channel-snip | 10, 25, 250, 10 |" in table
+    assert "channel-random's test error minus" not in table  # no random run: no such pairing
+    runs = [{"arch": "lenet5", "arm": a, "seed": 0, "error": e} for a, e in [("channel-snip", 0.1), (arm, 0.12)]]
+    pairs = structured_study.paired({"runs": runs}, "channel-snip", arm, "at equal parameters")
+    assert "Paired by seed, at equal parameters: channel-snip's test error minus channel-synflow-global's" in pairs
+    assert "| LeNet-5-Caffe | 1 | -2.00 | -2.00 | 0 of 1 |" in pairs
+
+
 def test_structured_study_counts_diverged_runs_apart():
     import structured_study
 

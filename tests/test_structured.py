@@ -20,9 +20,11 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from lightning_snip import SNIPPruning, find_candidates, restore_structure
 from lightning_snip.selection import kept_count
 from lightning_snip.structured import (
+    ParameterCounter,
     UntraceableError,
     group_scores,
     select_channels,
+    select_channels_within,
     shrink,
     trace_channel_groups,
 )
@@ -214,6 +216,81 @@ def test_every_layer_keeps_a_channel_min_density_and_width_multiples():
     assert int(kept["small"].sum()) == 4  # 2, rounded up, at most its size
 
 
+@pytest.mark.parametrize("model_name", MODELS.keys())
+def test_the_parameter_count_is_known_before_the_model_changes(model_name):
+    build, shape = MODELS[model_name]
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(*shape)
+    graph, groups = trace_channel_groups(model, x, find_candidates(model))
+    counter = ParameterCounter(model, graph, groups)
+    before = copy.deepcopy(model.state_dict())
+    g = torch.Generator().manual_seed(2)
+    kept = {group.name: torch.rand(group.size, generator=g) < 0.6 for group in groups}
+    for mask in kept.values():
+        mask[0] = True
+    predicted = counter(kept)
+    assert counter({name: torch.ones_like(mask) for name, mask in kept.items()}) == sum(
+        p.numel() for p in model.parameters()
+    )
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # counting changed nothing
+    shrink(model, graph, kept)
+    assert predicted == sum(p.numel() for p in model.parameters())
+
+
+def _shrunk_parameters(build: Any, shape: tuple[int, ...], kept: dict[str, torch.Tensor]) -> int:
+    """The parameters of a freshly built model after `shrink`, counted on the real, shrunk model."""
+    torch.manual_seed(0)
+    model = build()
+    graph, _ = trace_channel_groups(model, torch.randn(*shape), find_candidates(model))
+    shrink(model, graph, kept)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "concat"])
+@pytest.mark.parametrize("budget", [0.8, 0.5, 0.3])
+def test_a_parameter_budget_removes_the_fewest_channels_that_fit_it(model_name, budget):
+    build, shape = MODELS[model_name]
+    torch.manual_seed(0)
+    model = build()
+    dense = sum(p.numel() for p in model.parameters())
+    graph, groups = trace_channel_groups(model, torch.randn(*shape), find_candidates(model))
+    g = torch.Generator().manual_seed(3)
+    scores = {group.name: torch.rand(group.size, generator=g) for group in groups}
+    total = sum(group.size for group in groups)
+    limit = int(budget * dense)
+    counter = ParameterCounter(model, graph, groups)
+    # global, by brute force on really shrunk models: remove the lowest-scored 0, 1, 2, ... channels
+    for removed in range(total):
+        expected = select_channels(scores, removed / total, "global")
+        if _shrunk_parameters(build, shape, expected) <= limit:
+            break
+    kept = select_channels_within(scores, limit, counter, "global")
+    assert {n: m.tolist() for n, m in kept.items()} == {n: m.tolist() for n, m in expected.items()}
+    # layerwise: the smallest fraction on a grid finer than any two groups' rounding steps
+    for fraction in torch.linspace(0, 0.999, 2000).tolist():
+        expected = select_channels(scores, fraction, "layerwise")
+        if counter(expected) <= limit:
+            break
+    kept = select_channels_within(scores, limit, counter, "layerwise")
+    assert {n: int(m.sum()) for n, m in kept.items()} == {n: int(m.sum()) for n, m in expected.items()}
+    assert _shrunk_parameters(build, shape, kept) <= limit
+
+
+def test_a_parameter_budget_too_small_for_the_floors_is_refused():
+    torch.manual_seed(0)
+    model = mlp()
+    graph, groups = trace_channel_groups(model, torch.randn(2, 8), find_candidates(model))
+    scores = {group.name: torch.rand(group.size) for group in groups}
+    # one channel per hidden layer leaves 8*1+1 + 1*1+1 + 1*3+3 = 17 parameters
+    assert ParameterCounter(model, graph, groups)({n: torch.arange(s.numel()) == 0 for n, s in scores.items()}) == 17
+    for scope in ("global", "layerwise"):
+        with pytest.raises(ValueError, match=r"still leaves 17 parameters, more than the 16 that `sparsity` allows"):
+            select_channels_within(scores, 16, ParameterCounter(model, graph, groups), scope)
+        kept = select_channels_within(scores, 17, ParameterCounter(model, graph, groups), scope)
+        assert [int(m.sum()) for m in kept.values()] == [1, 1]
+
+
 # ------------------------------------------------------------------ through the callback
 
 
@@ -274,6 +351,40 @@ def test_the_callback_shrinks_before_the_optimizer_is_built(criterion, scope):
     assert shapes.shapes == [tuple(p.shape) for p in model.parameters()]  # the optimizer holds the smaller ones
     assert not pruning.masks  # nothing is masked during training
     assert pruning.state_dict()["structure"]
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_sparsity_of_parameters_leaves_at_most_that_share_of_the_parameters(scope):
+    torch.manual_seed(0)
+    model = Classifier()
+    dense = sum(p.numel() for p in model.parameters())
+    pruning = SNIPPruning(sparsity=0.75, structure="channel", scope=scope, sparsity_of="parameters", plot=False)
+    fit(model, [pruning], _images(), max_steps=1)
+    left = sum(p.numel() for p in model.parameters())
+    assert left <= int(0.25 * dense)
+    assert left > 0.2 * dense  # the fewest channels that fit: not far below the budget on LeNet-5-Caffe
+    by_channels = Classifier()
+    fit(by_channels, [SNIPPruning(sparsity=0.5, structure="channel", scope=scope, plot=False)], _images(), max_steps=1)
+    widths = [m.weight.shape[0] for m in model.net if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert widths != [m.weight.shape[0] for m in by_channels.net if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if scope == "layerwise":
+        # widths (10, 25, w, 10) leave 6,545 + 411 w parameters; the budget is floor(0.25 * 431,080) = 107,770, so
+        # w = 246 (a fraction of 0.508 removed from every layer still rounds 20 and 50 to 10 and 25)
+        assert widths == [10, 25, 246, 10]
+        assert left == 6_545 + 411 * 246
+    assert pruning.state_dict()["structure"]
+
+
+def test_sparsity_of_parameters_refuses_an_impossible_budget_before_any_change():
+    torch.manual_seed(0)
+    model = Classifier()
+    before = copy.deepcopy(model.state_dict())
+    pruning = SNIPPruning(sparsity=0.9999, structure="channel", sparsity_of="parameters", plot=False)
+    with pytest.raises(ValueError, match=r"still leaves [\d,]+ parameters, more than the 43 that `sparsity` allows"):
+        fit(model, [pruning], _images(), max_steps=1)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def _shrunk_run(tmp_path: Path, sparsity: float, steps: int) -> "Classifier":
@@ -374,6 +485,16 @@ def test_channel_structure_refuses_what_it_cannot_do_in_init():
     with pytest.raises(ValueError, match=r"`width_multiple=8` rounds kept channel counts"):
         SNIPPruning(width_multiple=8)
     assert SNIPPruning(structure="channel", width_multiple=8).width_multiple == 8
+    with pytest.raises(ValueError, match=r"`sparsity_of='parameters'` says what `sparsity` counts .* needs"):
+        SNIPPruning(sparsity_of="parameters")
+    with pytest.raises(ValueError, match=r"`sparsity_of` must be 'channels' or 'parameters', got 'weights'"):
+        SNIPPruning(structure="channel", sparsity_of="weights")
+    assert SNIPPruning(structure="channel", sparsity_of="parameters").sparsity_of == "parameters"
+    assert (
+        SNIPPruning(structure="channel").state_key == SNIPPruning(structure="channel", sparsity_of="channels").state_key
+    )
+    assert "sparsity_of" not in SNIPPruning(structure="channel").state_key  # checkpoints of earlier versions load
+    assert "sparsity_of" in SNIPPruning(structure="channel", sparsity_of="parameters").state_key
 
 
 def test_sharded_strategies_are_refused_before_any_change(monkeypatch):
