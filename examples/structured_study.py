@@ -12,7 +12,8 @@ For each network (LeNet-5-Caffe and a small ResNet, `resnet8`) and seed, from th
 With `--arms`, the widths study instead: what a channel criterion decides when the widths are its own.
 `channel-snip-global` and `channel-synflow-global` rank channels across the network (`scope="global"`) and remove them
 until no more parameters are left than the layerwise `channel-snip` run trains (`sparsity_of="parameters"`), so
-they compare with uniform widths at equal size.
+they compare with uniform widths at equal size; `channel-snip-global-macs` until no more weight MACs are left
+(`sparsity_of="macs"`), at equal compute.
 
 Each run records the test error, the parameters it trains, and the wall time of `trainer.fit` (scoring and shrinking
 included) as the user's clock sees it. Writes `results.json`, `results.md` and `error_vs_time.png` to `--out`.
@@ -39,6 +40,7 @@ from typing import Any, cast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning.pytorch as pl
+import torch
 from classifier import ImageClassifier
 from datamodules import SYSTEM_FASHION_DIR, FashionMNISTDataModule
 from models import Arch
@@ -46,6 +48,7 @@ from torch import nn
 
 from lightning_snip import SNIPPruning, find_candidates
 from lightning_snip.scoring import CriterionName
+from lightning_snip.structured import SizeCounter, trace_channel_groups
 
 ARCHS = {"lenet5": "LeNet-5-Caffe", "resnet8": "ResNet-8", "resnet8w2": "ResNet-8, 2x wide"}
 EPOCHS = {"lenet5": 4, "resnet8": 4, "resnet8w2": 4}
@@ -53,7 +56,8 @@ LR = {"lenet5": 0.05, "resnet8": 0.05, "resnet8w2": 0.05}
 CHANNEL_CRITERIA = ["snip", "synflow", "magnitude", "random"]
 CHANNEL_SPARSITY = 0.5
 ARMS = ["dense", *[f"channel-{c}" for c in CHANNEL_CRITERIA], "weight-snip"]
-GLOBAL_ARMS = ["channel-snip-global", "channel-synflow-global"]  # own widths, the parameters of `channel-snip`
+# the criterion's own widths (`scope="global"`), at most the parameters (or the weight MACs) of `channel-snip`
+GLOBAL_ARMS = ["channel-snip-global", "channel-synflow-global", "channel-snip-global-macs"]
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
@@ -109,26 +113,54 @@ def _run(
     }
 
 
-def _matched(results: dict[str, Any], arch: str, arm: str) -> int:
-    """The parameters the layerwise `channel-snip` run of ``arch`` trains: what ``arm`` is matched to."""
+def _layerwise_run(results: dict[str, Any], arch: str, arm: str) -> dict[str, Any]:
+    """The last layerwise `channel-snip` run of ``arch``: what ``arm`` is matched to."""
     channel = [r for r in results["runs"] if r["arch"] == arch and r["arm"] == "channel-snip"]
     if not channel:
-        raise SystemExit(
-            f"`{arm}` is matched to the parameters of `channel-snip`: put `channel-snip` before it in --arms."
-        )
-    return int(channel[-1]["params"])
+        raise SystemExit(f"`{arm}` is matched to the size of `channel-snip`: put `channel-snip` before it in --arms.")
+    return channel[-1]
+
+
+def _matched(results: dict[str, Any], arch: str, arm: str) -> int:
+    """The parameters the layerwise `channel-snip` run of ``arch`` trains."""
+    return int(_layerwise_run(results, arch, arm)["params"])
+
+
+@functools.cache
+def _example(arch: str) -> tuple[Any, Any, Any, Any]:
+    """``arch`` as built, its channel groups and size counter on one image, and the image."""
+    model = ImageClassifier(arch=cast(Arch, arch))
+    x = torch.zeros(1, 1, 28, 28)
+    graph, groups = trace_channel_groups(model, x, find_candidates(model))
+    return model, groups, SizeCounter(model, graph, groups, x), x
+
+
+def weight_macs(arch: str, widths: list[int] | None = None) -> int:
+    """Weight MACs per image of ``arch`` with its convolutions and linear layers at ``widths`` (in forward order, as
+    runs record them; ``None``: dense). Only the widths matter, not which channels were kept."""
+    model, groups, counter, _ = _example(arch)
+    if widths is None:
+        return int(counter.dense_macs)
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    width = dict(zip(names, widths, strict=True))
+    return int(counter.macs({g.name: torch.arange(g.size) < width[g.name] for g in groups}))
 
 
 def _pruning(arm: str, results: dict[str, Any], arch: str) -> SNIPPruning | None:
     """The callback an arm trains with (``None``: dense)."""
     dense_params = sum(p.numel() for p in ImageClassifier(arch=cast(Arch, arch)).parameters())
-    if arm in GLOBAL_ARMS:  # the criterion's own widths, at most the parameters of the layerwise channel run
-        criterion = arm.removeprefix("channel-").removesuffix("-global")
+    if arm in GLOBAL_ARMS:  # the criterion's own widths, at most the size of the layerwise channel run
+        criterion = arm.removeprefix("channel-").removesuffix("-macs").removesuffix("-global")
+        by_macs = arm.endswith("-macs")
+        if by_macs:
+            sparsity = 1.0 - weight_macs(arch, _layerwise_run(results, arch, arm)["widths"]) / weight_macs(arch)
+        else:
+            sparsity = 1.0 - _matched(results, arch, arm) / dense_params
         return SNIPPruning(
-            sparsity=1.0 - _matched(results, arch, arm) / dense_params,
+            sparsity=sparsity,
             structure="channel",
             scope="global",
-            sparsity_of="parameters",
+            sparsity_of="macs" if by_macs else "parameters",
             criterion=cast(CriterionName, criterion),
             plot=False,
             log_per_layer=False,
@@ -283,15 +315,19 @@ def widths(results: dict[str, Any]) -> str:
             r["arm"]: r["widths"] for r in results["runs"] if r["arch"] == arch and r["seed"] == 0 and "widths" in r
         }
         for arm in [a for a in [*ARMS, *GLOBAL_ARMS] if a in runs and (a == "dense" or a.startswith("channel-"))]:
-            lines.append(f"| {name} | {arm} | {', '.join(str(w) for w in runs[arm])} |")
+            macs = weight_macs(arch, runs[arm])
+            lines.append(
+                f"| {name} | {arm} | {macs:,} ({macs / weight_macs(arch):.2f}x) | {', '.join(map(str, runs[arm]))} |"
+            )
     if not lines:
         return ""
     header = [
-        "Output widths of the convolutions and linear layers, in order (seed 0):",
+        "Weight MACs per image (every convolution's and linear layer's weights times the positions it is applied at)"
+        " and output widths of the convolutions and linear layers, in order (seed 0):",
         "",
-        "| network | run | widths |",
+        "| network | run | weight MACs | widths |",
     ]
-    return "\n".join([*header, "|---|---|---|", *lines]) + "\n"
+    return "\n".join([*header, "|---|---|---|---|", *lines]) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -349,7 +385,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pairs = [
         paired(results),
         *(
-            paired(results, "channel-snip", arm, "at equal parameters, uniform widths against the criterion's own")
+            paired(
+                results,
+                "channel-snip",
+                arm,
+                f"at equal {'weight MACs' if arm.endswith('-macs') else 'parameters'}, uniform widths against the"
+                " criterion's own",
+            )
             for arm in GLOBAL_ARMS
         ),
     ]

@@ -89,10 +89,10 @@ def validate_options(
             )
     if isinstance(width_multiple, bool) or not isinstance(width_multiple, int) or width_multiple < 1:
         raise ValueError(f"`width_multiple` must be an integer >= 1, got {width_multiple!r}. Use e.g. 8.")
-    if sparsity_of not in ("channels", "parameters"):
+    if sparsity_of not in ("channels", "parameters", "macs"):
         raise ValueError(
-            f"`sparsity_of` must be 'channels' or 'parameters', got {sparsity_of!r}. Use 'parameters' to remove"
-            " channels until `sparsity` of the model's parameters are gone."
+            f"`sparsity_of` must be 'channels', 'parameters' or 'macs', got {sparsity_of!r}. Use 'parameters' (or"
+            " 'macs') to remove channels until `sparsity` of the model's parameters (or weight MACs) are gone."
         )
     if structure == "weight":
         if sparsity_of != "channels":

@@ -17,8 +17,8 @@ from lightning_snip.selection import parse_n_m
 Structure = Literal["weight", "channel"]
 """What is pruned: single weights (masks) or whole channels (a physically smaller network)."""
 
-SparsityOf = Literal["channels", "parameters"]
-"""With channels removed, what ``sparsity`` counts: the channels, or the model's parameters they take with them."""
+SparsityOf = Literal["channels", "parameters", "macs"]
+"""With channels removed, what ``sparsity`` counts: the channels, or the parameters or weight MACs they take along."""
 
 if TYPE_CHECKING:
     Sparsity = float

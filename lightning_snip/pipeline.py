@@ -323,18 +323,21 @@ def prune_channels(trainer: Trainer, pl_module: LightningModule, options: Option
     channel_scores = structured.group_scores(groups, scores)
     del scores
     dense_parameters = structured.count_parameters(pl_module)
-    if options.sparsity_of == "parameters":
+    if options.sparsity_of == "channels":
+        kept = structured.select_channels(
+            channel_scores, options.sparsity, options.scope, options.min_density, options.width_multiple
+        )
+    else:  # a share of the parameters or of the weight MACs: the fewest channels that get there
+        counter = structured.SizeCounter(pl_module, graph, groups, example)
+        by_parameters = options.sparsity_of == "parameters"
         kept = structured.select_channels_within(
             channel_scores,
-            parameter_budget(dense_parameters, options.sparsity),
-            structured.ParameterCounter(pl_module, graph, groups),
+            size_budget(counter.dense_parameters if by_parameters else counter.dense_macs, options.sparsity),
+            counter.parameters if by_parameters else counter.macs,
             options.scope,
             options.min_density,
             options.width_multiple,
-        )
-    else:
-        kept = structured.select_channels(
-            channel_scores, options.sparsity, options.scope, options.min_density, options.width_multiple
+            unit="parameters" if by_parameters else "MACs",
         )
     before = (dense_parameters, structured.count_macs(pl_module, example))
     record = structured.shrink(pl_module, graph, kept)
@@ -343,12 +346,12 @@ def prune_channels(trainer: Trainer, pl_module: LightningModule, options: Option
     return Shrunk(record, widths, before, after, time.perf_counter() - start)
 
 
-def parameter_budget(dense: int, sparsity: float) -> int:
-    """The most parameters ``sparsity_of='parameters'`` leaves of ``dense``: ``floor((1 - sparsity) * dense)``.
+def size_budget(dense: int, sparsity: float) -> int:
+    """The largest size ``sparsity_of='parameters'`` (or ``'macs'``) leaves: ``floor((1 - sparsity) * dense)``.
 
     Example::
 
-        >>> parameter_budget(1000, 0.75)
+        >>> size_budget(1000, 0.75)
         250
     """
     return math.floor((1.0 - sparsity) * dense + 1e-9)

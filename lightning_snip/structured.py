@@ -343,19 +343,23 @@ def select_channels(
     return kept
 
 
-class ParameterCounter:
-    """How many parameters ``model`` would have after :func:`shrink` with given kept channels, without changing it.
+class SizeCounter:
+    """How large ``model`` would be after :func:`shrink` with given kept channels, without changing it.
 
-    Each group's layers (and how many of their slices one channel stands for: a convolution's channel is ``H * W``
-    inputs of a linear layer after ``flatten``) are read from the dependency graph once; each touched layer is then
-    shrunk as a copy on the ``meta`` device (shapes only, no memory), cached by how many slices it loses.
+    Two sizes: its parameters (:meth:`parameters`, as :func:`count_parameters` counts them) and its weight MACs
+    (:meth:`macs`, as :func:`count_weight_macs` counts them on ``example_input``). Each group's layers (and how many
+    of their slices one channel stands for: a convolution's channel is ``H * W`` inputs of a linear layer after
+    ``flatten``) are read from the dependency graph once; each touched layer is shrunk as a copy on the ``meta``
+    device (shapes only, no memory), cached by how many slices it loses.
     """
 
-    def __init__(self, model: nn.Module, graph: Any, groups: Sequence[ChannelGroup]) -> None:
+    def __init__(
+        self, model: nn.Module, graph: Any, groups: Sequence[ChannelGroup], example_input: Tensor | None = None
+    ) -> None:
         modules = dict(model.named_modules())
         names = {id(m): n for n, m in modules.items()}
         self._modules = modules
-        self._total = count_parameters(model)
+        self._positions = _weight_positions(model, example_input) if example_input is not None else None
         self._touches: dict[str, list[tuple[str, str, int]]] = {}  # group -> (module, handler, slices per channel)
         for group in groups:
             root = modules[group.name]
@@ -367,10 +371,39 @@ class ParameterCounter:
                     handler = getattr(item.dep.handler, "__name__", str(item.dep.handler))
                     touches.setdefault((name, handler), len(item.idxs))
             self._touches[group.name] = [(m, h, n) for (m, h), n in touches.items()]
-        self._cache: dict[tuple[str, tuple[tuple[str, int], ...]], int] = {}
+        self._cache: dict[tuple[str, tuple[tuple[str, int], ...]], tuple[int, int]] = {}
+        self.dense_parameters = count_parameters(model)
+        self.dense_macs = sum(self._weight(m) * n for m, n in (self._positions or {}).items())
 
-    def __call__(self, kept: Mapping[str, Tensor]) -> int:
-        """The parameter count after removing every group's unkept channels (tied parameters once)."""
+    def parameters(self, kept: Mapping[str, Tensor]) -> int:
+        """The parameters left after removing every group's unkept channels.
+
+        A weight tied between two shrunk layers would be counted twice.
+        """
+        total = self.dense_parameters
+        for module, (parameters, _) in self._shrunk(kept).items():
+            total += parameters - sum(p.numel() for p in self._modules[module].parameters(recurse=False))
+        return total
+
+    def macs(self, kept: Mapping[str, Tensor]) -> int:
+        """The weight MACs left after removing every group's unkept channels.
+
+        Raises:
+            ValueError: If the counter was built without an example input.
+        """
+        if self._positions is None:
+            raise ValueError("Counting MACs needs the example input: build the counter with `example_input`.")
+        total = self.dense_macs
+        for module, (_, weight) in self._shrunk(kept).items():
+            if module in self._positions:
+                total += (weight - self._weight(module)) * self._positions[module]
+        return total
+
+    def _weight(self, module: str) -> int:
+        return int(self._modules[module].weight.numel())
+
+    def _shrunk(self, kept: Mapping[str, Tensor]) -> dict[str, tuple[int, int]]:
+        """``(parameters, weight entries)`` of every layer the removal touches, after it."""
         lost: dict[str, dict[str, int]] = {}
         for group_name, mask in kept.items():
             removed = int((~mask).sum())
@@ -378,45 +411,88 @@ class ParameterCounter:
                 for module, handler, slices in self._touches[group_name]:
                     per_module = lost.setdefault(module, {})
                     per_module[handler] = per_module.get(handler, 0) + removed * slices
-        total = self._total
+        sizes = {}
         for module, handlers in lost.items():
             key = (module, tuple(sorted(handlers.items())))
             if key not in self._cache:
-                self._cache[key] = self._shrunk_size(self._modules[module], handlers)
-            dense = sum(p.numel() for p in self._modules[module].parameters(recurse=False))
-            total += self._cache[key] - dense
-        return total
+                self._cache[key] = _shrunk_size(self._modules[module], handlers)
+            sizes[module] = self._cache[key]
+        return sizes
 
-    @staticmethod
-    def _shrunk_size(module: nn.Module, handlers: Mapping[str, int]) -> int:
-        replica = copy.copy(module)  # a new object with its own attribute dict; shapes on `meta`, no data
-        replica._parameters = {
-            name: None if p is None else nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
-            for name, p in module._parameters.items()
-        }
-        replica._buffers = {
-            name: None if b is None else torch.empty_like(b, device="meta") for name, b in module._buffers.items()
-        }
-        replica._modules = {}  # only this layer's own tensors are sliced and counted
-        pruner = torch_pruning().DependencyGraph().get_pruner_of_module(replica)
-        for handler, count in handlers.items():
-            getattr(pruner, handler)(replica, list(range(count)))
-        return sum(p.numel() for p in replica.parameters(recurse=False))
+
+def _shrunk_size(module: nn.Module, handlers: Mapping[str, int]) -> tuple[int, int]:
+    """``(parameters, weight entries)`` of ``module`` once each handler has removed that many slices."""
+    replica = copy.copy(module)  # a new object with its own attribute dict; shapes on `meta`, no data
+    replica._parameters = {
+        name: None if p is None else nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        for name, p in module._parameters.items()
+    }
+    replica._buffers = {
+        name: None if b is None else torch.empty_like(b, device="meta") for name, b in module._buffers.items()
+    }
+    replica._modules = {}  # only this layer's own tensors are sliced and counted
+    pruner = torch_pruning().DependencyGraph().get_pruner_of_module(replica)
+    for handler, count in handlers.items():
+        getattr(pruner, handler)(replica, list(range(count)))
+    weight = getattr(replica, "weight", None)
+    return sum(p.numel() for p in replica.parameters(recurse=False)), int(weight.numel()) if weight is not None else 0
+
+
+def _weight_positions(model: nn.Module, example_input: Tensor) -> dict[str, int]:
+    """For every convolution and linear layer, at how many output positions its weight is applied on an input.
+
+    A convolution: ``H * W`` per example; a linear layer: its leading dimensions; summed over calls.
+    """
+    positions: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, _ROOTS):
+
+            def hook(module: nn.Module, args: Any, out: Tensor, name: str = name) -> None:
+                channels = out.shape[1] if isinstance(module, nn.modules.conv._ConvNd) else out.shape[-1]
+                positions[name] = positions.get(name, 0) + out.numel() // channels
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return positions
+
+
+def count_weight_macs(model: nn.Module, example_input: Tensor) -> int:
+    """Weight MACs of one forward on ``example_input``: each convolution's and linear layer's weights times positions.
+
+    Every weight entry is multiplied once per output position its layer is applied at (the multiply-accumulates of
+    ``x @ W``); bias adds, normalization and activations are not counted, unlike :func:`count_macs`.
+
+    Example::
+
+        >>> count_weight_macs(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(512, 10)),
+        ...                   torch.zeros(1, 3, 8, 8))
+        18944
+    """
+    modules = dict(model.named_modules())
+    return sum(int(modules[name].weight.numel()) * n for name, n in _weight_positions(model, example_input).items())
 
 
 def select_channels_within(
     scores: Mapping[str, Tensor],
-    max_parameters: int,
-    count: Callable[[Mapping[str, Tensor]], int],
+    budget: int,
+    size: Callable[[Mapping[str, Tensor]], int],
     scope: str,
     min_density: float = 0.0,
     multiple: int = 1,
+    unit: str = "parameters",
 ) -> dict[str, Tensor]:
-    """The fewest channels removed, in :func:`select_channels`'s order, that leave at most ``max_parameters``.
+    """The fewest channels removed, in :func:`select_channels`'s order, that leave a network of at most ``budget``.
 
-    ``count`` maps kept channels to the parameters left (a :class:`ParameterCounter`). ``"global"`` removes the
-    lowest-scored channels across the network one by one; ``"layerwise"`` raises the fraction every group loses. Both
-    are searched by bisection: the parameters left never grow as more channels go.
+    ``size`` maps kept channels to the size left (:meth:`SizeCounter.parameters` or :meth:`SizeCounter.macs`; ``unit``
+    names it in the error). ``"global"`` removes the lowest-scored channels across the network one by one;
+    ``"layerwise"`` raises the fraction every group loses. Both are searched by bisection: the size left never grows
+    as more channels go.
 
     Raises:
         ValueError: If even removing every channel the floors allow (one per layer, ``min_density``) leaves more.
@@ -432,24 +508,24 @@ def select_channels_within(
 
     def left(index: int) -> tuple[dict[str, Tensor], int]:
         kept = select_channels(scores, fractions[index], scope, min_density, multiple)
-        return kept, count(kept)
+        return kept, size(kept)
 
     low, high = 0, len(fractions) - 1
-    kept, parameters = left(high)
-    if parameters > max_parameters:
+    kept, smallest = left(high)
+    if smallest > budget:
         raise ValueError(
             f"Removing every channel that `min_density` and the one-channel-per-layer floor allow still leaves"
-            f" {parameters:,} parameters, more than the {max_parameters:,} that `sparsity` allows with"
-            f" `sparsity_of='parameters'` (the output layer, `exclude`d layers and parameters outside channel groups"
-            f" stay). Lower `sparsity` or `min_density`."
+            f" {smallest:,} {unit}, more than the {budget:,} that `sparsity` allows with `sparsity_of='{unit.lower()}'`"
+            " (the output layer, `exclude`d layers and what lies outside channel groups stay). Lower `sparsity` or"
+            " `min_density`."
         )
-    first, parameters = left(low)
-    if parameters <= max_parameters:
+    first, largest = left(low)
+    if largest <= budget:
         return first
-    while high - low > 1:  # removing fractions[low] leaves too many, fractions[high] is enough
+    while high - low > 1:  # removing fractions[low] leaves too much, fractions[high] is enough
         middle = (low + high) // 2
-        candidate, parameters = left(middle)
-        if parameters <= max_parameters:
+        candidate, left_size = left(middle)
+        if left_size <= budget:
             high, kept = middle, candidate
         else:
             low = middle

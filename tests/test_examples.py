@@ -474,17 +474,24 @@ def test_structured_study_global_arms_match_the_layerwise_parameters(tmp_path):
     argv = ["--quick", "--system-dir", str(tmp_path / "system"), "--data-dir", str(tmp_path), "--val-size", "50"]
     with pytest.raises(SystemExit, match=r"put `channel-snip` before it in --arms"):
         structured_study.main([*argv, "--archs", "lenet5", "--arms", "channel-snip-global", "--out", str(out)])
-    arms = ["dense", "channel-snip", "channel-snip-global", "channel-synflow-global"]
+    arms = ["dense", "channel-snip", *structured_study.GLOBAL_ARMS]
     results = structured_study.main([*argv, "--archs", "lenet5", "--arms", *arms, "--out", str(out)])
     runs = {r["arm"]: r for r in results["runs"]}
     assert list(runs) == arms
     layerwise = runs["channel-snip"]["params"]
-    for arm in structured_study.GLOBAL_ARMS:
+    for arm in ["channel-snip-global", "channel-synflow-global"]:
         assert 0.97 * layerwise < runs[arm]["params"] <= layerwise  # at most the layerwise run's, and close to it
     assert runs["channel-snip"]["widths"] == [10, 25, 250, 10]  # half of 20, 50 and 500; the classifier's 10 kept
     assert runs["dense"]["widths"] == [20, 50, 500, 10]
+    # weight MACs of LeNet-5-Caffe at widths (a, b, c): 14,400 a + 1,600 a b + 16 b c + 10 c
+    assert structured_study.weight_macs("lenet5") == 2_293_000
+    assert structured_study.weight_macs("lenet5", [10, 25, 250, 10]) == 646_500
+    a, b, c, _ = runs["channel-snip-global-macs"]["widths"]
+    assert 14_400 * a + 1_600 * a * b + 16 * b * c + 10 * c <= 646_500  # at most the layerwise run's
+    assert structured_study.weight_macs("lenet5", [a, b, c, 10]) == 14_400 * a + 1_600 * a * b + 16 * b * c + 10 * c
     table = (out / "results.md").read_text()
-    assert "| LeNet-5-Caffe | channel-snip | 10, 25, 250, 10 |" in table
+    assert "| LeNet-5-Caffe | channel-snip | 646,500 (0.28x) | 10, 25, 250, 10 |" in table
+    assert "| LeNet-5-Caffe | dense | 2,293,000 (1.00x) | 20, 50, 500, 10 |" in table
     assert "channel-random's test error minus" not in table  # no random run: no such pairing
     runs = [{"arch": "lenet5", "arm": a, "seed": 0, "error": e} for a, e in [("channel-snip", 0.1), (arm, 0.12)]]
     pairs = structured_study.paired({"runs": runs}, "channel-snip", arm, "at equal parameters")

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from lightning_snip import SNIPPruning, find_candidates, restore_structure
 from lightning_snip.selection import kept_count
 from lightning_snip.structured import (
-    ParameterCounter,
+    SizeCounter,
     UntraceableError,
+    count_weight_macs,
     group_scores,
     select_channels,
     select_channels_within,
@@ -217,64 +218,85 @@ def test_every_layer_keeps_a_channel_min_density_and_width_multiples():
 
 
 @pytest.mark.parametrize("model_name", MODELS.keys())
-def test_the_parameter_count_is_known_before_the_model_changes(model_name):
+def test_the_size_is_known_before_the_model_changes(model_name):
     build, shape = MODELS[model_name]
     torch.manual_seed(0)
     model = build()
-    x = torch.randn(*shape)
+    x = torch.randn(1, *shape[1:])
     graph, groups = trace_channel_groups(model, x, find_candidates(model))
-    counter = ParameterCounter(model, graph, groups)
+    counter = SizeCounter(model, graph, groups, x)
     before = copy.deepcopy(model.state_dict())
     g = torch.Generator().manual_seed(2)
     kept = {group.name: torch.rand(group.size, generator=g) < 0.6 for group in groups}
     for mask in kept.values():
         mask[0] = True
-    predicted = counter(kept)
-    assert counter({name: torch.ones_like(mask) for name, mask in kept.items()}) == sum(
-        p.numel() for p in model.parameters()
-    )
+    parameters, macs = counter.parameters(kept), counter.macs(kept)
+    everything = {name: torch.ones_like(mask) for name, mask in kept.items()}
+    assert counter.parameters(everything) == counter.dense_parameters == sum(p.numel() for p in model.parameters())
+    assert counter.macs(everything) == counter.dense_macs == count_weight_macs(model, x)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # counting changed nothing
     shrink(model, graph, kept)
-    assert predicted == sum(p.numel() for p in model.parameters())
+    assert parameters == sum(p.numel() for p in model.parameters())
+    assert macs == count_weight_macs(model, x)  # measured by a forward of the shrunk model
+    assert macs < counter.dense_macs
 
 
-def _shrunk_parameters(build: Any, shape: tuple[int, ...], kept: dict[str, torch.Tensor]) -> int:
-    """The parameters of a freshly built model after `shrink`, counted on the real, shrunk model."""
+def test_weight_macs_golden():
+    torch.manual_seed(0)
+    model = Concat()  # two 3x3 convolutions on 8x8, a 1x1 convolution of 14 channels, a linear layer
+    expected = 8 * 3 * 9 * 64 + 6 * 3 * 9 * 64 + 10 * 14 * 64 + 4 * 10
+    assert count_weight_macs(model, torch.randn(1, 3, 8, 8)) == expected
+    assert (
+        count_weight_macs(mobilenet_block(), torch.randn(1, 3, 8, 8))
+        == 64
+        * (
+            16 * 3 * 9 + 96 * 16 + 96 * 9 + 16 * 96  # stem, expand 1x1, depthwise 3x3 (one input each), project 1x1
+        )
+        + 5 * 16
+    )
+
+
+def _shrunk_size(build: Any, shape: tuple[int, ...], kept: dict[str, torch.Tensor], unit: str) -> int:
+    """The parameters (or weight MACs) of a freshly built model after `shrink`, measured on the real, shrunk model."""
     torch.manual_seed(0)
     model = build()
-    graph, _ = trace_channel_groups(model, torch.randn(*shape), find_candidates(model))
+    x = torch.randn(1, *shape[1:])
+    graph, _ = trace_channel_groups(model, x, find_candidates(model))
     shrink(model, graph, kept)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()) if unit == "parameters" else count_weight_macs(model, x)
 
 
+@pytest.mark.parametrize("unit", ["parameters", "MACs"])
 @pytest.mark.parametrize("model_name", ["mlp", "concat"])
 @pytest.mark.parametrize("budget", [0.8, 0.5, 0.3])
-def test_a_parameter_budget_removes_the_fewest_channels_that_fit_it(model_name, budget):
+def test_a_size_budget_removes_the_fewest_channels_that_fit_it(model_name, budget, unit):
     build, shape = MODELS[model_name]
     torch.manual_seed(0)
     model = build()
-    dense = sum(p.numel() for p in model.parameters())
-    graph, groups = trace_channel_groups(model, torch.randn(*shape), find_candidates(model))
+    x = torch.randn(1, *shape[1:])
+    graph, groups = trace_channel_groups(model, x, find_candidates(model))
+    counter = SizeCounter(model, graph, groups, x)
+    size = counter.parameters if unit == "parameters" else counter.macs
+    dense = sum(p.numel() for p in model.parameters()) if unit == "parameters" else count_weight_macs(model, x)
     g = torch.Generator().manual_seed(3)
     scores = {group.name: torch.rand(group.size, generator=g) for group in groups}
     total = sum(group.size for group in groups)
     limit = int(budget * dense)
-    counter = ParameterCounter(model, graph, groups)
     # global, by brute force on really shrunk models: remove the lowest-scored 0, 1, 2, ... channels
     for removed in range(total):
         expected = select_channels(scores, removed / total, "global")
-        if _shrunk_parameters(build, shape, expected) <= limit:
+        if _shrunk_size(build, shape, expected, unit) <= limit:
             break
-    kept = select_channels_within(scores, limit, counter, "global")
+    kept = select_channels_within(scores, limit, size, "global", unit=unit)
     assert {n: m.tolist() for n, m in kept.items()} == {n: m.tolist() for n, m in expected.items()}
     # layerwise: the smallest fraction on a grid finer than any two groups' rounding steps
     for fraction in torch.linspace(0, 0.999, 2000).tolist():
         expected = select_channels(scores, fraction, "layerwise")
-        if counter(expected) <= limit:
+        if size(expected) <= limit:
             break
-    kept = select_channels_within(scores, limit, counter, "layerwise")
+    kept = select_channels_within(scores, limit, size, "layerwise", unit=unit)
     assert {n: int(m.sum()) for n, m in kept.items()} == {n: int(m.sum()) for n, m in expected.items()}
-    assert _shrunk_parameters(build, shape, kept) <= limit
+    assert _shrunk_size(build, shape, kept, unit) <= limit
 
 
 def test_a_parameter_budget_too_small_for_the_floors_is_refused():
@@ -283,11 +305,15 @@ def test_a_parameter_budget_too_small_for_the_floors_is_refused():
     graph, groups = trace_channel_groups(model, torch.randn(2, 8), find_candidates(model))
     scores = {group.name: torch.rand(group.size) for group in groups}
     # one channel per hidden layer leaves 8*1+1 + 1*1+1 + 1*3+3 = 17 parameters
-    assert ParameterCounter(model, graph, groups)({n: torch.arange(s.numel()) == 0 for n, s in scores.items()}) == 17
+    counter = SizeCounter(model, graph, groups, torch.randn(1, 8))
+    assert counter.parameters({n: torch.arange(s.numel()) == 0 for n, s in scores.items()}) == 17
+    assert counter.macs({n: torch.arange(s.numel()) == 0 for n, s in scores.items()}) == 8 + 1 + 3
     for scope in ("global", "layerwise"):
         with pytest.raises(ValueError, match=r"still leaves 17 parameters, more than the 16 that `sparsity` allows"):
-            select_channels_within(scores, 16, ParameterCounter(model, graph, groups), scope)
-        kept = select_channels_within(scores, 17, ParameterCounter(model, graph, groups), scope)
+            select_channels_within(scores, 16, counter.parameters, scope)
+        with pytest.raises(ValueError, match=r"still leaves 12 MACs, more than the 11 .* `sparsity_of='macs'`"):
+            select_channels_within(scores, 11, counter.macs, scope, unit="MACs")
+        kept = select_channels_within(scores, 17, counter.parameters, scope)
         assert [int(m.sum()) for m in kept.values()] == [1, 1]
 
 
@@ -373,6 +399,18 @@ def test_sparsity_of_parameters_leaves_at_most_that_share_of_the_parameters(scop
         assert widths == [10, 25, 246, 10]
         assert left == 6_545 + 411 * 246
     assert pruning.state_dict()["structure"]
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_sparsity_of_macs_leaves_at_most_that_share_of_the_weight_macs(scope):
+    torch.manual_seed(0)
+    model = Classifier()
+    x = torch.zeros(1, 1, 28, 28)
+    dense = count_weight_macs(model, x)
+    assert dense == 20 * 25 * 24 * 24 + 50 * 20 * 25 * 8 * 8 + 500 * 800 + 10 * 500  # LeNet-5-Caffe: 2,293,000
+    pruning = SNIPPruning(sparsity=0.5, structure="channel", scope=scope, sparsity_of="macs", plot=False)
+    fit(model, [pruning], _images(), max_steps=1)
+    assert 0.45 * dense < count_weight_macs(model, x) <= dense // 2
 
 
 def test_sparsity_of_parameters_refuses_an_impossible_budget_before_any_change():
@@ -487,7 +525,7 @@ def test_channel_structure_refuses_what_it_cannot_do_in_init():
     assert SNIPPruning(structure="channel", width_multiple=8).width_multiple == 8
     with pytest.raises(ValueError, match=r"`sparsity_of='parameters'` says what `sparsity` counts .* needs"):
         SNIPPruning(sparsity_of="parameters")
-    with pytest.raises(ValueError, match=r"`sparsity_of` must be 'channels' or 'parameters', got 'weights'"):
+    with pytest.raises(ValueError, match=r"`sparsity_of` must be 'channels', 'parameters' or 'macs', got 'weights'"):
         SNIPPruning(structure="channel", sparsity_of="weights")
     assert SNIPPruning(structure="channel", sparsity_of="parameters").sparsity_of == "parameters"
     assert (
@@ -495,6 +533,8 @@ def test_channel_structure_refuses_what_it_cannot_do_in_init():
     )
     assert "sparsity_of" not in SNIPPruning(structure="channel").state_key  # checkpoints of earlier versions load
     assert "sparsity_of" in SNIPPruning(structure="channel", sparsity_of="parameters").state_key
+    with pytest.raises(ValueError, match=r"`sparsity_of='macs'` says what `sparsity` counts .* needs"):
+        SNIPPruning(sparsity_of="macs")
 
 
 def test_sharded_strategies_are_refused_before_any_change(monkeypatch):
