@@ -478,6 +478,24 @@ def count_weight_macs(model: nn.Module, example_input: Tensor) -> int:
     return sum(int(modules[name].weight.numel()) * n for name, n in _weight_positions(model, example_input).items())
 
 
+def channel_costs(sizes: Mapping[str, int], size: Callable[[Mapping[str, Tensor]], int]) -> list[int]:
+    """What removing one channel of each group (and nothing else) saves from the dense network's ``size``, at least 1.
+
+    Example::
+
+        >>> channel_costs({"a": 3, "b": 2}, lambda kept: int(sum(5 * m.sum() for m in kept.values())))
+        [5, 5]
+    """
+    dense = {name: torch.ones(n, dtype=torch.bool) for name, n in sizes.items()}
+    full = size(dense)
+    costs = []
+    for name, n in sizes.items():
+        one_less = dict(dense)
+        one_less[name] = torch.arange(n) > 0
+        costs.append(max(1, full - size(one_less)))
+    return costs
+
+
 def select_channels_within(
     scores: Mapping[str, Tensor],
     budget: int,
@@ -487,23 +505,28 @@ def select_channels_within(
     multiple: int = 1,
     unit: str = "parameters",
 ) -> dict[str, Tensor]:
-    """The fewest channels removed, in :func:`select_channels`'s order, that leave a network of at most ``budget``.
+    """The fewest channels removed, lowest-ranked first, that leave a network of at most ``budget``.
 
     ``size`` maps kept channels to the size left (:meth:`SizeCounter.parameters` or :meth:`SizeCounter.macs`; ``unit``
-    names it in the error). ``"global"`` removes the lowest-scored channels across the network one by one;
-    ``"layerwise"`` raises the fraction every group loses. Both are searched by bisection: the size left never grows
-    as more channels go.
+    names it in the error). ``"global"`` ranks every channel by its score per unit of the size it frees (what removing
+    one channel of its group saves from the dense network): a knapsack's greedy order, so that a cheap channel is not
+    removed before a costly one of the same value, which ranking by score alone does (the channels of a wide linear
+    layer score low and free few MACs, those of an early convolution score high and free many), and then removes
+    channels one by one in that order; ``"layerwise"`` raises the fraction every group loses. Both are searched by
+    bisection: the size left never grows as more channels go.
 
     Raises:
         ValueError: If even removing every channel the floors allow (one per layer, ``min_density``) leaves more.
     """
     sizes = {name: s.numel() for name, s in scores.items()}
     total = sum(sizes.values())
-    if scope == "global":  # remove 0, 1, ... channels, down to the floors
-        floors = sum(_floor(size, min_density) for size in sizes.values())
+    if scope == "global":  # score per unit of size freed; then remove 0, 1, ... channels, down to the floors
+        costs = channel_costs(sizes, size)
+        scores = {name: s.to(torch.float64) / cost for (name, s), cost in zip(scores.items(), costs, strict=True)}
+        floors = sum(_floor(n, min_density) for n in sizes.values())
         fractions = [removed / total for removed in range(total - floors + 1)]
     else:  # one fraction between each two consecutive points where a group's rounded count changes
-        steps = sorted({(i + 0.5) / size for size in set(sizes.values()) for i in range(size)})
+        steps = sorted({(i + 0.5) / n for n in set(sizes.values()) for i in range(n)})
         fractions = [0.0, *((a + b) / 2 for a, b in itertools.pairwise(steps)), (steps[-1] + 1.0) / 2]
 
     def left(index: int) -> tuple[dict[str, Tensor], int]:

@@ -282,9 +282,16 @@ def test_a_size_budget_removes_the_fewest_channels_that_fit_it(model_name, budge
     scores = {group.name: torch.rand(group.size, generator=g) for group in groups}
     total = sum(group.size for group in groups)
     limit = int(budget * dense)
-    # global, by brute force on really shrunk models: remove the lowest-scored 0, 1, 2, ... channels
+    # global, by brute force on really shrunk models: rank by score per unit of size one channel of the group frees
+    # from the dense model, then remove the lowest-ranked 0, 1, 2, ... channels
+    everything = {name: torch.ones(s.numel(), dtype=torch.bool) for name, s in scores.items()}
+    cost = {
+        name: dense - _shrunk_size(build, shape, {**everything, name: torch.arange(s.numel()) > 0}, unit)
+        for name, s in scores.items()
+    }
+    ranked = {name: s.double() / cost[name] for name, s in scores.items()}
     for removed in range(total):
-        expected = select_channels(scores, removed / total, "global")
+        expected = select_channels(ranked, removed / total, "global")
         if _shrunk_size(build, shape, expected, unit) <= limit:
             break
     kept = select_channels_within(scores, limit, size, "global", unit=unit)
