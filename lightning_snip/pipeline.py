@@ -328,7 +328,8 @@ def prune_channels(trainer: Trainer, pl_module: LightningModule, options: Option
             channel_scores, options.sparsity, options.scope, options.min_density, options.width_multiple
         )
     else:  # a share of the parameters or of the weight MACs: the fewest channels that get there
-        counter = structured.SizeCounter(pl_module, graph, groups, example)
+        with leave_no_trace(pl_module):  # one more forward, to count where each weight is applied
+            counter = structured.SizeCounter(pl_module, graph, groups, example)
         by_parameters = options.sparsity_of == "parameters"
         kept = structured.select_channels_within(
             channel_scores,
