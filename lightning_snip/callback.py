@@ -145,13 +145,14 @@ class SNIPPruning(_Callback):
             Defaults to ``1``.
         sparsity_of: With ``structure="channel"``, what ``sparsity`` counts: ``"channels"`` (the fraction of
             prunable channels removed), ``"parameters"`` or ``"macs"``. With the last two, channels are removed in
-            the order ``scope`` ranks them until at most ``floor((1 - sparsity) * S)`` of the model's size ``S`` is
-            left, the fewest channels that get there: its parameters (biases and normalization parameters count), or
-            its weight MACs (every convolution's and linear layer's weight entries times the output positions it is
-            applied at, for the one example the channels are traced with: the multiply-accumulates that set a
-            step's cost). They make global and layerwise widths, or channel and unstructured pruning, comparable at
-            equal size or equal compute. With ``structure="weight"`` only ``"channels"`` (``sparsity`` is then the
-            fraction of candidate weights). Defaults to ``"channels"``.
+            the order ``scope`` ranks them (``"global"``: by score per unit of the size one channel frees) until at
+            most ``floor((1 - sparsity) * S)`` of the model's size ``S`` is left, the fewest channels that get there:
+            its parameters (biases and normalization parameters count), or its weight MACs (every convolution's and
+            linear layer's weight entries times the output positions it is applied at, for the one example the
+            channels are traced with: the multiply-accumulates that set a step's cost). They make global and
+            layerwise widths, or channel and unstructured pruning, comparable at equal size or equal compute. With
+            ``structure="weight"`` only ``"channels"`` (``sparsity`` is then the fraction of candidate weights).
+            Defaults to ``"channels"``.
         temperature: What the LightningModule's output (the logits) is divided by while a criterion that takes a
             temperature scores: GraSP, through a forward hook removed after scoring, so ``training_step`` must get its
             logits from ``self(x)``. ``None`` takes the criterion's default (GraSP: the official 200); ``1.0``
