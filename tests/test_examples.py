@@ -480,7 +480,9 @@ def test_structured_study_global_arms_match_the_layerwise_parameters(tmp_path):
     assert list(runs) == arms
     layerwise = runs["channel-snip"]["params"]
     for arm in ["channel-snip-global", "channel-synflow-global"]:
-        assert 0.97 * layerwise < runs[arm]["params"] <= layerwise  # at most the layerwise run's, and close to it
+        # at most the layerwise run's, and short of it by less than the costliest channel frees: one of the second
+        # convolution's, 500 weights, its bias and the 16 * 500 weights of the linear layer that read it
+        assert layerwise - 8_501 < runs[arm]["params"] <= layerwise
     assert runs["channel-snip"]["widths"] == [10, 25, 250, 10]  # half of 20, 50 and 500; the classifier's 10 kept
     assert runs["dense"]["widths"] == [20, 50, 500, 10]
     # weight MACs of LeNet-5-Caffe at widths (a, b, c): 14,400 a + 1,600 a b + 16 b c + 10 c
