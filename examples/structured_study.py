@@ -127,18 +127,18 @@ def _matched(results: dict[str, Any], arch: str, arm: str) -> int:
 
 
 @functools.cache
-def _example(arch: str) -> tuple[Any, Any, Any, Any]:
-    """``arch`` as built, its channel groups and size counter on one image, and the image."""
+def _example(arch: str) -> tuple[Any, Any, SizeCounter]:
+    """``arch`` as built, its channel groups, and their size counter on one 28x28 image."""
     model = ImageClassifier(arch=cast(Arch, arch))
     x = torch.zeros(1, 1, 28, 28)
     graph, groups = trace_channel_groups(model, x, find_candidates(model))
-    return model, groups, SizeCounter(model, graph, groups, x), x
+    return model, groups, SizeCounter(model, graph, groups, x)
 
 
 def weight_macs(arch: str, widths: list[int] | None = None) -> int:
-    """Weight MACs per image of ``arch`` with its convolutions and linear layers at ``widths`` (in forward order, as
-    runs record them; ``None``: dense). Only the widths matter, not which channels were kept."""
-    model, groups, counter, _ = _example(arch)
+    """Weight MACs per image of ``arch`` with its convolutions and linear layers at ``widths`` (in the order the model
+    holds them, as runs record them; ``None``: dense). Only the widths matter, not which channels were kept."""
+    model, groups, counter = _example(arch)
     if widths is None:
         return int(counter.dense_macs)
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -307,7 +307,7 @@ def paired(
 
 
 def widths(results: dict[str, Any]) -> str:
-    """Each convolution's and linear layer's output width, in forward order, for every channel arm of seed 0 whose
+    """Each convolution's and linear layer's output width, in the model's order, for every channel arm of seed 0 whose
     widths were recorded (the dense widths first); an empty string where none were."""
     lines = []
     for arch, name in ARCHS.items():
