@@ -148,7 +148,8 @@ def weight_macs(arch: str, widths: list[int] | None = None) -> int:
 
 def _pruning(arm: str, results: dict[str, Any], arch: str) -> SNIPPruning | None:
     """The callback an arm trains with (``None``: dense)."""
-    dense_params = sum(p.numel() for p in ImageClassifier(arch=cast(Arch, arch)).parameters())
+    model, _, counter = _example(arch)
+    dense_params = counter.dense_parameters
     if arm in GLOBAL_ARMS:  # the criterion's own widths, at most the size of the layerwise channel run
         criterion = arm.removeprefix("channel-").removesuffix("-macs").removesuffix("-global")
         by_macs = arm.endswith("-macs")
@@ -175,7 +176,7 @@ def _pruning(arm: str, results: dict[str, Any], arch: str) -> SNIPPruning | None
             log_per_layer=False,
         )
     if arm == "weight-snip":  # the parameters the channel runs train, as a share of the candidates
-        candidates = sum(p.numel() for p in find_candidates(ImageClassifier(arch=cast(Arch, arch))).values())
+        candidates = sum(p.numel() for p in find_candidates(model).values())
         removed = dense_params - _matched(results, arch, arm)
         return SNIPPruning(sparsity=removed / candidates, plot=False, log_per_layer=False)
     return None

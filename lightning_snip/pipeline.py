@@ -322,7 +322,6 @@ def prune_channels(trainer: Trainer, pl_module: LightningModule, options: Option
     scores, _ = _scores(trainer, pl_module, options, candidates, local, None)
     channel_scores = structured.group_scores(groups, scores)
     del scores
-    dense_parameters = structured.count_parameters(pl_module)
     if options.sparsity_of == "channels":
         kept = structured.select_channels(
             channel_scores, options.sparsity, options.scope, options.min_density, options.width_multiple
@@ -340,7 +339,7 @@ def prune_channels(trainer: Trainer, pl_module: LightningModule, options: Option
             options.width_multiple,
             unit="parameters" if by_parameters else "MACs",
         )
-    before = (dense_parameters, structured.count_macs(pl_module, example))
+    before = (structured.count_parameters(pl_module), structured.count_macs(pl_module, example))
     record = structured.shrink(pl_module, graph, kept)
     after = (structured.count_parameters(pl_module), structured.count_macs(pl_module, example))
     widths = {group.name: (group.size, int(kept[group.name].sum())) for group in groups}

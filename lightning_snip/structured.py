@@ -380,10 +380,7 @@ class SizeCounter:
 
         A weight tied between two shrunk layers would be counted twice.
         """
-        total = self.dense_parameters
-        for module, (parameters, _) in self._shrunk(kept).items():
-            total += parameters - sum(p.numel() for p in self._modules[module].parameters(recurse=False))
-        return total
+        return self.dense_parameters - sum(saved for saved, _ in self._savings(kept))
 
     def macs(self, kept: Mapping[str, Tensor]) -> int:
         """The weight MACs left after removing every group's unkept channels.
@@ -393,17 +390,13 @@ class SizeCounter:
         """
         if self._positions is None:
             raise ValueError("Counting MACs needs the example input: build the counter with `example_input`.")
-        total = self.dense_macs
-        for module, (_, weight) in self._shrunk(kept).items():
-            if module in self._positions:
-                total += (weight - self._weight(module)) * self._positions[module]
-        return total
+        return self.dense_macs - sum(saved for _, saved in self._savings(kept))
 
     def _weight(self, module: str) -> int:
         return int(self._modules[module].weight.numel())
 
-    def _shrunk(self, kept: Mapping[str, Tensor]) -> dict[str, tuple[int, int]]:
-        """``(parameters, weight entries)`` of every layer the removal touches, after it."""
+    def _savings(self, kept: Mapping[str, Tensor]) -> list[tuple[int, int]]:
+        """``(parameters, weight MACs)`` each layer the removal touches no longer holds."""
         lost: dict[str, dict[str, int]] = {}
         for group_name, mask in kept.items():
             removed = int((~mask).sum())
@@ -411,13 +404,19 @@ class SizeCounter:
                 for module, handler, slices in self._touches[group_name]:
                     per_module = lost.setdefault(module, {})
                     per_module[handler] = per_module.get(handler, 0) + removed * slices
-        sizes = {}
+        savings = []
         for module, handlers in lost.items():
             key = (module, tuple(sorted(handlers.items())))
             if key not in self._cache:
-                self._cache[key] = _shrunk_size(self._modules[module], handlers)
-            sizes[module] = self._cache[key]
-        return sizes
+                layer = self._modules[module]
+                parameters, weight = _shrunk_size(layer, handlers)
+                positions = (self._positions or {}).get(module, 0)
+                self._cache[key] = (
+                    sum(p.numel() for p in layer.parameters(recurse=False)) - parameters,
+                    (self._weight(module) - weight) * positions,
+                )
+            savings.append(self._cache[key])
+        return savings
 
 
 def _shrunk_size(module: nn.Module, handlers: Mapping[str, int]) -> tuple[int, int]:

@@ -217,14 +217,19 @@ def test_every_layer_keeps_a_channel_min_density_and_width_multiples():
     assert int(kept["small"].sum()) == 4  # 2, rounded up, at most its size
 
 
-@pytest.mark.parametrize("model_name", MODELS.keys())
-def test_the_size_is_known_before_the_model_changes(model_name):
+def _counted(model_name: str) -> tuple[nn.Module, torch.Tensor, Any, list[Any], SizeCounter]:
+    """A freshly built model of ``MODELS``, one input, its graph and channel groups, and their size counter."""
     build, shape = MODELS[model_name]
     torch.manual_seed(0)
     model = build()
     x = torch.randn(1, *shape[1:])
     graph, groups = trace_channel_groups(model, x, find_candidates(model))
-    counter = SizeCounter(model, graph, groups, x)
+    return model, x, graph, groups, SizeCounter(model, graph, groups, x)
+
+
+@pytest.mark.parametrize("model_name", MODELS.keys())
+def test_the_size_is_known_before_the_model_changes(model_name):
+    model, x, graph, groups, counter = _counted(model_name)
     before = copy.deepcopy(model.state_dict())
     g = torch.Generator().manual_seed(2)
     kept = {group.name: torch.rand(group.size, generator=g) < 0.6 for group in groups}
@@ -271,11 +276,7 @@ def _shrunk_size(build: Any, shape: tuple[int, ...], kept: dict[str, torch.Tenso
 @pytest.mark.parametrize("budget", [0.8, 0.5, 0.3])
 def test_a_size_budget_removes_the_fewest_channels_that_fit_it(model_name, budget, unit):
     build, shape = MODELS[model_name]
-    torch.manual_seed(0)
-    model = build()
-    x = torch.randn(1, *shape[1:])
-    graph, groups = trace_channel_groups(model, x, find_candidates(model))
-    counter = SizeCounter(model, graph, groups, x)
+    model, x, _, groups, counter = _counted(model_name)
     size = counter.parameters if unit == "parameters" else counter.macs
     dense = sum(p.numel() for p in model.parameters()) if unit == "parameters" else count_weight_macs(model, x)
     g = torch.Generator().manual_seed(3)
