@@ -13,7 +13,8 @@ With `--arms`, the widths study instead: what a channel criterion decides when t
 `channel-snip-global` and `channel-synflow-global` rank channels across the network (`scope="global"`) and remove them
 until no more parameters are left than the layerwise `channel-snip` run trains (`sparsity_of="parameters"`), so
 they compare with uniform widths at equal size; `channel-snip-global-macs` until no more weight MACs are left
-(`sparsity_of="macs"`), at equal compute.
+(`sparsity_of="macs"`), at equal compute; `channel-snip-global-macs-floor` the same with `min_density=0.25` (every
+layer keeps at least a quarter of its channels).
 
 Each run records the test error, the parameters it trains, and the wall time of `trainer.fit` (scoring and shrinking
 included) as the user's clock sees it. Writes `results.json`, `results.md` and `error_vs_time.png` to `--out`.
@@ -57,7 +58,13 @@ CHANNEL_CRITERIA = ["snip", "synflow", "magnitude", "random"]
 CHANNEL_SPARSITY = 0.5
 ARMS = ["dense", *[f"channel-{c}" for c in CHANNEL_CRITERIA], "weight-snip"]
 # the criterion's own widths (`scope="global"`), at most the parameters (or the weight MACs) of `channel-snip`
-GLOBAL_ARMS = ["channel-snip-global", "channel-synflow-global", "channel-snip-global-macs"]
+GLOBAL_ARMS = [
+    "channel-snip-global",
+    "channel-synflow-global",
+    "channel-snip-global-macs",
+    "channel-snip-global-macs-floor",
+]
+FLOOR = 0.25  # `min_density` of the `-floor` arm: every layer keeps at least this share of its channels
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
@@ -146,13 +153,19 @@ def weight_macs(arch: str, widths: list[int] | None = None) -> int:
     return int(counter.macs({g.name: torch.arange(g.size) < width[g.name] for g in groups}))
 
 
+def budget(arm: str) -> str:
+    """What a global arm is matched to, in words: equal parameters or equal weight MACs, and its floor if any."""
+    floor = f" (min_density {FLOOR:g})" if arm.endswith("-floor") else ""
+    return f"equal {'weight MACs' if '-macs' in arm else 'parameters'}{floor}"
+
+
 def _pruning(arm: str, results: dict[str, Any], arch: str) -> SNIPPruning | None:
     """The callback an arm trains with (``None``: dense)."""
     model, _, counter = _example(arch)
     dense_params = counter.dense_parameters
     if arm in GLOBAL_ARMS:  # the criterion's own widths, at most the size of the layerwise channel run
-        criterion = arm.removeprefix("channel-").removesuffix("-macs").removesuffix("-global")
-        by_macs = arm.endswith("-macs")
+        criterion = arm.removeprefix("channel-").split("-global")[0]
+        by_macs = "-macs" in arm
         if by_macs:
             sparsity = 1.0 - weight_macs(arch, _layerwise_run(results, arch, arm)["widths"]) / weight_macs(arch)
         else:
@@ -162,6 +175,7 @@ def _pruning(arm: str, results: dict[str, Any], arch: str) -> SNIPPruning | None
             structure="channel",
             scope="global",
             sparsity_of="macs" if by_macs else "parameters",
+            min_density=FLOOR if arm.endswith("-floor") else 0.0,
             criterion=cast(CriterionName, criterion),
             plot=False,
             log_per_layer=False,
@@ -386,13 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pairs = [
         paired(results),
         *(
-            paired(
-                results,
-                "channel-snip",
-                arm,
-                f"at equal {'weight MACs' if arm.endswith('-macs') else 'parameters'}, uniform widths against the"
-                " criterion's own",
-            )
+            paired(results, "channel-snip", arm, f"at {budget(arm)}, uniform widths against the criterion's own")
             for arm in GLOBAL_ARMS
         ),
     ]

@@ -491,10 +491,17 @@ def test_structured_study_global_arms_match_the_layerwise_parameters(tmp_path):
     a, b, c, _ = runs["channel-snip-global-macs"]["widths"]
     assert 14_400 * a + 1_600 * a * b + 16 * b * c + 10 * c <= 646_500  # at most the layerwise run's
     assert structured_study.weight_macs("lenet5", [a, b, c, 10]) == 14_400 * a + 1_600 * a * b + 16 * b * c + 10 * c
+    # the floor arm: the same budget, and every layer keeps at least ceil(0.25 * width) of its channels
+    a, b, c, _ = runs["channel-snip-global-macs-floor"]["widths"]
+    assert min(a - 5, b - 13, c - 125) >= 0
+    assert 14_400 * a + 1_600 * a * b + 16 * b * c + 10 * c <= 646_500
     table = (out / "results.md").read_text()
     assert "| LeNet-5-Caffe | channel-snip | 646,500 (0.28x) | 10, 25, 250, 10 |" in table
     assert "| LeNet-5-Caffe | dense | 2,293,000 (1.00x) | 20, 50, 500, 10 |" in table
     assert "channel-random's test error minus" not in table  # no random run: no such pairing
+    assert "| LeNet-5-Caffe | channel-snip-global-macs-floor | " in table
+    budgets = [structured_study.budget(arm) for arm in structured_study.GLOBAL_ARMS]
+    assert budgets == ["equal parameters"] * 2 + ["equal weight MACs", "equal weight MACs (min_density 0.25)"]
     runs = [{"arch": "lenet5", "arm": a, "seed": 0, "error": e} for a, e in [("channel-snip", 0.1), (arm, 0.12)]]
     pairs = structured_study.paired({"runs": runs}, "channel-snip", arm, "at equal parameters")
     assert "Paired by seed, at equal parameters: channel-snip's test error minus channel-synflow-global's" in pairs
