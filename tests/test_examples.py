@@ -271,6 +271,24 @@ def test_the_mnist_table_prints_the_papers_recurrent_figures():
     assert "paper" not in reproduce_mnist.markdown_table(runs, [0.95], ["snip"], "Fashion-MNIST", paper=False)
 
 
+def test_the_mnist_table_says_how_many_seeds_each_cell_averages():
+    def runs(seeds_per_cell):
+        return [
+            reproduce_mnist.Run("lenet300", criterion, sparsity, seed, 2.0 + seed, sparsity, [], 1.0)
+            for (criterion, sparsity), seeds in seeds_per_cell.items()
+            for seed in range(seeds)
+        ]
+
+    even = reproduce_mnist.markdown_table(runs({("dense", 0.0): 3, ("snip", 0.95): 3}), [0.95], ["snip"], "digits")
+    assert "mean ± standard deviation over 3 seed(s)." in even
+    mixed = runs({("dense", 0.0): 3, ("snip", 0.95): 3, ("synflow", 0.95): 1})
+    table = reproduce_mnist.markdown_table(mixed, [0.95], ["snip", "synflow"], "digits")
+    assert "| | synflow | | 2.00 |" in table  # one run: no spread to print
+    assert "over 1 to 3 seeds, by cell (a figure without ± is one run)." in table
+    two = reproduce_mnist.markdown_table(runs({("dense", 0.0): 3, ("snip", 0.95): 2}), [0.95], ["snip"], "digits")
+    assert "over 2 to 3 seeds, by cell." in two
+
+
 def test_reproduction_recurrent_rows_and_resume(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--archs", "lstm", "gru", "--criteria", "snip", "--sparsities", "0.8", "--epochs", "1", "--seeds", "1"]
