@@ -547,6 +547,20 @@ def replot(out: Path) -> list[Run]:
     return runs
 
 
+def run_time(folders: list[Path]) -> list[Run]:
+    """Print how many runs each folder's results.json holds and the hours they took, each run by its own clock, and
+    the total: what a study cost, without training anything."""
+    every = []
+    for folder in folders:
+        runs = _earlier_runs(folder / "results.json")
+        if not runs:
+            raise SystemExit(f"--run-time: no runs in {folder / 'results.json'}")
+        every += runs
+        print(f"{folder}: {len(runs)} run{'' if len(runs) == 1 else 's'}, {sum(r.seconds for r in runs) / 3600:.2f} h")
+    print(f"total: {len(every)} runs, {sum(r.seconds for r in every) / 3600:.1f} hours of run time")
+    return every
+
+
 def plot_pixel_heatmap(first_layer_mask: torch.Tensor, sparsity: float, path: Path) -> None:
     """How many of LeNet-300-100's 300 first-layer connections each of the 28x28 input pixels keeps."""
     import matplotlib
@@ -605,6 +619,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--replot",
         action="store_true",
         help="only draw error_vs_sparsity.png again from the output folder's results.json (no training)",
+    )
+    parser.add_argument(
+        "--run-time",
+        nargs="+",
+        type=Path,
+        metavar="FOLDER",
+        help="only print the runs in each folder's results.json and the hours they took, and the total (no training)",
     )
     parser.add_argument(
         "--n-m",
@@ -725,6 +746,8 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     out = Path(args.out)
     if args.replot:
         return replot(out)
+    if args.run_time:
+        return run_time(args.run_time)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())  # every run uses the same thread count
 

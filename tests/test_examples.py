@@ -289,6 +289,27 @@ def test_the_mnist_table_says_how_many_seeds_each_cell_averages():
     assert "over 2 to 3 seeds, by cell." in two
 
 
+def test_run_time_sums_each_runs_own_clock_without_training(tmp_path, capsys):
+    import json
+    from dataclasses import asdict
+
+    def folder(name, seconds):
+        runs = [reproduce_mnist.Run("lenet300", "snip", 0.95, seed, 2.0, 0.95, [], s) for seed, s in enumerate(seconds)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps([asdict(r) for r in runs]))
+        return tmp_path / name
+
+    a, b = folder("a", [1800.0, 5400.0]), folder("b", [3600.0])
+    runs = reproduce_mnist.main(["--run-time", str(a), str(b)])
+    assert [r.seconds for r in runs] == [1800.0, 5400.0, 3600.0]
+    printed = capsys.readouterr().out
+    assert f"{a}: 2 runs, 2.00 h" in printed
+    assert f"{b}: 1 run, 1.00 h" in printed
+    assert "total: 3 runs, 3.0 hours of run time" in printed
+    with pytest.raises(SystemExit, match=r"--run-time: no runs in .*empty"):
+        reproduce_mnist.main(["--run-time", str(tmp_path / "empty")])
+
+
 def test_reproduction_recurrent_rows_and_resume(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--archs", "lstm", "gru", "--criteria", "snip", "--sparsities", "0.8", "--epochs", "1", "--seeds", "1"]
