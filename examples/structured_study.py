@@ -153,10 +153,16 @@ def weight_macs(arch: str, widths: list[int] | None = None) -> int:
     return int(counter.macs({g.name: torch.arange(g.size) < width[g.name] for g in groups}))
 
 
+def _global_arm(arm: str) -> tuple[str, bool, float]:
+    """A global arm's name read once: its criterion, whether it is matched by weight MACs (else by parameters), and
+    its `min_density`."""
+    return arm.removeprefix("channel-").split("-global")[0], "-macs" in arm, FLOOR if arm.endswith("-floor") else 0.0
+
+
 def budget(arm: str) -> str:
     """What a global arm is matched to, in words: equal parameters or equal weight MACs, and its floor if any."""
-    floor = f" (min_density {FLOOR:g})" if arm.endswith("-floor") else ""
-    return f"equal {'weight MACs' if '-macs' in arm else 'parameters'}{floor}"
+    _, by_macs, floor = _global_arm(arm)
+    return f"equal {'weight MACs' if by_macs else 'parameters'}" + (f" (min_density {floor:g})" if floor else "")
 
 
 def _pruning(arm: str, results: dict[str, Any], arch: str) -> SNIPPruning | None:
@@ -164,8 +170,7 @@ def _pruning(arm: str, results: dict[str, Any], arch: str) -> SNIPPruning | None
     model, _, counter = _example(arch)
     dense_params = counter.dense_parameters
     if arm in GLOBAL_ARMS:  # the criterion's own widths, at most the size of the layerwise channel run
-        criterion = arm.removeprefix("channel-").split("-global")[0]
-        by_macs = "-macs" in arm
+        criterion, by_macs, floor = _global_arm(arm)
         if by_macs:
             sparsity = 1.0 - weight_macs(arch, _layerwise_run(results, arch, arm)["widths"]) / weight_macs(arch)
         else:
@@ -175,7 +180,7 @@ def _pruning(arm: str, results: dict[str, Any], arch: str) -> SNIPPruning | None
             structure="channel",
             scope="global",
             sparsity_of="macs" if by_macs else "parameters",
-            min_density=FLOOR if arm.endswith("-floor") else 0.0,
+            min_density=floor,
             criterion=cast(CriterionName, criterion),
             plot=False,
             log_per_layer=False,
