@@ -361,6 +361,45 @@ def _earlier_runs(path: Path) -> list[Run]:
     return [Run(**(paper if e.get("schedule") == "paper" else {}) | e) for e in entries]
 
 
+def join_runs(path: Path, runs: list[Run], folders: list[Path], schedule: str) -> list[Run]:
+    """``runs`` (those of ``path``) and, after them, the runs in each folder's results.json.
+
+    A run is known by its network, criterion, sparsity and seed; one that is already there is kept once when the two
+    records are equal and refused when they differ, naming both files. A run of another ``schedule`` than the
+    command's is refused; the paper schedule's momentum, initialization and learning rate are checked by the caller,
+    as for ``--resume``.
+    """
+    joined = list(runs)
+    where = {(r.arch, r.criterion, r.sparsity, r.seed): (r, path) for r in runs}
+    for folder in folders:
+        source = folder / "results.json"
+        found = _earlier_runs(source)
+        if not found:
+            raise SystemExit(f"--join {folder}: no runs in {source}; name a folder a run of this script wrote")
+        for run in found:
+            if run.schedule != schedule:
+                raise SystemExit(
+                    f"--join {folder}: {source} holds runs of --schedule {run.schedule} and this command trains"
+                    f" --schedule {schedule}; one table would mix them. Join folders of the same schedule."
+                )
+            key = (run.arch, run.criterion, run.sparsity, run.seed)
+            if key in where:
+                earlier, earlier_source = where[key]
+                if earlier != run:
+                    raise SystemExit(
+                        f"--join {folder}: {ARCH_NAMES[run.arch]} {run.criterion} at {pct(run.sparsity)} seed"
+                        f" {run.seed} is in {earlier_source} and in {source} with different results; remove it from"
+                        " one of them"
+                    )
+                continue
+            where[key] = (run, source)
+            joined.append(run)
+        added = len(joined) - len(runs)
+        print(f"Joined {added} run{'' if added == 1 else 's'} from {source}", flush=True)
+        runs = list(joined)
+    return joined
+
+
 def _cell(errors: list[float]) -> str:
     if not errors:
         return ""
@@ -616,6 +655,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " --out, whose results.json files are joined afterwards",
     )
     parser.add_argument(
+        "--join",
+        nargs="+",
+        type=Path,
+        metavar="FOLDER",
+        help="first add the runs in these folders' results.json (e.g. --no-dense processes run beside this one) to"
+        " --out's results.json, then go on as --resume: run what the command still lacks and write the tables"
+        " from every run",
+    )
+    parser.add_argument(
         "--replot",
         action="store_true",
         help="only draw error_vs_sparsity.png again from the output folder's results.json (no training)",
@@ -764,7 +812,9 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
         + [(c, s) for c in args.criteria for s in args.sparsities]
         for seed in range(args.seeds)
     ]
-    runs = _earlier_runs(out / "results.json") if args.resume else []
+    runs = _earlier_runs(out / "results.json") if args.resume or args.join else []
+    if args.join:
+        runs = join_runs(out / "results.json", runs, args.join, args.schedule)
     if args.paper_iterations:
         mine = (args.momentum, args.init, args.lr)
         for r in runs:
@@ -775,6 +825,8 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
                     f" init {args.init!r} and learning rate {args.lr:g}: one table would mix them. Pass the same"
                     " --momentum, --init and --lr, or another --out."
                 )
+    if args.join:  # written once the settings agree, so a refused join leaves the file as it was
+        (out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
     done = {(r.arch, r.criterion, r.sparsity, r.seed) for r in runs}
     if done:
         print(f"Keeping {len(done)} runs from {out / 'results.json'}", flush=True)

@@ -871,6 +871,44 @@ def test_the_papers_schedule_takes_the_official_codes_momentum(tmp_path, built):
     assert [(r.criterion, r.sparsity) for r in more] == [("snip", 0.95)]
 
 
+def test_join_adds_a_second_processs_runs_and_writes_one_table(tmp_path, capsys):
+    import reproduce_mnist
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    argv = ["--schedule", "paper", "--quick", "--archs", "lenet300", "--criteria", "snip", "--data-dir", str(tmp_path)]
+    first = reproduce_mnist.main([*argv, "--sparsities", "0.9", "--out", str(a)])
+    second = reproduce_mnist.main([*argv, "--sparsities", "0.95", "--no-dense", "--out", str(b)])
+    capsys.readouterr()
+    both = [*argv, "--sparsities", "0.9", "0.95", "--out", str(a)]
+    joined = reproduce_mnist.main([*both, "--join", str(b)])
+    printed = capsys.readouterr().out
+    assert f"Joined 1 run from {b / 'results.json'}" in printed
+    assert "[1/" not in printed  # nothing left to train
+    assert joined == first + second
+    assert len(json.loads((a / "results.json").read_text())) == 3
+    snip = {r.sparsity: r.test_error for r in joined if r.criterion == "snip"}
+    assert f"| | snip | | {snip[0.9]:.2f} | {snip[0.95]:.2f} |" in (a / "results.md").read_text()
+    # joining the same folder again keeps each run once
+    assert reproduce_mnist.main([*both, "--join", str(b)]) == joined
+    # the same run with another result is refused, and a's results.json is left as it was
+    before = (a / "results.json").read_text()
+    entries = json.loads((b / "results.json").read_text())
+    (b / "results.json").write_text(json.dumps([entries[0] | {"test_error": entries[0]["test_error"] + 1.0}]))
+    with pytest.raises(SystemExit, match=r"snip at 95% seed 0 is in .*a.*results.json and in .*b.*different results"):
+        reproduce_mnist.main([*both, "--join", str(b)])
+    assert (a / "results.json").read_text() == before
+    # runs of another schedule, other paper settings, an empty folder: refused, a's file unchanged
+    (b / "results.json").write_text(json.dumps([entries[0] | {"schedule": "short", "seed": 1}]))
+    with pytest.raises(SystemExit, match=r"holds runs of --schedule short and this command trains --schedule paper"):
+        reproduce_mnist.main([*both, "--join", str(b)])
+    (b / "results.json").write_text(json.dumps([entries[0] | {"momentum": 0.0, "seed": 1}]))
+    with pytest.raises(SystemExit, match=r"one table would mix them"):
+        reproduce_mnist.main([*both, "--join", str(b)])
+    with pytest.raises(SystemExit, match=r"--join .*empty: no runs in"):
+        reproduce_mnist.main([*both, "--join", str(tmp_path / "empty")])
+    assert (a / "results.json").read_text() == before
+
+
 def test_results_written_before_the_momentum_and_lr_options_load_with_the_papers(tmp_path):
     import reproduce_mnist
 
