@@ -147,6 +147,9 @@ class Run:
     # the step (counted from 1) whose training loss was first not finite; the run stopped there (`Divergence`)
     diverged_at: int | None = None
     lr: float | None = None  # the initial learning rate of a paper-schedule run (older results: PAPER_LR)
+    num_batches: int | None = None  # batches of 100 a pruned run was scored on (older results and dense: None, one)
+    # error (%) on the training images at the end of a paper-schedule run: how well the network fits what it trained on
+    train_error: float | None = None
 
     def collapsed_layers(self) -> list[str]:
         """The weight tensors pruned entirely: with ``--init official`` every bias is a candidate, scores zero and is
@@ -258,6 +261,7 @@ def train_and_test(
     init: str = "default",
     lr: float = PAPER_LR,
     check_every: int | None = None,
+    num_batches: int = 1,
 ) -> tuple[Run, dict[str, torch.Tensor]]:
     """One run: seed, build, (prune), train, test; returns the result and the masks (empty when dense).
 
@@ -266,7 +270,8 @@ def train_and_test(
     this script's short schedule. ``init="vs"`` initializes the network as the official code does
     (`models.variance_scaling_`); ``init="official"`` also prunes the biases and trains a fresh draw (`FreshDraw`);
     ``check_every`` records validation and test error every that many steps (`CheckpointErrors`). A run whose
-    training loss is no longer finite stops there (`Divergence`).
+    training loss is no longer finite stops there (`Divergence`). ``num_batches``: the batches a pruned run is scored
+    on (the paper: one). A paper-schedule run also records its error on the training images at the end.
     """
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
@@ -295,6 +300,7 @@ def train_and_test(
             criterion=cast(CriterionName, criterion),
             scope=scope,
             iterations=iterations if get_criterion(criterion).default_iterations else None,
+            num_batches=num_batches,
             include=OFFICIAL_CANDIDATES if init == "official" else None,
             log_per_layer=False,
             plot=False,
@@ -323,6 +329,7 @@ def train_and_test(
     collapsed = sorted({str(w.message).split("`")[3] for w in caught if "layer collapse" in str(w.message)})
     unfit = [str(w.message).split("[")[1].split("]")[0] for w in caught if "is not a multiple of" in str(w.message)]
     error = trainer.test(model, datamodule=data, verbose=False)[0]["test_error"]
+    train_error = error_percent(model, data.train_dataloader()) if paper_iterations else None
     masks = pruning.masks if pruning else {}
     if masks:
         params = dict(model.named_parameters())
@@ -346,6 +353,8 @@ def train_and_test(
         checks.errors if checks else None,
         divergence.step,
         lr if paper_iterations else None,
+        num_batches if pruning else None,
+        train_error,
     )
     return run, masks
 
@@ -467,6 +476,10 @@ def markdown_table(
         archs = ", ".join(ARCH_NAMES[a] for a in dict.fromkeys(r.arch for r in runs if r.init == init))
         if archs:
             momentum_note += f" {note}: {archs}."
+    scored = {(r.arch, r.num_batches) for r in runs if r.num_batches is not None and r.num_batches != 1}
+    if scored:
+        named = ", ".join(f"{ARCH_NAMES[a]} {n}" for a, n in sorted(scored))
+        momentum_note += f" Scored on more batches than the paper's one: {named}."
     diverged = [r for r in runs if r.diverged_at is not None]
     if diverged:
         named = ", ".join(
@@ -488,18 +501,30 @@ def markdown_table(
 
 def checkpoint_tables(runs: list[Run], sparsities: list[float], criteria: list[str], source: str) -> str:
     """Two more tables over the runs that recorded checkpoints: the test error at the lowest validation error, and the
-    lowest test error of any checkpoint (the official code's protocol); empty when no run has checkpoints."""
+    lowest test error of any checkpoint (the official code's protocol), and a third of the error on the training images
+    where runs recorded it; empty when no run has checkpoints."""
     checked = [r for r in runs if r.checkpoints]
     if not checked:
         return ""
     every = int(checked[0].checkpoints[0][0]) if checked[0].checkpoints else 0
     at_val = [replace(r, test_error=cast(float, r.error_at_best_validation())) for r in checked]
     best = [replace(r, test_error=cast(float, r.best_checkpoint_error())) for r in checked]
+    fit = [replace(r, test_error=r.train_error) for r in checked if r.train_error is not None]
     return (
         f"Test error at the checkpoint (every {every:,} iterations) with the lowest validation error:\n\n"
         + markdown_table(at_val, sparsities, criteria, source, paper=False)
         + "\n\nThe official code's protocol, the lowest test error of any checkpoint (selected on the test set, so"
-        " optimistic):\n\n" + markdown_table(best, sparsities, criteria, source, paper=False)
+        " optimistic):\n\n"
+        + markdown_table(best, sparsities, criteria, source, paper=False)
+        + (
+            "\n\nError on the training images at the end of training (how well each network fits the images it"
+            " trained on; far below its test error where it overfits, near it where it lacks the capacity):\n\n"
+            + markdown_table(fit, sparsities, criteria, source, paper=False).replace(
+                "Test error in %", "Training error in %", 1
+            )
+            if fit
+            else ""
+        )
     )
 
 
@@ -710,6 +735,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " protocol: masks scored on one draw, training from a fresh one, biases pruned with the weights)",
     )
     parser.add_argument(
+        "--num-batches",
+        type=int,
+        default=1,
+        help="batches of the training set each pruned run is scored on, their gradients averaged (default 1, the"
+        " paper's one mini-batch)",
+    )
+    parser.add_argument(
         "--scope",
         default="global",
         choices=["global", "layerwise", "constant_fan_in"],
@@ -749,6 +781,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         parser.error(f"--lr must be a positive learning rate, got {args.lr}; the paper uses {PAPER_LR}")
     args.lr = PAPER_LR if args.lr is None else args.lr
+    if args.num_batches < 1:
+        parser.error(f"--num-batches must be a positive number of batches, got {args.num_batches}; the paper scores 1")
     if args.init is not None and not paper:
         parser.error(f"--init {args.init} applies to --schedule paper only; add --schedule paper or drop it")
     if args.init in SCALED_INITS and set(args.archs or MNIST_ARCHS) - {"lenet300", "lenet5"}:
@@ -825,6 +859,13 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
                     f" init {args.init!r} and learning rate {args.lr:g}: one table would mix them. Pass the same"
                     " --momentum, --init and --lr, or another --out."
                 )
+    for r in runs:
+        if r.arch in args.archs and r.criterion != "dense" and (r.num_batches or 1) != args.num_batches:
+            raise SystemExit(
+                f"{out / 'results.json'} holds {ARCH_NAMES[r.arch]} runs scored on {r.num_batches or 1} batch(es), and"
+                f" this command asks for --num-batches {args.num_batches}: one table would mix them. Pass the same"
+                " --num-batches, or another --out."
+            )
     if args.join:  # written once the settings agree, so a refused join leaves the file as it was
         (out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
     done = {(r.arch, r.criterion, r.sparsity, r.seed) for r in runs}
@@ -850,6 +891,7 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
             init=args.init,
             lr=args.lr,
             check_every=args.check_every,
+            num_batches=args.num_batches,
         )
         runs.append(run)
         (out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")  # for --resume
@@ -867,6 +909,7 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
                 if run.checkpoints
                 else ""
             )
+            + (f", training error {run.train_error:.2f}%" if run.train_error is not None else "")
             + (f", collapsed: {', '.join(run.collapsed)}" if run.collapsed else "")
             + f" ({run.seconds:.1f}s; elapsed {elapsed / 60:.1f} min, about {elapsed / i * (len(plan) - i) / 60:.1f}"
             " min left)",

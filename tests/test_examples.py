@@ -909,6 +909,53 @@ def test_join_adds_a_second_processs_runs_and_writes_one_table(tmp_path, capsys)
     assert (a / "results.json").read_text() == before
 
 
+def test_num_batches_scores_on_more_batches_and_paper_runs_record_their_training_error(tmp_path, monkeypatch):
+    import reproduce_mnist
+
+    from lightning_snip import SNIPPruning
+
+    made = []
+
+    def recording(**kwargs):
+        made.append(kwargs)
+        return SNIPPruning(**kwargs)
+
+    monkeypatch.setattr(reproduce_mnist, "SNIPPruning", recording)
+    counted, real_error = [], reproduce_mnist.error_percent
+
+    def counting(model, loader):
+        counted.append(len(loader.dataset))
+        return real_error(model, loader)
+
+    monkeypatch.setattr(reproduce_mnist, "error_percent", counting)
+    data = reproduce_mnist.digits_datamodule("mnist", str(tmp_path), "", hold_out_tenth=True)
+    data.setup("fit")
+    train_size = len(data.train_dataloader().dataset)
+    out = tmp_path / "paper"
+    argv = ["--schedule", "paper", "--quick", "--archs", "lenet300", "--criteria", "snip", "--sparsities", "0.9"]
+    argv += ["--data-dir", str(tmp_path), "--out", str(out)]
+    runs = reproduce_mnist.main([*argv, "--num-batches", "3"])
+    assert [kwargs["num_batches"] for kwargs in made] == [3]
+    assert [(r.criterion, r.num_batches) for r in runs] == [("dense", None), ("snip", 3)]
+    for run in runs:
+        assert run.train_error is not None
+        assert 0.0 < run.train_error < 100.0
+    # each run's training error is counted over the 90% of the training images it trained on, once
+    assert counted.count(train_size) == 2
+    table = (out / "results.md").read_text()
+    assert "Scored on more batches than the paper's one: LeNet-300-100 3." in table
+    fit = table.split("Error on the training images at the end of training")[1]
+    assert f"| LeNet-300-100 | dense | {runs[0].train_error:.2f} |" in fit
+    assert f"| | snip | | {runs[1].train_error:.2f} |" in fit
+    assert "Training error in %" in fit
+    with pytest.raises(SystemExit, match=r"scored on 3 batch\(es\), and this command asks for --num-batches 1"):
+        reproduce_mnist.main([*argv, "--resume"])
+    short_argv = ["--quick", "--archs", "lenet300", "--criteria", "snip", "--sparsities", "0.9"]
+    short = reproduce_mnist.main([*short_argv, "--data-dir", str(tmp_path), "--out", str(tmp_path / "short")])
+    assert [r.train_error for r in short] == [None, None]  # recorded under the paper's schedule only
+    assert [r.num_batches for r in short] == [None, 1]
+
+
 def test_results_written_before_the_momentum_and_lr_options_load_with_the_papers(tmp_path):
     import reproduce_mnist
 
@@ -934,6 +981,7 @@ def test_results_written_before_the_momentum_and_lr_options_load_with_the_papers
         (["--schedule", "paper", "--momentum", "1"], r"--momentum must be in \[0, 1\), got 1.0"),
         (["--schedule", "paper", "--momentum", "-0.5"], r"--momentum must be in \[0, 1\), got -0.5"),
         (["--lr", "0.05"], r"--lr 0.05 applies to --schedule paper only"),
+        (["--num-batches", "0"], r"--num-batches must be a positive number of batches, got 0"),
         (["--schedule", "paper", "--lr", "0"], r"--lr must be a positive learning rate, got 0.0"),
         (["--schedule", "paper", "--lr", "nan"], r"--lr must be a positive learning rate, got nan"),
     ],
