@@ -373,8 +373,9 @@ def _earlier_runs(path: Path) -> list[Run]:
 def join_runs(path: Path, runs: list[Run], folders: list[Path], schedule: str) -> list[Run]:
     """``runs`` (those of ``path``) and, after them, the runs in each folder's results.json.
 
-    A run is known by its network, criterion, sparsity and seed; one that is already there is kept once when the two
-    records are equal and refused when they differ, naming both files. A run of another ``schedule`` than the
+    A run is known by its network, criterion, sparsity and seed; one that is already there is kept once (the first
+    record) when the two records agree in everything but the wall time (two processes that both trained it) and
+    refused when they differ, naming both files. A run of another ``schedule`` than the
     command's is refused; the paper schedule's momentum, initialization and learning rate are checked by the caller,
     as for ``--resume``.
     """
@@ -394,7 +395,7 @@ def join_runs(path: Path, runs: list[Run], folders: list[Path], schedule: str) -
             key = (run.arch, run.criterion, run.sparsity, run.seed)
             if key in where:
                 earlier, earlier_source = where[key]
-                if earlier != run:
+                if replace(earlier, seconds=0.0) != replace(run, seconds=0.0):
                     raise SystemExit(
                         f"--join {folder}: {ARCH_NAMES[run.arch]} {run.criterion} at {pct(run.sparsity)} seed"
                         f" {run.seed} is in {earlier_source} and in {source} with different results; remove it from"

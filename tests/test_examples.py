@@ -890,9 +890,12 @@ def test_join_adds_a_second_processs_runs_and_writes_one_table(tmp_path, capsys)
     assert f"| | snip | | {snip[0.9]:.2f} | {snip[0.95]:.2f} |" in (a / "results.md").read_text()
     # joining the same folder again keeps each run once
     assert reproduce_mnist.main([*both, "--join", str(b)]) == joined
+    # the same run trained twice (the same results, another wall time) is kept once, with the first record's time
+    entries = json.loads((b / "results.json").read_text())
+    (b / "results.json").write_text(json.dumps([entries[0] | {"seconds": entries[0]["seconds"] + 100.0}]))
+    assert reproduce_mnist.main([*both, "--join", str(b)]) == joined
     # the same run with another result is refused, and a's results.json is left as it was
     before = (a / "results.json").read_text()
-    entries = json.loads((b / "results.json").read_text())
     (b / "results.json").write_text(json.dumps([entries[0] | {"test_error": entries[0]["test_error"] + 1.0}]))
     with pytest.raises(SystemExit, match=r"snip at 95% seed 0 is in .*a.*results.json and in .*b.*different results"):
         reproduce_mnist.main([*both, "--join", str(b)])
