@@ -438,6 +438,19 @@ def _seeds_per_cell(runs: list[Run]) -> str:
     return f"{low} to {high} seeds, by cell" + (" (a figure without ± is one run)" if low == 1 else "")
 
 
+def _group_cell(group: list[Run]) -> str:
+    """One cell: the mean ± std of the runs that trained, then how many collapsed and how many diverged. A diverged
+    run ends at chance, so averaging it in would say nothing of the runs that trained; it is counted apart."""
+    trained = [r for r in group if r.diverged_at is None]
+    notes = []
+    collapsed = sum(bool(r.collapsed_layers()) for r in trained)
+    if collapsed:
+        notes.append(f"{collapsed}/{len(trained)} collapsed")
+    if len(trained) < len(group):
+        notes.append(f"{len(group) - len(trained)}/{len(group)} diverged")
+    return " ".join([_cell([r.test_error for r in trained]), *(f"({note})" for note in notes)]).strip()
+
+
 def markdown_table(
     runs: list[Run], sparsities: list[float], criteria: list[str], source: str, paper: bool = True
 ) -> str:
@@ -445,15 +458,13 @@ def markdown_table(
     header = "| network | method | dense | " + " | ".join(pct(s) for s in sparsities) + " |"
     lines = [header, "|" + "---|" * (3 + len(sparsities))]
     for arch in dict.fromkeys(r.arch for r in runs):
-        dense = [r.test_error for r in runs if r.arch == arch and r.criterion == "dense"]
-        lines.append(f"| {ARCH_NAMES[arch]} | dense | {_cell(dense)} |" + " |" * len(sparsities))
+        dense = [r for r in runs if r.arch == arch and r.criterion == "dense"]
+        lines.append(f"| {ARCH_NAMES[arch]} | dense | {_group_cell(dense)} |" + " |" * len(sparsities))
         for criterion in criteria:
-            cells = []
-            for s in sparsities:
-                group = [r for r in runs if r.arch == arch and r.criterion == criterion and r.sparsity == s]
-                cell = _cell([r.test_error for r in group])
-                collapsed = sum(bool(r.collapsed_layers()) for r in group)
-                cells.append(cell + (f" ({collapsed}/{len(group)} collapsed)" if collapsed else ""))
+            cells = [
+                _group_cell([r for r in runs if r.arch == arch and r.criterion == criterion and r.sparsity == s])
+                for s in sparsities
+            ]
             lines.append(f"| | {criterion} | | " + " | ".join(cells) + " |")
         if not paper or arch not in PAPER:
             continue
@@ -490,7 +501,7 @@ def markdown_table(
         )
         momentum_note += (
             " Diverged (the training loss was nan or infinite at the step named, counted from 1, and the run stopped"
-            f" there, at chance): {named}."
+            f" there, at chance; counted apart, not in the means): {named}."
         )
     return (
         "\n".join(lines)
@@ -562,6 +573,7 @@ def plot_errors(runs: list[Run], sparsities: list[float], criteria: list[str], p
     """Error versus sparsity, one panel per network, one line per criterion, dense as a dashed line.
 
     The error axis is logarithmic with labelled 1-2-5 ticks; one legend below the panels, so no line is hidden.
+    Diverged runs are left out of the means, as in the tables, and counted in the panel's title.
     """
     import matplotlib
 
@@ -571,14 +583,15 @@ def plot_errors(runs: list[Run], sparsities: list[float], criteria: list[str], p
 
     archs = list(dict.fromkeys(r.arch for r in runs))
     fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4.6), squeeze=False)
+    trained = [r for r in runs if r.diverged_at is None]
     for ax, arch in zip(axes[0], archs, strict=True):
-        dense = [r.test_error for r in runs if r.arch == arch and r.criterion == "dense"]
+        dense = [r.test_error for r in trained if r.arch == arch and r.criterion == "dense"]
         if dense:
             ax.axhline(statistics.mean(dense), color="black", linestyle="--", label="dense")
         x = list(range(len(sparsities)))
         for criterion in criteria:
             groups = [
-                [r.test_error for r in runs if (r.arch, r.criterion, r.sparsity) == (arch, criterion, s)]
+                [r.test_error for r in trained if (r.arch, r.criterion, r.sparsity) == (arch, criterion, s)]
                 for s in sparsities
             ]
             means = [statistics.mean(g) if g else float("nan") for g in groups]
@@ -591,7 +604,10 @@ def plot_errors(runs: list[Run], sparsities: list[float], criteria: list[str], p
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("sparsity (fraction of weights removed)")
         ax.set_ylabel("test error (%, log scale)")
-        ax.set_title(ARCH_NAMES[arch])
+        diverged = sum(r.arch == arch and r.diverged_at is not None for r in runs)
+        ax.set_title(
+            ARCH_NAMES[arch] + (f" ({diverged} diverged run{'s' * (diverged > 1)} left out)" if diverged else "")
+        )
         ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False)

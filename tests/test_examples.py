@@ -8,6 +8,7 @@ import re
 import statistics
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -715,6 +716,16 @@ def test_a_run_whose_loss_is_no_longer_finite_stops_and_says_so(tmp_path, monkey
     finite = reproduce_mnist.Run("lenet300", "snip", 0.9, 0, 12.0, 0.9, [], 1.0)
     assert finite.diverged_at is None
     assert "Diverged" not in reproduce_mnist.markdown_table([finite], [0.9], ["snip"], "digits")
+    # a diverged seed is counted apart: the cell averages the seeds that trained
+    seeds = [
+        replace(run, seed=1, test_error=8.0, diverged_at=None),
+        replace(run, seed=2, test_error=10.0, diverged_at=None),
+    ]
+    pruned = [replace(finite, seed=0, diverged_at=5), replace(finite, seed=1, diverged_at=7)]
+    table = reproduce_mnist.markdown_table([run, *seeds, *pruned], [0.9], ["snip"], "digits", paper=False)
+    assert "| LeNet-300-100 | dense | 9.00 ± 1.41 (1/3 diverged) |  |" in table
+    assert "| | snip | | (2/2 diverged) |" in table
+    assert "counted apart, not in the means" in table
 
 
 def test_error_percent_counts_wrong_predictions_and_restores_the_mode():
