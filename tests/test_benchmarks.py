@@ -104,7 +104,11 @@ def test_structured_training_times_dense_and_each_channel_sparsity(tmp_path: Pat
     assert half["macs"] < dense["macs"]
     assert dense["speedup"] == 1.0
     assert half["speedup"] == half["speedups"][0]
-    assert 0.2 < half["speedup"] < 20  # the same loop on a smaller network
+    # the ratio is dense's step time over the arm's (one round: their medians); its size is the benchmark's to report,
+    # not a unit test's to bound (a loaded machine moves it)
+    assert 0 < dense["step_ms"] < float("inf")
+    assert 0 < half["step_ms"] < float("inf")
+    assert half["speedup"] == pytest.approx(dense["step_ms"] / half["step_ms"])
     table = structured_training.table([result])
     assert "| lenet5 (batch 16, layerwise) | channel 50% | 109,295 (0.25x) |" in table
 

@@ -723,7 +723,7 @@ def test_a_run_whose_loss_is_no_longer_finite_stops_and_says_so(tmp_path, monkey
     ]
     pruned = [replace(finite, seed=0, diverged_at=5), replace(finite, seed=1, diverged_at=7)]
     table = reproduce_mnist.markdown_table([run, *seeds, *pruned], [0.9], ["snip"], "digits", paper=False)
-    assert "| LeNet-300-100 | dense | 9.00 ± 1.41 (1/3 diverged) |  |" in table
+    assert "| LeNet-300-100 | dense | 9.00 ± 1.41 (1/3 diverged) | |" in table
     assert "| | snip | | (2/2 diverged) |" in table
     assert "counted apart, not in the means" in table
 
