@@ -148,7 +148,7 @@ class Run:
     diverged_at: int | None = None
     lr: float | None = None  # the initial learning rate of a paper-schedule run (older results: PAPER_LR)
     num_batches: int | None = None  # batches of 100 a pruned run was scored on (older results and dense: None, one)
-    # error (%) on the training images at the end of a paper-schedule run: how well the network fits what it trained on
+    # error (%) on the training images at the end of the run: how well the network fits what it trained on
     train_error: float | None = None
 
     def collapsed_layers(self) -> list[str]:
@@ -271,7 +271,7 @@ def train_and_test(
     (`models.variance_scaling_`); ``init="official"`` also prunes the biases and trains a fresh draw (`FreshDraw`);
     ``check_every`` records validation and test error every that many steps (`CheckpointErrors`). A run whose
     training loss is no longer finite stops there (`Divergence`). ``num_batches``: the batches a pruned run is scored
-    on (the paper: one). A paper-schedule run also records its error on the training images at the end.
+    on (the paper: one). Every run also records its error on the training images at the end.
     """
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
@@ -329,7 +329,7 @@ def train_and_test(
     collapsed = sorted({str(w.message).split("`")[3] for w in caught if "layer collapse" in str(w.message)})
     unfit = [str(w.message).split("[")[1].split("]")[0] for w in caught if "is not a multiple of" in str(w.message)]
     error = trainer.test(model, datamodule=data, verbose=False)[0]["test_error"]
-    train_error = error_percent(model, data.train_dataloader()) if paper_iterations else None
+    train_error = error_percent(model, data.train_dataloader())
     masks = pruning.masks if pruning else {}
     if masks:
         params = dict(model.named_parameters())
@@ -488,6 +488,10 @@ def markdown_table(
         archs = ", ".join(ARCH_NAMES[a] for a in dict.fromkeys(r.arch for r in runs if r.init == init))
         if archs:
             momentum_note += f" {note}: {archs}."
+    scopes = {(r.arch, r.scope) for r in runs if r.criterion != "dense" and r.scope != "global"}
+    if scopes:
+        named = ", ".join(f"{ARCH_NAMES[a]} {scope}" for a, scope in sorted(scopes))
+        momentum_note += f" Pruned with a selection other than global (`--scope`): {named}."
     scored = {(r.arch, r.num_batches) for r in runs if r.num_batches is not None and r.num_batches != 1}
     if scored:
         named = ", ".join(f"{ARCH_NAMES[a]} {n}" for a, n in sorted(scored))
@@ -512,32 +516,31 @@ def markdown_table(
 
 
 def checkpoint_tables(runs: list[Run], sparsities: list[float], criteria: list[str], source: str) -> str:
-    """Two more tables over the runs that recorded checkpoints: the test error at the lowest validation error, and the
-    lowest test error of any checkpoint (the official code's protocol), and a third of the error on the training images
-    where runs recorded it; empty when no run has checkpoints."""
+    """More tables: over the runs that recorded checkpoints, the test error at the lowest validation error and the
+    lowest test error of any checkpoint (the official code's protocol); over the runs that recorded it, the error on
+    the training images at the end. Empty when no run has either."""
     checked = [r for r in runs if r.checkpoints]
-    if not checked:
-        return ""
-    every = int(checked[0].checkpoints[0][0]) if checked[0].checkpoints else 0
-    at_val = [replace(r, test_error=cast(float, r.error_at_best_validation())) for r in checked]
-    best = [replace(r, test_error=cast(float, r.best_checkpoint_error())) for r in checked]
-    fit = [replace(r, test_error=r.train_error) for r in checked if r.train_error is not None]
-    return (
-        f"Test error at the checkpoint (every {every:,} iterations) with the lowest validation error:\n\n"
-        + markdown_table(at_val, sparsities, criteria, source, paper=False)
-        + "\n\nThe official code's protocol, the lowest test error of any checkpoint (selected on the test set, so"
-        " optimistic):\n\n"
-        + markdown_table(best, sparsities, criteria, source, paper=False)
-        + (
-            "\n\nError on the training images at the end of training (how well each network fits the images it"
+    fit = [replace(r, test_error=r.train_error) for r in runs if r.train_error is not None]
+    tables = []
+    if checked:
+        every = int(cast(list[list[float]], checked[0].checkpoints)[0][0])
+        at_val = [replace(r, test_error=cast(float, r.error_at_best_validation())) for r in checked]
+        best = [replace(r, test_error=cast(float, r.best_checkpoint_error())) for r in checked]
+        tables += [
+            f"Test error at the checkpoint (every {every:,} iterations) with the lowest validation error:\n\n"
+            + markdown_table(at_val, sparsities, criteria, source, paper=False),
+            "The official code's protocol, the lowest test error of any checkpoint (selected on the test set, so"
+            " optimistic):\n\n" + markdown_table(best, sparsities, criteria, source, paper=False),
+        ]
+    if fit:
+        tables.append(
+            "Error on the training images at the end of training (how well each network fits the images it"
             " trained on; far below its test error where it overfits, near it where it lacks the capacity):\n\n"
             + markdown_table(fit, sparsities, criteria, source, paper=False).replace(
                 "Test error in %", "Training error in %", 1
             )
-            if fit
-            else ""
         )
-    )
+    return "\n\n".join(tables)
 
 
 def n_m_table(runs: list[Run], source: str) -> str:
@@ -877,6 +880,12 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
                     " --momentum, --init and --lr, or another --out."
                 )
     for r in runs:
+        if r.arch in args.archs and r.criterion != "dense" and r.scope != args.scope:
+            raise SystemExit(
+                f"{out / 'results.json'} holds {ARCH_NAMES[r.arch]} runs selected with --scope {r.scope}, and this"
+                f" command asks for --scope {args.scope}: one table would mix them. Pass the same --scope, or another"
+                " --out."
+            )
         if r.arch in args.archs and r.criterion != "dense" and (r.num_batches or 1) != args.num_batches:
             raise SystemExit(
                 f"{out / 'results.json'} holds {ARCH_NAMES[r.arch]} runs scored on {r.num_batches or 1} batch(es), and"

@@ -923,7 +923,7 @@ def test_join_adds_a_second_processs_runs_and_writes_one_table(tmp_path, capsys)
     assert (a / "results.json").read_text() == before
 
 
-def test_num_batches_scores_on_more_batches_and_paper_runs_record_their_training_error(tmp_path, monkeypatch):
+def test_num_batches_scores_on_more_batches_and_every_run_records_its_training_error(tmp_path, monkeypatch):
     import reproduce_mnist
 
     from lightning_snip import SNIPPruning
@@ -966,8 +966,35 @@ def test_num_batches_scores_on_more_batches_and_paper_runs_record_their_training
         reproduce_mnist.main([*argv, "--resume"])
     short_argv = ["--quick", "--archs", "lenet300", "--criteria", "snip", "--sparsities", "0.9"]
     short = reproduce_mnist.main([*short_argv, "--data-dir", str(tmp_path), "--out", str(tmp_path / "short")])
-    assert [r.train_error for r in short] == [None, None]  # recorded under the paper's schedule only
+    # every schedule records it: a short run's table has the training-error table and no checkpoint tables
+    assert all(r.train_error is not None and 0.0 < r.train_error < 100.0 for r in short)
     assert [r.num_batches for r in short] == [None, 1]
+    short_table = (tmp_path / "short" / "results.md").read_text()
+    assert f"| LeNet-300-100 | dense | {short[0].train_error:.2f} |" in short_table.split("Error on the training")[1]
+    assert "lowest validation error" not in short_table
+
+
+def test_a_results_folder_keeps_one_scope_and_its_table_names_it(tmp_path):
+    import reproduce_mnist
+
+    out = tmp_path / "cfi"
+    argv = ["--quick", "--archs", "lenet300", "--criteria", "snip", "--sparsities", "0.9"]
+    argv += ["--data-dir", str(tmp_path), "--out", str(out)]
+    runs = reproduce_mnist.main([*argv, "--scope", "constant_fan_in"])
+    assert [(r.criterion, r.scope) for r in runs if r.criterion != "dense"] == [("snip", "constant_fan_in")]
+    table = (out / "results.md").read_text()
+    assert "Pruned with a selection other than global (`--scope`): LeNet-300-100 constant_fan_in." in table
+    before = (out / "results.json").read_text()
+    # resuming with another scope would put two selections in one cell: refused, the folder left as it was
+    with pytest.raises(SystemExit, match=r"selected with --scope constant_fan_in, and this command asks for --scope"):
+        reproduce_mnist.main([*argv, "--resume"])
+    with pytest.raises(SystemExit, match=r"--scope layerwise: one table would mix them"):
+        reproduce_mnist.main([*argv, "--resume", "--scope", "layerwise"])
+    assert (out / "results.json").read_text() == before
+    assert reproduce_mnist.main([*argv, "--resume", "--scope", "constant_fan_in"]) == runs  # the same scope: kept
+    plain = reproduce_mnist.main([*argv[:-1], str(tmp_path / "global")])
+    assert "`--scope`" not in (tmp_path / "global" / "results.md").read_text()
+    assert [r.scope for r in plain if r.criterion != "dense"] == ["global"]
 
 
 def test_results_written_before_the_momentum_and_lr_options_load_with_the_papers(tmp_path):
