@@ -515,7 +515,7 @@ def markdown_table(
     )
 
 
-def checkpoint_tables(runs: list[Run], sparsities: list[float], criteria: list[str], source: str) -> str:
+def extra_tables(runs: list[Run], sparsities: list[float], criteria: list[str], source: str) -> str:
     """More tables: over the runs that recorded checkpoints, the test error at the lowest validation error and the
     lowest test error of any checkpoint (the official code's protocol); over the runs that recorded it, the error on
     the training images at the end. Empty when no run has either."""
@@ -947,7 +947,7 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
     sparsities = sorted({*args.sparsities, *(r.sparsity for r in pruned)})
     criteria = list(dict.fromkeys([*args.criteria, *(r.criterion for r in pruned)]))
     table = markdown_table(runs, sparsities, criteria, data.source.split(" (")[0], paper=args.dataset == "mnist")
-    more = checkpoint_tables(runs, sparsities, criteria, data.source.split(" (")[0])
+    more = extra_tables(runs, sparsities, criteria, data.source.split(" (")[0])
     table += f"\n\n{more}" if more else ""
     (out / "results.md").write_text(table + "\n")  # results.json is written after every run
     plot_errors(runs, sparsities, criteria, out / "error_vs_sparsity.png")

@@ -663,14 +663,20 @@ def test_checkpoint_figures_select_by_validation_and_by_test():
     dense = reproduce_mnist.Run("lenet300", "dense", 0.0, 0, 10.0, 0.0, [], 1.0, schedule="paper")
     dense.checkpoints = [[1, 9.0, 10.5], [2, 9.5, 9.5]]
     unchecked = reproduce_mnist.Run("lenet300", "snip", 0.98, 0, 30.0, 0.98, [], 1.0, schedule="paper")
-    tables = reproduce_mnist.checkpoint_tables([dense, run, unchecked], [0.95, 0.98], ["snip"], "digits")
+    tables = reproduce_mnist.extra_tables([dense, run, unchecked], [0.95, 0.98], ["snip"], "digits")
     at_validation, official = tables.split("The official code's protocol")
     assert "| LeNet-300-100 | dense | 10.50 |" in at_validation
     assert "| | snip | | 18.00 |  |" in at_validation
     assert "| LeNet-300-100 | dense | 9.50 |" in official
     assert "| | snip | | 11.00 |  |" in official
     assert "30.00" not in tables  # a run without checkpoints has no figure in these tables
-    assert reproduce_mnist.checkpoint_tables([unchecked], [0.98], ["snip"], "digits") == ""
+    assert reproduce_mnist.extra_tables([unchecked], [0.98], ["snip"], "digits") == ""
+    # a run's training error has its own table, with or without checkpoints
+    fitted = reproduce_mnist.Run("lenet300", "snip", 0.98, 0, 30.0, 0.98, [], 1.0, train_error=25.5)
+    alone = reproduce_mnist.extra_tables([fitted], [0.98], ["snip"], "digits")
+    assert alone.startswith("Error on the training images at the end of training")
+    assert "| | snip | | 25.50 |" in alone
+    assert "checkpoint" not in alone
 
 
 def test_checkpoints_leave_the_training_as_it_was(tmp_path, monkeypatch):
