@@ -523,7 +523,8 @@ def extra_tables(runs: list[Run], sparsities: list[float], criteria: list[str], 
     fit = [replace(r, test_error=r.train_error) for r in runs if r.train_error is not None]
     tables = []
     if checked:
-        every = int(cast(list[list[float]], checked[0].checkpoints)[0][0])
+        first = checked[0].checkpoints
+        every = int(first[0][0]) if first else 0  # `checked` holds runs with checkpoints only
         at_val = [replace(r, test_error=cast(float, r.error_at_best_validation())) for r in checked]
         best = [replace(r, test_error=cast(float, r.best_checkpoint_error())) for r in checked]
         tables += [
@@ -879,14 +880,16 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
                     f" init {args.init!r} and learning rate {args.lr:g}: one table would mix them. Pass the same"
                     " --momentum, --init and --lr, or another --out."
                 )
-    for r in runs:
-        if r.arch in args.archs and r.criterion != "dense" and r.scope != args.scope:
+    for r in runs:  # a pruned run must have been selected and scored as this command selects and scores
+        if r.arch not in args.archs or r.criterion == "dense":
+            continue
+        if r.scope != args.scope:
             raise SystemExit(
                 f"{out / 'results.json'} holds {ARCH_NAMES[r.arch]} runs selected with --scope {r.scope}, and this"
                 f" command asks for --scope {args.scope}: one table would mix them. Pass the same --scope, or another"
                 " --out."
             )
-        if r.arch in args.archs and r.criterion != "dense" and (r.num_batches or 1) != args.num_batches:
+        if (r.num_batches or 1) != args.num_batches:
             raise SystemExit(
                 f"{out / 'results.json'} holds {ARCH_NAMES[r.arch]} runs scored on {r.num_batches or 1} batch(es), and"
                 f" this command asks for --num-batches {args.num_batches}: one table would mix them. Pass the same"
