@@ -672,6 +672,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seeds", type=int, help="number of seeds (default 3 on MNIST, 2 on Fashion-MNIST; 1 --quick)")
     parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="run seeds from this one up to --seeds - 1 only (default 0): processes run beside each other, each"
+        " with its own --out, split a study's seeds and are joined with --join",
+    )
+    parser.add_argument(
         "--sparsities", type=float, nargs="+", help="default 0.9 0.95 0.98 0.99 (Fashion-MNIST: also 0.995 0.999)"
     )
     parser.add_argument(
@@ -824,13 +831,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.criteria = args.criteria or (FASHION_QUICK_CRITERIA if args.quick else CRITERIA)
         args.sparsities = args.sparsities or ([0.9, 0.99] if args.quick else SPARSITIES)
         args.epoch_table = QUICK_EPOCHS if args.quick else FASHION_EPOCHS
+        _check_first_seed(parser, args)
         return args
     args.seeds = args.seeds or (1 if args.quick else MNIST_SEEDS)
+    _check_first_seed(parser, args)
     args.archs = args.archs or MNIST_ARCHS
     args.criteria = args.criteria or (QUICK_CRITERIA if args.quick else MNIST_CRITERIA)
     args.sparsities = args.sparsities or ([0.9, 0.98] if args.quick else MNIST_SPARSITIES)
     args.epoch_table = QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS
     return args
+
+
+def _check_first_seed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 <= args.first_seed < args.seeds:
+        parser.error(
+            f"--first-seed must name one of the seeds 0 to {args.seeds - 1} that --seeds {args.seeds} runs, got"
+            f" {args.first_seed}; raise --seeds (e.g. --seeds {max(args.first_seed, 0) + 1}) or lower --first-seed"
+        )
 
 
 def main(argv: list[str] | None = None) -> list[Run]:
@@ -865,7 +882,7 @@ def _reproduce(args: argparse.Namespace) -> list[Run]:
         for arch in args.archs
         for criterion, sparsity in ([] if args.no_dense else [("dense", 0.0)])
         + [(c, s) for c in args.criteria for s in args.sparsities]
-        for seed in range(args.seeds)
+        for seed in range(args.first_seed, args.seeds)
     ]
     runs = _earlier_runs(out / "results.json") if args.resume or args.join else []
     if args.join:
@@ -970,7 +987,7 @@ def _n_m_study(args: argparse.Namespace, data: MNISTDataModule | FashionMNISTDat
         (arch, criterion, sparsity, scope, seed)
         for arch in archs
         for criterion, sparsity, scope in [("dense", 0.0, "global"), *N_M_COLUMNS]
-        for seed in range(args.seeds)
+        for seed in range(args.first_seed, args.seeds)
     ]
     runs = []
     for i, (arch, criterion, sparsity, scope, seed) in enumerate(plan, 1):

@@ -929,6 +929,25 @@ def test_join_adds_a_second_processs_runs_and_writes_one_table(tmp_path, capsys)
     assert (a / "results.json").read_text() == before
 
 
+def test_first_seed_splits_a_studys_seeds_between_processes(tmp_path, capsys):
+    import reproduce_mnist
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    argv = ["--schedule", "paper", "--quick", "--archs", "lenet300", "--criteria", "snip", "--sparsities", "0.9"]
+    argv += ["--data-dir", str(tmp_path)]
+    first = reproduce_mnist.main([*argv, "--out", str(a)])
+    assert [(r.criterion, r.seed) for r in first] == [("dense", 0), ("snip", 0)]
+    second = reproduce_mnist.main([*argv, "--seeds", "2", "--first-seed", "1", "--no-dense", "--out", str(b)])
+    assert [(r.criterion, r.seed) for r in second] == [("snip", 1)]
+    capsys.readouterr()
+    joined = reproduce_mnist.main([*argv, "--seeds", "2", "--out", str(a), "--join", str(b)])
+    printed = capsys.readouterr().out
+    assert "[1/1] LeNet-300-100 dense seed 1: test error" in printed  # the only run the joined folder lacked
+    assert "[2/" not in printed
+    assert {(r.criterion, r.seed) for r in joined} == {("dense", 0), ("dense", 1), ("snip", 0), ("snip", 1)}
+    assert [r for r in joined if (r.criterion, r.seed) == ("snip", 1)] == second
+
+
 def test_num_batches_scores_on_more_batches_and_every_run_records_its_training_error(tmp_path, monkeypatch):
     import reproduce_mnist
 
@@ -1031,6 +1050,9 @@ def test_results_written_before_the_momentum_and_lr_options_load_with_the_papers
         (["--num-batches", "0"], r"--num-batches must be a positive number of batches, got 0"),
         (["--schedule", "paper", "--lr", "0"], r"--lr must be a positive learning rate, got 0.0"),
         (["--schedule", "paper", "--lr", "nan"], r"--lr must be a positive learning rate, got nan"),
+        (["--seeds", "3", "--first-seed", "3"], r"--first-seed must name one of the seeds 0 to 2 .* got 3"),
+        (["--first-seed", "-1"], r"--first-seed must name one of the seeds 0 to 2 .* got -1"),
+        (["--quick", "--first-seed", "1"], r"--first-seed must name one of the seeds 0 to 0 .* got 1.*--seeds 2"),
     ],
 )
 def test_momentum_and_lr_are_refused_where_they_would_be_ignored_or_invalid(extra, message, capsys):
