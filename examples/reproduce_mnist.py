@@ -844,9 +844,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _check_first_seed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not 0 <= args.first_seed < args.seeds:
+        fix = (
+            "seeds count from 0"
+            if args.first_seed < 0
+            else f"raise --seeds (e.g. --seeds {args.first_seed + 1}) or lower --first-seed"
+        )
         parser.error(
             f"--first-seed must name one of the seeds 0 to {args.seeds - 1} that --seeds {args.seeds} runs, got"
-            f" {args.first_seed}; raise --seeds (e.g. --seeds {max(args.first_seed, 0) + 1}) or lower --first-seed"
+            f" {args.first_seed}; {fix}"
         )
 
 

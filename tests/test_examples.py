@@ -1051,7 +1051,7 @@ def test_results_written_before_the_momentum_and_lr_options_load_with_the_papers
         (["--schedule", "paper", "--lr", "0"], r"--lr must be a positive learning rate, got 0.0"),
         (["--schedule", "paper", "--lr", "nan"], r"--lr must be a positive learning rate, got nan"),
         (["--seeds", "3", "--first-seed", "3"], r"--first-seed must name one of the seeds 0 to 2 .* got 3"),
-        (["--first-seed", "-1"], r"--first-seed must name one of the seeds 0 to 2 .* got -1"),
+        (["--first-seed", "-1"], r"--first-seed must name one of the seeds 0 to 2 .* got -1; seeds count from 0"),
         (["--quick", "--first-seed", "1"], r"--first-seed must name one of the seeds 0 to 0 .* got 1.*--seeds 2"),
     ],
 )
