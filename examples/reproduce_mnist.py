@@ -524,7 +524,8 @@ def extra_tables(runs: list[Run], sparsities: list[float], criteria: list[str], 
     tables = []
     if checked:
         first = checked[0].checkpoints
-        every = int(first[0][0]) if first else 0  # `checked` holds runs with checkpoints only
+        assert first  # `checked` holds runs with checkpoints only
+        every = int(first[0][0])  # the first checkpoint's step is the interval
         at_val = [replace(r, test_error=cast(float, r.error_at_best_validation())) for r in checked]
         best = [replace(r, test_error=cast(float, r.best_checkpoint_error())) for r in checked]
         tables += [
@@ -823,26 +824,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.check_every = (PAPER_QUICK_ITERATIONS // 4 if args.quick else PAPER_CHECK_EVERY) if paper else None
     base = "results/mnist" if args.dataset == "mnist" else "results/fashion-mnist"
     args.out = args.out or (f"{base}-quick" if args.quick else base)
-    if args.dataset == "fashion-mnist":
-        args.seeds = args.seeds or (
-            1 if args.quick else SEEDS
-        )  # full-size data, sized for 2 CPU cores (see FASHION_* above)
-        args.archs = args.archs or FASHION_ARCHS
-        args.criteria = args.criteria or (FASHION_QUICK_CRITERIA if args.quick else CRITERIA)
-        args.sparsities = args.sparsities or ([0.9, 0.99] if args.quick else SPARSITIES)
-        args.epoch_table = QUICK_EPOCHS if args.quick else FASHION_EPOCHS
-        _check_first_seed(parser, args)
-        return args
-    args.seeds = args.seeds or (1 if args.quick else MNIST_SEEDS)
-    _check_first_seed(parser, args)
-    args.archs = args.archs or MNIST_ARCHS
-    args.criteria = args.criteria or (QUICK_CRITERIA if args.quick else MNIST_CRITERIA)
-    args.sparsities = args.sparsities or ([0.9, 0.98] if args.quick else MNIST_SPARSITIES)
-    args.epoch_table = QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS
-    return args
-
-
-def _check_first_seed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    fashion = args.dataset == "fashion-mnist"  # full-size data, sized for 2 CPU cores (see FASHION_* above)
+    args.seeds = args.seeds or (1 if args.quick else SEEDS if fashion else MNIST_SEEDS)
     if not 0 <= args.first_seed < args.seeds:
         fix = (
             "seeds count from 0"
@@ -853,6 +836,17 @@ def _check_first_seed(parser: argparse.ArgumentParser, args: argparse.Namespace)
             f"--first-seed must name one of the seeds 0 to {args.seeds - 1} that --seeds {args.seeds} runs, got"
             f" {args.first_seed}; {fix}"
         )
+    if fashion:
+        args.archs = args.archs or FASHION_ARCHS
+        args.criteria = args.criteria or (FASHION_QUICK_CRITERIA if args.quick else CRITERIA)
+        args.sparsities = args.sparsities or ([0.9, 0.99] if args.quick else SPARSITIES)
+        args.epoch_table = QUICK_EPOCHS if args.quick else FASHION_EPOCHS
+        return args
+    args.archs = args.archs or MNIST_ARCHS
+    args.criteria = args.criteria or (QUICK_CRITERIA if args.quick else MNIST_CRITERIA)
+    args.sparsities = args.sparsities or ([0.9, 0.98] if args.quick else MNIST_SPARSITIES)
+    args.epoch_table = QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[Run]:
